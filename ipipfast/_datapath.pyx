@@ -1,0 +1,504 @@
+# The hot path: TUN -> IPIP frames on an AF_PACKET socket, and IPIP frames
+# from a PACKET_MMAP ring -> TUN. Two loops (encap, decap) that each run on
+# their own thread with the GIL released and touch no Python object per
+# packet. The per-packet work lives in includes/*.h; this file is the glue:
+# sockets, rings, batches, the table swap and the counters.
+cimport cython
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
+from libc.stdlib cimport malloc, calloc, free
+from libc.string cimport memcpy, memset
+
+from .includes cimport system as c
+from .includes.ipip cimport *
+
+import ipaddress
+import threading
+
+cdef extern from "<stdlib.h>" nogil:
+    void *aligned_alloc(size_t alignment, size_t size)
+
+cdef extern from "<arpa/inet.h>" nogil:
+    uint32_t htonl(uint32_t)
+    uint32_t ntohl(uint32_t)
+    uint16_t htons(uint16_t)
+    uint16_t ntohs(uint16_t)
+
+cdef enum:
+    # Room in front of each TUN read for the Ethernet + outer IPv4 headers
+    # (34 bytes); 64 keeps the frame start cache-line aligned.
+    HEADROOM = 64
+    # Frame space before the MAC header in a TPACKET_V2 ring slot.
+    RING_MAC_ROOM = 128
+    RING_BLOCK = 1 << 16
+    STATS_ALIGN = 64
+    # Where a classic BPF program's "ld [k]" reads the outer IPv4 fields.
+    OFF_ETHERTYPE = 12
+    OFF_PROTO = 23
+    OFF_DADDR = 30
+
+TX_REASONS = tuple(ipf_tx_reason_names[i].decode() for i in range(1, IPF_TX_NREASONS))
+RX_REASONS = tuple(ipf_rx_reason_names[i].decode() for i in range(1, IPF_RX_NREASONS))
+
+
+cdef uint32_t ip4(str addr) except? 0:
+    """Dotted quad -> network-order u32."""
+    return htonl(int(ipaddress.IPv4Address(addr)))
+
+
+cdef uint32_t pow2_at_least(uint32_t n):
+    cdef uint32_t p = 1
+    while p < n:
+        p <<= 1
+    return p
+
+
+cdef int check(int r, str what) except -1:
+    if r < 0:
+        raise OSError(c.errno, f"{what}: {__import__('os').strerror(c.errno)}")
+    return r
+
+
+cdef int set_tunnel(ipf_tunnel *tn, str local_ip, bytes local_mac, int mtu, object ttl,
+                    object tos, bint pmtudisc, bint ignore_df) except -1:
+    """Fills the outer-header rules; ttl/tos None means inherit (as tunl0)."""
+    if len(local_mac) != 6:
+        raise ValueError("local_mac must be 6 bytes")
+    if not 68 <= mtu <= 65535:
+        raise ValueError(f"mtu {mtu} out of range 68..65535")
+    if ttl is not None and not 1 <= ttl <= 255:
+        raise ValueError(f"ttl {ttl} out of range 1..255")
+    if tos is not None and not 0 <= tos <= 255:
+        raise ValueError(f"tos {tos} out of range 0..255")
+    memset(tn, 0, sizeof(ipf_tunnel))
+    tn.src = ip4(local_ip)
+    memcpy(tn.src_mac, <const char *>local_mac, 6)
+    tn.mtu = mtu
+    tn.ttl = 0 if ttl is None else ttl
+    tn.tos_inherit = tos is None
+    tn.tos = 0 if tos is None else tos
+    tn.df_fixed = pmtudisc
+    tn.df_inherit = not ignore_df
+    return 0
+
+
+cdef ipf_table *build_table(object routes, object peers, uint64_t generation) except NULL:
+    """routes: (prefix host-order int, length, peer index); peers: (ip
+    host-order int, next-hop MAC bytes or None)."""
+    cdef Py_ssize_t n_routes = len(routes), n_peers = len(peers), i
+    cdef ipf_lpm_route *r = <ipf_lpm_route *>malloc((n_routes or 1) * sizeof(ipf_lpm_route))
+    cdef ipf_peer *p = <ipf_peer *>calloc(n_peers or 1, sizeof(ipf_peer))
+    cdef ipf_table *t = NULL
+    try:
+        if r == NULL or p == NULL:
+            raise MemoryError()
+        for i, (prefix, length, peer) in enumerate(routes):
+            if not 0 <= length <= 32 or not 0 <= peer < n_peers:
+                raise ValueError(f"bad route entry {(prefix, length, peer)!r}")
+            r[i].prefix = prefix
+            r[i].len = length
+            r[i].value = peer
+        for i, (ip, mac) in enumerate(peers):
+            p[i].ip = htonl(ip)
+            if mac is not None:
+                if len(mac) != 6:
+                    raise ValueError(f"bad MAC {mac!r}")
+                memcpy(p[i].mac, <const char *>mac, 6)
+                p[i].has_mac = 1
+        with nogil:
+            t = ipf_table_build(r, n_routes, p, n_peers, generation)
+        if t == NULL:
+            raise MemoryError("cannot build the forwarding table")
+        return t
+    finally:
+        free(r)
+        free(p)
+
+
+cdef class Datapath:
+    """One tunnel endpoint: a TUN fd (opened by the caller), a send socket
+    and a receive ring on the underlay interface. run_encap() and
+    run_decap() block in their loops until stop()."""
+
+    cdef:
+        int tun_fd, tx_fd, rx_fd, sink_fd, stop_fd
+        uint32_t stopping
+        ipf_tunnel tn
+        ipf_table *table
+        uint64_t generation
+        ipf_qsbr *qsbr              # [0] encap loop, [1] decap loop
+        ipf_tx_stats *txs
+        ipf_rx_stats *rxs
+        uint64_t ring_full
+        ipf_ratelimit icmp_rl
+        uint8_t icmp_buf[IPF_ICMP_MAX]
+        uint16_t ip_id
+        uint32_t batch, buf_size
+        uint8_t *bufs
+        c.mmsghdr *msgs
+        c.iovec *iovs
+        uint8_t *ring
+        size_t ring_bytes
+        uint32_t frame_size, n_frames, rx_idx
+        int loop_errno[2]
+        object table_lock
+
+    def __cinit__(self):
+        self.tun_fd = self.tx_fd = self.rx_fd = self.sink_fd = self.stop_fd = -1
+        self.table = NULL
+
+    def __init__(self, int tun_fd, int ifindex, str local_ip, bytes local_mac, *,
+                 int mtu=1500, ttl=None, tos=0, bint pmtudisc=False, bint ignore_df=False,
+                 int batch=64, int ring_frames=4096):
+        """tun_fd: an IFF_TUN|IFF_NO_PI fd; ifindex, local_ip, local_mac:
+        the underlay interface; mtu: the underlay MTU (largest outer packet)."""
+        cdef uint32_t i
+        if not 1 <= batch <= 1024:
+            raise ValueError(f"batch {batch} out of range 1..1024")
+        set_tunnel(&self.tn, local_ip, local_mac, mtu, ttl, tos, pmtudisc, ignore_df)
+        self.table_lock = threading.Lock()
+        self.table = build_table((), (), 0)
+        self.tun_fd = tun_fd
+        check(c.fcntl(tun_fd, c.F_SETFL, c.fcntl(tun_fd, c.F_GETFL) | c.O_NONBLOCK), "tun O_NONBLOCK")
+        self.stop_fd = check(c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC), "eventfd")
+
+        self.qsbr = <ipf_qsbr *>aligned_alloc(STATS_ALIGN, 2 * sizeof(ipf_qsbr))
+        self.txs = <ipf_tx_stats *>aligned_alloc(STATS_ALIGN, sizeof(ipf_tx_stats))
+        self.rxs = <ipf_rx_stats *>aligned_alloc(STATS_ALIGN, sizeof(ipf_rx_stats))
+        self.batch = batch
+        self.buf_size = (HEADROOM + mtu + 63) & ~63u
+        self.bufs = <uint8_t *>aligned_alloc(STATS_ALIGN, <size_t>batch * self.buf_size)
+        self.msgs = <c.mmsghdr *>calloc(batch, sizeof(c.mmsghdr))
+        self.iovs = <c.iovec *>calloc(batch, sizeof(c.iovec))
+        if not (self.qsbr and self.txs and self.rxs and self.bufs and self.msgs and self.iovs):
+            raise MemoryError()
+        memset(self.qsbr, 0, 2 * sizeof(ipf_qsbr))
+        memset(self.txs, 0, sizeof(ipf_tx_stats))
+        memset(self.rxs, 0, sizeof(ipf_rx_stats))
+        for i in range(batch):
+            self.msgs[i].msg_hdr.msg_iov = &self.iovs[i]
+            self.msgs[i].msg_hdr.msg_iovlen = 1
+        self.icmp_rl.per_sec = 1000
+        self.icmp_rl.burst = 50
+        self.icmp_rl.tokens = 50
+
+        self._open_tx(ifindex)
+        self._open_rx(ifindex, mtu, ring_frames)
+        self._open_sink()
+
+    cdef int _open_tx(self, int ifindex) except -1:
+        # Protocol 0: this socket only sends; the kernel takes the frame's
+        # protocol from its Ethernet header (packet_parse_headers).
+        cdef c.sockaddr_ll sll
+        cdef int size = 4 << 20
+        self.tx_fd = check(c.socket(c.AF_PACKET, c.SOCK_RAW | c.SOCK_CLOEXEC, 0), "AF_PACKET socket")
+        c.setsockopt(self.tx_fd, c.SOL_SOCKET, c.SO_SNDBUF, &size, sizeof(size))
+        memset(&sll, 0, sizeof(sll))
+        sll.sll_family = c.AF_PACKET
+        sll.sll_ifindex = ifindex
+        check(c.bind(self.tx_fd, <c.sockaddr *>&sll, sizeof(sll)), "bind tx socket")
+        return 0
+
+    cdef int _open_rx(self, int ifindex, int mtu, int ring_frames) except -1:
+        # The socket filter keeps everything but IPv4 protocol 4 to this node
+        # in the kernel, so the ring only ever holds tunnel traffic.
+        cdef c.sock_filter prog[8]
+        cdef c.sock_fprog fprog
+        cdef c.tpacket_req req
+        cdef c.sockaddr_ll sll
+        cdef int v
+        # jf counts instructions to skip: every failed test lands on prog[7].
+        prog[0] = c.sock_filter(0x28, 0, 0, OFF_ETHERTYPE)       # ldh [12]
+        prog[1] = c.sock_filter(0x15, 0, 5, 0x0800)              # jeq #IPv4
+        prog[2] = c.sock_filter(0x30, 0, 0, OFF_PROTO)           # ldb [23]
+        prog[3] = c.sock_filter(0x15, 0, 3, 4)                   # jeq #IPIP
+        prog[4] = c.sock_filter(0x20, 0, 0, OFF_DADDR)           # ld [30]
+        prog[5] = c.sock_filter(0x15, 0, 1, ntohl(self.tn.src))  # jeq #this node
+        prog[6] = c.sock_filter(0x06, 0, 0, 0xffffffff)          # ret: whole frame
+        prog[7] = c.sock_filter(0x06, 0, 0, 0)                   # ret: drop
+        fprog.len = 8
+        fprog.filter = prog
+        self.rx_fd = check(c.socket(c.AF_PACKET, c.SOCK_RAW | c.SOCK_CLOEXEC, 0), "AF_PACKET socket")
+        check(c.setsockopt(self.rx_fd, c.SOL_SOCKET, c.SO_ATTACH_FILTER, &fprog, sizeof(fprog)),
+              "SO_ATTACH_FILTER")
+        v = c.TPACKET_V2
+        check(c.setsockopt(self.rx_fd, c.SOL_PACKET, c.PACKET_VERSION, &v, sizeof(v)), "PACKET_VERSION")
+        # Contiguous power-of-two slots: slot i is at ring + i * frame_size.
+        self.frame_size = pow2_at_least(RING_MAC_ROOM + mtu + 18)
+        req.tp_frame_size = self.frame_size
+        req.tp_block_size = max(self.frame_size, <uint32_t>RING_BLOCK)
+        self.n_frames = max(pow2_at_least(ring_frames), req.tp_block_size // self.frame_size)
+        req.tp_frame_nr = self.n_frames
+        req.tp_block_nr = <unsigned int>(<size_t>self.n_frames * self.frame_size // req.tp_block_size)
+        check(c.setsockopt(self.rx_fd, c.SOL_PACKET, c.PACKET_RX_RING, &req, sizeof(req)), "PACKET_RX_RING")
+        self.ring_bytes = <size_t>req.tp_block_size * req.tp_block_nr
+        self.ring = <uint8_t *>c.mmap(NULL, self.ring_bytes, c.PROT_READ | c.PROT_WRITE,
+                                      c.MAP_SHARED | c.MAP_POPULATE, self.rx_fd, 0)
+        if <void *>self.ring == c.MAP_FAILED:
+            self.ring = NULL
+            check(-1, "mmap rx ring")
+        memset(&sll, 0, sizeof(sll))
+        sll.sll_family = c.AF_PACKET
+        sll.sll_protocol = htons(c.ETH_P_IP)
+        sll.sll_ifindex = ifindex
+        check(c.bind(self.rx_fd, <c.sockaddr *>&sll, sizeof(sll)), "bind rx socket")
+        return 0
+
+    cdef int _open_sink(self) except -1:
+        # The kernel must not also handle the IPIP frames we consume: with
+        # nothing registered for protocol 4 it answers each one with ICMP
+        # protocol-unreachable. A raw IPPROTO_IPIP socket counts as a
+        # receiver in ip_local_deliver (raw_local_deliver), which suppresses
+        # that answer; its filter drops every copy before it is queued, so it
+        # costs a clone per frame and holds no memory. Chosen over a tc or
+        # netfilter drop because it needs no kernel module (this kernel has
+        # no tc actions) and goes away with the process. A kernel that has
+        # the ipip module loaded handles protocol 4 itself: daemon.py warns.
+        cdef c.sock_filter drop[1]
+        cdef c.sock_fprog fprog
+        drop[0] = c.sock_filter(0x06, 0, 0, 0)  # ret #0
+        fprog.len = 1
+        fprog.filter = drop
+        self.sink_fd = check(c.socket(c.AF_INET, c.SOCK_RAW | c.SOCK_CLOEXEC, c.IPPROTO_IPIP),
+                             "raw IPIP socket")
+        check(c.setsockopt(self.sink_fd, c.SOL_SOCKET, c.SO_ATTACH_FILTER, &fprog, sizeof(fprog)),
+              "SO_ATTACH_FILTER")
+        return 0
+
+    def __dealloc__(self):
+        self._release()
+
+    cdef void _release(self):
+        if self.ring != NULL:
+            c.munmap(self.ring, self.ring_bytes)
+            self.ring = NULL
+        if self.tx_fd >= 0:
+            c.close(self.tx_fd)
+        if self.rx_fd >= 0:
+            c.close(self.rx_fd)
+        if self.sink_fd >= 0:
+            c.close(self.sink_fd)
+        if self.stop_fd >= 0:
+            c.close(self.stop_fd)
+        self.tx_fd = self.rx_fd = self.sink_fd = self.stop_fd = -1
+        ipf_table_free(self.table)
+        self.table = NULL
+        free(self.qsbr)
+        free(self.txs)
+        free(self.rxs)
+        free(self.bufs)
+        free(self.msgs)
+        free(self.iovs)
+        self.qsbr = NULL
+        self.txs = NULL
+        self.rxs = NULL
+        self.bufs = NULL
+        self.msgs = NULL
+        self.iovs = NULL
+
+    # ---- control (Python thread) ------------------------------------------
+
+    def set_table(self, routes, peers):
+        """Replaces the forwarding table while the loops run. routes:
+        (prefix as host-order int, prefix length, peer index); peers: (IPv4
+        as host-order int, next-hop MAC or None until resolved). Returns once
+        no loop can still see the old table, which is then freed."""
+        cdef ipf_table *t
+        cdef ipf_table *old
+        cdef uint64_t seen0, seen1
+        with self.table_lock:
+            self.generation += 1
+            t = build_table(routes, peers, self.generation)
+            old = ipf_table_publish(&self.table, t)
+            seen0 = ipf_qsbr_snapshot(&self.qsbr[0])
+            seen1 = ipf_qsbr_snapshot(&self.qsbr[1])
+            with nogil:
+                while not (ipf_qsbr_passed(&self.qsbr[0], seen0) and ipf_qsbr_passed(&self.qsbr[1], seen1)):
+                    c.usleep(50)
+                ipf_table_free(old)
+
+    def lookup(self, str addr):
+        """Peer index that the current table sends addr to, or -1."""
+        cdef uint32_t v = ipf_lpm_lookup(&self.table.lpm, ntohl(ip4(addr)))
+        return <int>v - 1
+
+    def stop(self):
+        cdef uint64_t one = 1
+        ipf_store_u32(&self.stopping, 1)
+        c.write(self.stop_fd, &one, sizeof(one))
+
+    def close(self):
+        """Frees everything; the loops must have returned."""
+        self._release()
+
+    def counters(self):
+        """A snapshot of every counter, as `stats.render` expects."""
+        cdef c.tpacket_stats st
+        cdef c.socklen_t n = sizeof(st)
+        cdef int i
+        # PACKET_STATISTICS resets on read: accumulate the ring's drops.
+        if self.rx_fd >= 0 and c.getsockopt(self.rx_fd, c.SOL_PACKET, c.PACKET_STATISTICS, &st, &n) == 0:
+            self.ring_full += st.tp_drops
+        out = {
+            "tx_packets": self.txs.packets,
+            "tx_bytes": self.txs.bytes,
+            "icmp_sent": self.txs.icmp_sent,
+            "icmp_ratelimited": self.txs.icmp_ratelimited,
+            "rx_packets": self.rxs.packets,
+            "rx_bytes": self.rxs.bytes,
+        }
+        for i in range(1, IPF_TX_NREASONS):
+            out["tx_drop_" + TX_REASONS[i - 1]] = self.txs.drops[i]
+        for i in range(1, IPF_RX_NREASONS):
+            out["rx_drop_" + RX_REASONS[i - 1]] = self.rxs.drops[i]
+        out["rx_drop_ring_full"] += self.ring_full
+        return out
+
+    # ---- the loops ----------------------------------------------------------
+
+    def run_encap(self):
+        """TUN -> IPIP on the underlay, until stop(). Call on its own thread."""
+        with nogil:
+            self._encap_loop()
+        self._raise_loop_error(0, "encap")
+
+    def run_decap(self):
+        """IPIP from the underlay -> TUN, until stop(). Call on its own thread."""
+        with nogil:
+            self._decap_loop()
+        self._raise_loop_error(1, "decap")
+
+    def _raise_loop_error(self, int which, str name):
+        if self.loop_errno[which]:
+            import os
+            err = self.loop_errno[which]
+            raise OSError(err, f"{name} loop: {os.strerror(err)}")
+
+    cdef bint _wait(self, int fd, int which) noexcept nogil:
+        """Blocks until fd is readable; False when stopping or on an error."""
+        cdef c.pollfd fds[2]
+        fds[0].fd = fd
+        fds[0].events = c.POLLIN
+        fds[1].fd = self.stop_fd
+        fds[1].events = c.POLLIN
+        while not ipf_load_u32(&self.stopping):
+            if c.poll(fds, 2, -1) >= 0:
+                if fds[0].revents & c.POLLERR:
+                    self.loop_errno[which] = 5  # EIO: the device went away
+                    return False
+                return True
+            if c.errno != c.EINTR:
+                self.loop_errno[which] = c.errno
+                return False
+        return False
+
+    cdef void _icmp(self, const uint8_t *pkt, uint32_t n, uint8_t type, uint8_t code,
+                    uint32_t info) noexcept nogil:
+        """Sends an ICMP error about pkt back through the TUN (encap loop only)."""
+        cdef uint32_t length = ipf_icmp_error(self.icmp_buf, self.tn.src, pkt, n, type, code, info)
+        if length == 0:
+            return
+        if not ipf_ratelimit_allow(&self.icmp_rl):
+            self.txs.icmp_ratelimited += 1
+            return
+        if c.write(self.tun_fd, self.icmp_buf, length) == length:
+            self.txs.icmp_sent += 1
+
+    cdef void _encap_loop(self) noexcept nogil:
+        cdef ipf_qsbr *q = &self.qsbr[0]
+        cdef const ipf_table *t
+        cdef const ipf_peer *peer
+        cdef uint8_t *pkt
+        cdef ssize_t r
+        cdef uint32_t i, n, length
+        cdef int reason
+        cdef bint drained
+        while not ipf_load_u32(&self.stopping):
+            t = ipf_qsbr_enter(q, &self.table)
+            n = 0
+            drained = False
+            for i in range(self.batch):
+                pkt = self.bufs + <size_t>i * self.buf_size + HEADROOM
+                r = c.read(self.tun_fd, pkt, self.buf_size - HEADROOM)
+                if r < 0:
+                    drained = True
+                    break
+                reason = ipf_encap_classify(t, &self.tn, pkt, <uint32_t>r, &length, &peer)
+                if reason != IPF_TX_OK:
+                    self.txs.drops[reason] += 1
+                    if reason == IPF_TX_NO_ROUTE:
+                        self._icmp(pkt, <uint32_t>r, 3, 0, 0)  # destination net unreachable
+                    continue
+                ipf_encap_write(&self.tn, peer, pkt, length, self.ip_id)
+                self.ip_id += 1
+                self.iovs[n].iov_base = pkt - IPF_ENCAP_HLEN
+                self.iovs[n].iov_len = length + IPF_ENCAP_HLEN
+                n += 1
+            if drained and c.errno != c.EAGAIN and c.errno != c.EINTR:
+                self.loop_errno[0] = c.errno
+                ipf_qsbr_leave(q)
+                return
+            ipf_qsbr_quiescent(q)
+            if n:
+                self._send(n)
+            if drained:
+                ipf_qsbr_leave(q)
+                if not self._wait(self.tun_fd, 0):
+                    return
+        ipf_qsbr_leave(q)
+
+    cdef void _send(self, uint32_t n) noexcept nogil:
+        cdef uint32_t done = 0, k
+        cdef int r
+        while done < n:
+            r = c.sendmmsg(self.tx_fd, self.msgs + done, n - done, 0)
+            if r < 0:
+                if c.errno == c.EINTR:
+                    continue
+                self.txs.drops[IPF_TX_SEND_FAILED] += n - done
+                return
+            for k in range(done, done + <uint32_t>r):
+                self.txs.bytes += self.iovs[k].iov_len - IPF_ENCAP_HLEN
+            self.txs.packets += <uint32_t>r
+            done += <uint32_t>r
+
+    cdef void _decap_loop(self) noexcept nogil:
+        cdef ipf_qsbr *q = &self.qsbr[1]
+        cdef const ipf_table *t
+        cdef c.tpacket2_hdr *h
+        cdef uint8_t *inner
+        cdef uint32_t inner_len, got
+        cdef int reason
+        while not ipf_load_u32(&self.stopping):
+            t = ipf_qsbr_enter(q, &self.table)
+            got = 0
+            while got < self.batch:
+                h = <c.tpacket2_hdr *>(self.ring + <size_t>self.rx_idx * self.frame_size)
+                if not (ipf_load_status(&h.tp_status) & c.TP_STATUS_USER):
+                    break
+                if h.tp_snaplen < h.tp_len:
+                    reason = IPF_RX_TRUNCATED  # larger than a ring slot (e.g. GRO on the underlay)
+                else:
+                    reason = ipf_decap(t, self.tn.src, <uint8_t *>h + h.tp_mac, h.tp_snaplen,
+                                       &inner, &inner_len)
+                if reason == IPF_RX_OK:
+                    if c.write(self.tun_fd, inner, inner_len) == inner_len:
+                        self.rxs.packets += 1
+                        self.rxs.bytes += inner_len
+                    else:
+                        reason = IPF_RX_WRITE_FAILED
+                if reason != IPF_RX_OK:
+                    self.rxs.drops[reason] += 1
+                ipf_store_status(&h.tp_status, c.TP_STATUS_KERNEL)
+                self.rx_idx = (self.rx_idx + 1) & (self.n_frames - 1)
+                got += 1
+            if got == self.batch:
+                ipf_qsbr_quiescent(q)
+                continue
+            ipf_qsbr_leave(q)
+            if not self._wait(self.rx_fd, 1):
+                return
+        ipf_qsbr_leave(q)
+
+
+include "_testing.pxi"

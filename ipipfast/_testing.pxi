@@ -1,0 +1,184 @@
+# Entry points into the per-packet C code for the tests and the micro
+# benchmarks: the very functions the loops call, one packet or one batch at a
+# time, without sockets. Included by _datapath.pyx.
+
+class Dropped(Exception):
+    """The datapath would drop this packet; .reason names the counter."""
+
+    def __init__(self, str reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def checksum(const uint8_t[::1] data not None):
+    """RFC 1071 checksum of data (0 when data holds a correct one)."""
+    if data.shape[0] == 0:
+        return 0xffff
+    return ntohs(ipf_csum(&data[0], data.shape[0]))
+
+
+def icmp_error(bytes packet not None, str src, int type, int code, uint32_t info=0):
+    """The ICMP error the datapath would send about packet, or None."""
+    cdef uint8_t out[IPF_ICMP_MAX]
+    cdef uint32_t n = ipf_icmp_error(out, ip4(src), <const uint8_t *><const char *>packet,
+                                     len(packet), type, code, info)
+    return PyBytes_FromStringAndSize(<char *>out, n) if n else None
+
+
+cdef class Tunnel:
+    """A tunnel's outer-header rules and forwarding table, as Datapath keeps
+    them, for encapsulating and decapsulating single packets or batches."""
+
+    cdef ipf_tunnel tn
+    cdef ipf_table *table
+
+    def __cinit__(self):
+        self.table = NULL
+
+    def __init__(self, str local_ip, bytes local_mac=b"\x02\x00\x00\x00\x00\x01", *, int mtu=1500,
+                 ttl=None, tos=0, bint pmtudisc=False, bint ignore_df=False, routes=(), peers=()):
+        """routes and peers as for Datapath.set_table."""
+        set_tunnel(&self.tn, local_ip, local_mac, mtu, ttl, tos, pmtudisc, ignore_df)
+        self.table = build_table(routes, peers, 1)
+
+    def __dealloc__(self):
+        ipf_table_free(self.table)
+
+    def encapsulate(self, bytes inner not None, uint16_t ip_id=0):
+        """The Ethernet frame that carries inner, or Dropped(reason)."""
+        cdef uint32_t n = len(inner), length
+        cdef const ipf_peer *peer
+        cdef uint8_t *buf = <uint8_t *>malloc(HEADROOM + n + 1)
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            memcpy(buf + HEADROOM, <const char *>inner, n)
+            reason = ipf_encap_classify(self.table, &self.tn, buf + HEADROOM, n, &length, &peer)
+            if reason != IPF_TX_OK:
+                raise Dropped(TX_REASONS[reason - 1])
+            ipf_encap_write(&self.tn, peer, buf + HEADROOM, length, ip_id)
+            return PyBytes_FromStringAndSize(<char *>buf + HEADROOM - IPF_ENCAP_HLEN,
+                                             length + IPF_ENCAP_HLEN)
+        finally:
+            free(buf)
+
+    def decapsulate(self, bytes frame not None):
+        """The inner packet that frame carries, or Dropped(reason)."""
+        cdef uint32_t n = len(frame), inner_len
+        cdef uint8_t *inner
+        cdef uint8_t *buf = <uint8_t *>malloc(n + 1)
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            memcpy(buf, <const char *>frame, n)
+            reason = ipf_decap(self.table, self.tn.src, buf, n, &inner, &inner_len)
+            if reason != IPF_RX_OK:
+                raise Dropped(RX_REASONS[reason - 1])
+            return PyBytes_FromStringAndSize(<char *>inner, inner_len)
+        finally:
+            free(buf)
+
+    def encap_batch(self, list packets not None, int rounds=1):
+        """Encapsulates packets in place `rounds` times over, as the encap
+        loop does for one batch (for benchmarks); returns how many passed."""
+        cdef Py_ssize_t count = len(packets), i
+        cdef uint32_t *lens = <uint32_t *>malloc((count or 1) * sizeof(uint32_t))
+        cdef uint8_t *bufs = <uint8_t *>malloc((count or 1) * <size_t>(HEADROOM + self.tn.mtu))
+        cdef uint64_t ok = 0
+        cdef uint32_t length, stride = HEADROOM + self.tn.mtu
+        cdef const ipf_peer *peer
+        cdef int r
+        cdef uint8_t *pkt
+        if lens == NULL or bufs == NULL:
+            free(lens)
+            free(bufs)
+            raise MemoryError()
+        try:
+            for i, p in enumerate(packets):
+                if len(p) > self.tn.mtu:
+                    raise ValueError("packet larger than the tunnel MTU")
+                lens[i] = len(p)
+                memcpy(bufs + i * stride + HEADROOM, <const char *>p, len(p))
+            with nogil:
+                for r in range(rounds):
+                    for i in range(count):
+                        pkt = bufs + i * stride + HEADROOM
+                        if ipf_encap_classify(self.table, &self.tn, pkt, lens[i], &length, &peer) == IPF_TX_OK:
+                            ipf_encap_write(&self.tn, peer, pkt, length, <uint16_t>i)
+                            ok += 1
+            return ok
+        finally:
+            free(lens)
+            free(bufs)
+
+    def decap_batch(self, list frames not None, int rounds=1):
+        """Decapsulates frames `rounds` times over (for benchmarks); returns
+        how many passed."""
+        cdef Py_ssize_t count = len(frames), i
+        cdef uint32_t stride = self.tn.mtu + IPF_ETH_HLEN
+        cdef uint32_t *lens = <uint32_t *>malloc((count or 1) * sizeof(uint32_t))
+        cdef uint8_t *bufs = <uint8_t *>malloc((count or 1) * <size_t>stride)
+        cdef uint64_t ok = 0
+        cdef uint8_t *inner
+        cdef uint32_t inner_len
+        cdef int r
+        if lens == NULL or bufs == NULL:
+            free(lens)
+            free(bufs)
+            raise MemoryError()
+        try:
+            for i, f in enumerate(frames):
+                if len(f) > stride:
+                    raise ValueError("frame larger than the underlay MTU")
+                lens[i] = len(f)
+                memcpy(bufs + i * stride, <const char *>f, len(f))
+            with nogil:
+                for r in range(rounds):
+                    for i in range(count):
+                        if ipf_decap(self.table, self.tn.src, bufs + i * stride, lens[i],
+                                     &inner, &inner_len) == IPF_RX_OK:
+                            ok += 1
+            return ok
+        finally:
+            free(lens)
+            free(bufs)
+
+
+cdef class Lpm:
+    """The datapath's longest-prefix-match table alone."""
+
+    cdef ipf_lpm lpm
+
+    def __init__(self, entries):
+        """entries: (prefix as host-order int, length, value)."""
+        cdef Py_ssize_t n = len(entries), i
+        cdef ipf_lpm_route *r = <ipf_lpm_route *>malloc((n or 1) * sizeof(ipf_lpm_route))
+        if r == NULL:
+            raise MemoryError()
+        try:
+            for i, (prefix, length, value) in enumerate(entries):
+                if not 0 <= length <= 32 or not 0 <= value <= IPF_LPM_MAX_VALUE:
+                    raise ValueError(f"bad entry {(prefix, length, value)!r}")
+                r[i].prefix = prefix
+                r[i].len = length
+                r[i].value = value
+            if ipf_lpm_build(&self.lpm, r, n) < 0:
+                raise MemoryError()
+        finally:
+            free(r)
+
+    def __dealloc__(self):
+        ipf_lpm_free(&self.lpm)
+
+    def lookup(self, uint32_t addr):
+        """Value of the longest prefix holding addr (host order), or -1."""
+        return <int64_t>ipf_lpm_lookup(&self.lpm, addr) - 1
+
+    def lookup_many(self, const uint32_t[::1] addrs not None):
+        """Looks up every address (for benchmarks); returns how many matched."""
+        cdef Py_ssize_t i
+        cdef uint64_t hits = 0
+        with nogil:
+            for i in range(addrs.shape[0]):
+                hits += ipf_lpm_lookup(&self.lpm, addrs[i]) != 0
+        return hits

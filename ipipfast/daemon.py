@@ -1,0 +1,265 @@
+"""One node's tunnel: wires the config, the kernel and the datapath
+together, keeps next-hop MACs fresh, reloads routes on SIGHUP and cleans up
+on SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from . import _datapath
+from .config import Config, ConfigError, load_config
+from .kernel import Kernel, Link, NextHop
+from .routes import RouteTable
+from .stats import MetricsServer
+from .tun import open_tun
+
+log = logging.getLogger(__name__)
+
+NEIGHBOUR_INTERVAL = 1.0   # seconds between next-hop MAC checks (a tenth while any is missing)
+SOLICIT_EVERY = 30         # checks between re-confirmations of every next hop
+STATUS_INTERVAL = 0.5      # seconds between status-file writes
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a route table means for this node under its ipipMode."""
+    table: RouteTable         # everything the config names
+    encapsulated: RouteTable  # into the TUN, through the datapath
+    direct: RouteTable        # routed on the underlay unencapsulated (CrossSubnet, Never)
+
+    @classmethod
+    def of(cls, config: Config) -> Plan:
+        enc, direct = config.routes.split(config.tunnel.mode, config.node.ip)
+        return cls(config.routes, enc, direct)
+
+    def datapath_peers(self) -> list[IPv4Address]:
+        """The encapsulated table's peers (its route entries index them)
+        followed by the other known nodes: IPIP is accepted from all of them."""
+        extra = sorted(set(self.table.peers) - set(self.encapsulated.peers))
+        return list(self.encapsulated.peers) + extra
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: str | None = None,
+                 status_file: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.status_file = Path(status_file) if status_file else None
+        self.kernel = Kernel()
+        self.stopping = threading.Event()
+        self.reload_requested = threading.Event()
+        self.plan = Plan.of(config)
+        self.macs: dict[IPv4Address, bytes | None] = {}
+        self.nexthops: dict[IPv4Address, NextHop] = {}
+        self.lock = threading.RLock()  # plan, next hops and MACs: main and neighbour threads
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+        self.metrics: MetricsServer | None = None
+        self.tun_fd = -1
+        self.datapath: _datapath.Datapath | None = None
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.config
+        if Path("/sys/module/ipip").exists():
+            log.warning("the kernel's ipip module is loaded: it handles IPIP too (tunl0) and "
+                        "answers what it cannot match; unload it (modprobe -r ipip) on ipipfast nodes")
+        self.underlay: Link = self.kernel.link(cfg.node.interface)
+        mtu = cfg.tunnel.mtu or self.underlay.mtu - 20
+        if mtu + 20 > self.underlay.mtu:
+            raise ConfigError("<config>", None, f"tunnel.mtu {mtu} + 20 exceeds the underlay MTU "
+                              f"{self.underlay.mtu} of {self.underlay.name}")
+        self.tun_fd = open_tun(cfg.tunnel.name)
+        self.tun = self.kernel.setup_tun(cfg.tunnel.name, mtu)
+        self.datapath = _datapath.Datapath(
+            self.tun_fd, self.underlay.index, str(cfg.node.ip.ip), self.underlay.mac,
+            mtu=self.underlay.mtu, ttl=cfg.tunnel.ttl, tos=cfg.tunnel.tos,
+            pmtudisc=cfg.tunnel.pmtudisc, ignore_df=cfg.tunnel.ignore_df, batch=cfg.tunnel.batch)
+        with self.lock:
+            self._apply(self.plan, previous=None)
+        for name, target in (("encap", self.datapath.run_encap), ("decap", self.datapath.run_decap),
+                             ("neighbours", self._neighbour_loop), ("status", self._status_loop)):
+            t = threading.Thread(target=self._guard(target), name=f"ipipfast-{name}", daemon=True)
+            t.start()
+            self.threads.append(t)
+        if cfg.stats.listen:
+            self.metrics = MetricsServer()
+            host, port = self.metrics.start(*cfg.stats.listen, self.counters)
+            log.info("metrics on http://%s:%d/metrics", host, port)
+        log.info("ready: %s on %s (%s), mtu %d, mode %s, %d routes encapsulated, %d direct",
+                 cfg.tunnel.name, self.underlay.name, cfg.node.ip.ip, mtu, cfg.tunnel.mode.value,
+                 len(self.plan.encapsulated.routes), len(self.plan.direct.routes))
+
+    def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                target()
+            except BaseException as e:  # a dead loop must take the daemon down, not linger
+                log.exception("%s failed", threading.current_thread().name)
+                self.errors.append(e)
+                self.stopping.set()
+        return run
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.datapath is not None:
+            self.datapath.stop()
+        for t in self.threads:
+            t.join(timeout=5)
+        if self.metrics:
+            self.metrics.stop()
+        try:
+            self._withdraw(self.plan)
+        finally:
+            self._write_status()
+            if self.datapath is not None:
+                self.datapath.close()
+            if self.tun_fd >= 0:
+                os.close(self.tun_fd)  # the TUN and its routes go with it
+                self.tun_fd = -1
+            self.kernel.close()
+
+    def run_forever(self) -> int:
+        """Runs until SIGINT/SIGTERM; SIGHUP reloads the routes."""
+        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
+        self.start()
+        try:
+            while not self.stopping.wait(0.2):
+                if self.reload_requested.is_set():
+                    self.reload_requested.clear()
+                    self.reload()
+        finally:
+            self.stop()
+        return 1 if self.errors else 0
+
+    # ---- routes ---------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-reads the config file's routes. A bad file is refused with its
+        line and the running table stays."""
+        if not self.config_path:
+            return False
+        try:
+            new = load_config(self.config_path)
+        except (ConfigError, OSError) as e:
+            log.error("reload refused, keeping the running table: %s", e)
+            return False
+        if (new.node, new.tunnel) != (self.config.node, self.config.tunnel):
+            log.warning("reload: node and tunnel settings change only on restart; routes reloaded")
+        plan = Plan(new.routes, *new.routes.split(self.config.tunnel.mode, self.config.node.ip))
+        with self.lock:
+            previous, self.plan = self.plan, plan
+            self._apply(plan, previous)
+        log.info("reloaded: %d routes encapsulated, %d direct",
+                 len(plan.encapsulated.routes), len(plan.direct.routes))
+        return True
+
+    def _apply(self, plan: Plan, previous: Plan | None) -> None:
+        """Programs the datapath first, then the kernel routes that lead to
+        it, so that no packet reaches the TUN before its table entry."""
+        self._resolve_nexthops(plan)
+        self._push_table()
+        old_enc = previous.encapsulated if previous else RouteTable()
+        old_dir = previous.direct if previous else RouteTable()
+        added, removed = old_enc.diff(plan.encapsulated)
+        self.kernel.remove_routes(self.tun.index, [r.cidr for r in removed - added])
+        self.kernel.replace_routes(self.tun.index, [r.cidr for r in added], self.config.node.ip.ip)
+        added, removed = old_dir.diff(plan.direct)
+        self.kernel.remove_direct_routes([r.cidr for r in removed - added], self.underlay.index)
+        self.kernel.replace_direct_routes([(r.cidr, r.via) for r in added], self.underlay.index)
+
+    def _withdraw(self, plan: Plan) -> None:
+        # Routes into the TUN vanish with it; direct routes are ours to remove.
+        self.kernel.remove_direct_routes([r.cidr for r in plan.direct.routes], self.underlay.index)
+
+    def _push_table(self) -> None:
+        assert self.datapath is not None
+        peers = self.plan.datapath_peers()
+        self.datapath.set_table(self.plan.encapsulated.datapath_entries(),
+                                [(int(p), self.macs.get(p)) for p in peers])
+
+    # ---- next hops ------------------------------------------------------------
+
+    def _resolve_nexthops(self, plan: Plan) -> None:
+        self.nexthops = {}
+        for peer in plan.encapsulated.peers:
+            hop = self.kernel.nexthop(peer)
+            if hop.ifindex != self.underlay.index:
+                log.warning("peer %s is reached through ifindex %d, not the underlay %s: "
+                            "its packets are dropped (no_neigh)", peer, hop.ifindex, self.underlay.name)
+                continue
+            self.nexthops[peer] = hop
+        self._refresh_macs(push=False)
+
+    def _refresh_macs(self, push: bool = True) -> None:
+        """Reads every next hop's MAC; asks the kernel to resolve the missing
+        ones; pushes a new table when any changed."""
+        macs: dict[IPv4Address, bytes | None] = {}
+        for peer, hop in self.nexthops.items():
+            mac = self.kernel.neighbour_mac(hop.ip, hop.ifindex)
+            if mac is None:
+                self.kernel.solicit(hop.ip, hop.ifindex)
+            macs[peer] = mac
+        if macs != self.macs:
+            for peer, mac in macs.items():
+                if mac != self.macs.get(peer):
+                    log.info("next hop of %s: %s", peer, mac.hex(":") if mac else "unresolved")
+            self.macs = macs
+            if push:
+                self._push_table()
+
+    def _neighbour_loop(self) -> None:
+        # Our frames bypass the neighbour table, so nothing else keeps it
+        # fresh: re-confirm every next hop now and then, and follow changes.
+        ticks = 0
+        while not self.stopping.wait(NEIGHBOUR_INTERVAL if all(self.macs.values())
+                                     else NEIGHBOUR_INTERVAL / 10):
+            ticks += 1
+            with self.lock:
+                if ticks % SOLICIT_EVERY == 0:
+                    for hop in self.nexthops.values():
+                        self.kernel.solicit(hop.ip, hop.ifindex)
+                self._refresh_macs()
+
+    # ---- observability ----------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        return self.datapath.counters() if self.datapath else {}
+
+    def status(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "tunnel": self.config.tunnel.name,
+            "routes_encapsulated": len(self.plan.encapsulated.routes),
+            "routes_direct": len(self.plan.direct.routes),
+            "next_hops": {str(p): (m.hex(":") if m else None) for p, m in self.macs.items()},
+            "counters": self.counters(),
+        }
+
+    def _write_status(self) -> None:
+        if not self.status_file:
+            return
+        tmp = self.status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status()))
+        tmp.replace(self.status_file)
+
+    def _status_loop(self) -> None:
+        while not self.stopping.wait(STATUS_INTERVAL):
+            self._write_status()
+
+
+def run(config_path: str, status_file: str | None = None) -> int:
+    config = load_config(config_path)
+    for w in config.warnings:
+        log.warning("%s", w)
+    return Daemon(config, config_path, status_file).run_forever()

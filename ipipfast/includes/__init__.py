@@ -1,0 +1,1 @@
+# Cython declarations (.pxd) and C headers of the datapath; nothing to import.

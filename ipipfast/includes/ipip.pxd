@@ -1,0 +1,97 @@
+# Declarations of the datapath's C headers (csum.h, lpm.h, ipip.h).
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
+
+cdef extern from "csum.h" nogil:
+    uint16_t ipf_csum(const void *buf, size_t len)
+
+cdef extern from "lpm.h" nogil:
+    ctypedef struct ipf_lpm_route:
+        uint32_t prefix
+        uint32_t len
+        uint32_t value
+    ctypedef struct ipf_lpm:
+        uint32_t n_groups
+    int ipf_lpm_build(ipf_lpm *t, const ipf_lpm_route *routes, size_t n)
+    void ipf_lpm_free(ipf_lpm *t)
+    uint32_t ipf_lpm_lookup(const ipf_lpm *t, uint32_t addr)
+    uint32_t IPF_LPM_MAX_VALUE
+
+cdef extern from "ipip.h" nogil:
+    enum:
+        IPF_ETH_HLEN
+        IPF_IP_HLEN
+        IPF_ENCAP_HLEN
+        IPF_ICMP_MAX
+    enum:
+        IPF_TX_OK
+        IPF_TX_NO_ROUTE
+        IPF_TX_SEND_FAILED
+        IPF_TX_NREASONS
+    enum:
+        IPF_RX_OK
+        IPF_RX_TRUNCATED
+        IPF_RX_WRITE_FAILED
+        IPF_RX_RING_FULL
+        IPF_RX_NREASONS
+    const char *ipf_tx_reason_names[]
+    const char *ipf_rx_reason_names[]
+
+    # The real array sizes are IPF_TX_NREASONS and IPF_RX_NREASONS (ipip.h).
+    ctypedef struct ipf_tx_stats:
+        uint64_t packets, bytes, icmp_sent, icmp_ratelimited
+        uint64_t drops[1]
+    ctypedef struct ipf_rx_stats:
+        uint64_t packets, bytes
+        uint64_t drops[1]
+
+    ctypedef struct ipf_tunnel:
+        uint32_t src
+        uint8_t src_mac[6]
+        uint8_t ttl
+        uint8_t tos
+        uint8_t tos_inherit
+        uint8_t df_fixed
+        uint8_t df_inherit
+        uint32_t mtu
+    ctypedef struct ipf_peer:
+        uint32_t ip
+        uint8_t mac[6]
+        uint8_t has_mac
+    ctypedef struct ipf_table:
+        ipf_lpm lpm
+        uint32_t n_peers
+        uint64_t generation
+
+    ipf_table *ipf_table_build(const ipf_lpm_route *routes, size_t n_routes,
+                               const ipf_peer *peers, uint32_t n_peers, uint64_t generation)
+    void ipf_table_free(ipf_table *t)
+    int32_t ipf_peer_find(const ipf_table *t, uint32_t ip)
+    int ipf_encap_classify(const ipf_table *t, const ipf_tunnel *tn, const uint8_t *pkt,
+                           uint32_t n, uint32_t *len, const ipf_peer **peer)
+    void ipf_encap_write(const ipf_tunnel *tn, const ipf_peer *peer, uint8_t *pkt,
+                         uint32_t len, uint16_t id)
+    int ipf_decap(const ipf_table *t, uint32_t local, uint8_t *frame, uint32_t caplen,
+                  uint8_t **inner_out, uint32_t *inner_len)
+    uint32_t ipf_icmp_error(uint8_t *out, uint32_t src, const uint8_t *pkt, uint32_t len,
+                            uint8_t type, uint8_t code, uint32_t info)
+
+    ctypedef struct ipf_ratelimit:
+        uint64_t last_ns
+        uint32_t tokens
+        uint32_t per_sec
+        uint32_t burst
+    int ipf_ratelimit_allow(ipf_ratelimit *r)
+
+    ctypedef struct ipf_qsbr:
+        uint64_t qs
+        uint32_t online
+    const ipf_table *ipf_qsbr_enter(ipf_qsbr *q, ipf_table **slot)
+    void ipf_qsbr_quiescent(ipf_qsbr *q)
+    void ipf_qsbr_leave(ipf_qsbr *q)
+    ipf_table *ipf_table_publish(ipf_table **slot, ipf_table *t)
+    int ipf_qsbr_passed(ipf_qsbr *q, uint64_t qs_seen)
+    uint64_t ipf_qsbr_snapshot(ipf_qsbr *q)
+    uint32_t ipf_load_u32(const uint32_t *p)
+    void ipf_store_u32(uint32_t *p, uint32_t v)
+    uint32_t ipf_load_status(volatile uint32_t *p)
+    void ipf_store_status(volatile uint32_t *p, uint32_t v)

@@ -1,0 +1,135 @@
+# Linux system headers used by the datapath.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    struct sockaddr:
+        unsigned short sa_family
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+    int socket(int domain, int type, int protocol)
+    int bind(int fd, const sockaddr *addr, socklen_t len)
+    int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+    int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+    int sendmmsg(int fd, mmsghdr *msgs, unsigned int n, int flags)
+    enum:
+        AF_PACKET
+        AF_INET
+        SOCK_RAW
+        SOCK_CLOEXEC
+        SOCK_NONBLOCK
+        SOL_SOCKET
+        SO_SNDBUF
+        SO_ATTACH_FILTER
+        MSG_DONTWAIT
+
+cdef extern from "<netinet/in.h>":
+    enum:
+        IPPROTO_IPIP
+
+cdef extern from "<linux/if_ether.h>":
+    enum:
+        ETH_P_ALL
+        ETH_P_IP
+
+cdef extern from "<linux/if_packet.h>" nogil:
+    struct sockaddr_ll:
+        unsigned short sll_family
+        unsigned short sll_protocol
+        int sll_ifindex
+        unsigned short sll_hatype
+        unsigned char sll_pkttype
+        unsigned char sll_halen
+        unsigned char sll_addr[8]
+    struct tpacket_req:
+        unsigned int tp_block_size
+        unsigned int tp_block_nr
+        unsigned int tp_frame_size
+        unsigned int tp_frame_nr
+    struct tpacket2_hdr:
+        uint32_t tp_status
+        uint32_t tp_len
+        uint32_t tp_snaplen
+        uint16_t tp_mac
+        uint16_t tp_net
+    struct tpacket_stats:
+        unsigned int tp_packets
+        unsigned int tp_drops
+    enum:
+        SOL_PACKET
+        PACKET_VERSION
+        PACKET_RX_RING
+        PACKET_STATISTICS
+        TPACKET_V2
+        TP_STATUS_KERNEL
+        TP_STATUS_USER
+        TPACKET_ALIGNMENT
+        TPACKET2_HDRLEN
+
+cdef extern from "<linux/filter.h>" nogil:
+    struct sock_filter:
+        uint16_t code
+        uint8_t jt
+        uint8_t jf
+        uint32_t k
+    struct sock_fprog:
+        unsigned short len
+        sock_filter *filter
+
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void *addr, size_t length)
+    void *MAP_FAILED
+    enum:
+        PROT_READ
+        PROT_WRITE
+        MAP_SHARED
+        MAP_LOCKED
+        MAP_POPULATE
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+        POLLERR
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+
+cdef extern from "<fcntl.h>" nogil:
+    int fcntl(int fd, int cmd, ...)
+    enum:
+        F_GETFL
+        F_SETFL
+        O_NONBLOCK
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t read(int fd, void *buf, size_t n)
+    ssize_t write(int fd, const void *buf, size_t n)
+    int close(int fd)
+    int usleep(unsigned int usec)
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum:
+        EAGAIN
+        EINTR

@@ -1,0 +1,116 @@
+"""The kernel's side of the tunnel, through netlink (pyroute2): links,
+routes into the TUN, and next-hop MACs for the AF_PACKET socket."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
+
+# Routes we install carry this protocol number, so that they are ours to
+# remove (and recognisable in `ip route`: "proto 0xbf"). Values above 0xbf
+# are unassigned in rt_protos; Calico's bird routes use "proto bird" (12).
+RTPROT_IPIPFAST = 0xBF
+RT_SCOPE_LINK = 253
+NTF_USE = 0x01      # neighbour flag: ask the kernel to resolve it now
+NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE PERMANENT NOARP
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    mac: bytes
+    mtu: int
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """Where frames for a peer go on the underlay: the peer itself when it
+    is on-link, else the gateway that the kernel's routing table names."""
+    peer: IPv4Address
+    ip: IPv4Address
+    ifindex: int
+
+
+class Kernel:
+    """Netlink in the current network namespace."""
+
+    def __init__(self) -> None:
+        self.ipr = IPRoute()
+
+    def close(self) -> None:
+        self.ipr.close()
+
+    def link(self, name: str) -> Link:
+        found = self.ipr.link_lookup(ifname=name)
+        if not found:
+            raise LookupError(f"no interface named {name!r}")
+        msg = self.ipr.get_links(found[0])[0]
+        mac = msg.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00"
+        return Link(msg["index"], name, bytes.fromhex(mac.replace(":", "")), msg.get_attr("IFLA_MTU"))
+
+    def setup_tun(self, name: str, mtu: int) -> Link:
+        """Sets the TUN's MTU, keeps IPv6 off it (the datapath carries IPv4
+        only: router solicitations would only be counted as drops) and
+        brings it up."""
+        link = self.link(name)
+        disable_v6 = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
+        if os.path.exists(disable_v6):
+            with open(disable_v6, "w") as f:
+                f.write("1")
+        self.ipr.link("set", index=link.index, mtu=mtu, state="up")
+        return self.link(name)
+
+    def replace_routes(self, ifindex: int, cidrs: list[IPv4Network], src: IPv4Address | None = None) -> None:
+        for cidr in cidrs:
+            extra = {"prefsrc": str(src)} if src else {}
+            self.ipr.route("replace", dst=str(cidr.network_address), dst_len=cidr.prefixlen,
+                           oif=ifindex, proto=RTPROT_IPIPFAST, scope=RT_SCOPE_LINK, **extra)
+
+    def remove_routes(self, ifindex: int, cidrs: list[IPv4Network]) -> None:
+        for cidr in cidrs:
+            try:
+                self.ipr.route("del", dst=str(cidr.network_address), dst_len=cidr.prefixlen,
+                               oif=ifindex, proto=RTPROT_IPIPFAST)
+            except NetlinkError as e:
+                if e.code != 3:  # ESRCH: already gone (the TUN went first)
+                    raise
+
+    def replace_direct_routes(self, routes: list[tuple[IPv4Network, IPv4Address]], ifindex: int) -> None:
+        """Pod CIDRs routed to their node on the underlay, unencapsulated
+        (Calico's CrossSubnet for same-subnet peers, and Never)."""
+        for cidr, via in routes:
+            self.ipr.route("replace", dst=str(cidr.network_address), dst_len=cidr.prefixlen,
+                           gateway=str(via), oif=ifindex, proto=RTPROT_IPIPFAST)
+
+    def remove_direct_routes(self, cidrs: list[IPv4Network], ifindex: int) -> None:
+        self.remove_routes(ifindex, cidrs)
+
+    def nexthop(self, peer: IPv4Address) -> NextHop:
+        """The underlay next hop the kernel would use to reach peer."""
+        msg = self.ipr.route("get", dst=str(peer))[0]
+        gateway = msg.get_attr("RTA_GATEWAY")
+        return NextHop(peer, IPv4Address(gateway) if gateway else peer, msg.get_attr("RTA_OIF"))
+
+    def neighbour_mac(self, ip: IPv4Address, ifindex: int) -> bytes | None:
+        """The resolved MAC of ip on ifindex, or None."""
+        for msg in self.ipr.get_neighbours(ifindex=ifindex, dst=str(ip)):
+            mac = msg.get_attr("NDA_LLADDR")
+            if mac and msg["state"] & NUD_VALID:
+                return bytes.fromhex(mac.replace(":", ""))
+        return None
+
+    def solicit(self, ip: IPv4Address, ifindex: int) -> None:
+        """Makes the kernel resolve (or re-confirm) ip's MAC, as a packet to
+        it would: our frames bypass the neighbour table, so nothing else
+        keeps the entry fresh."""
+        try:
+            self.ipr.neigh("replace", dst=str(ip), ifindex=ifindex, flags=NTF_USE, state=0)
+        except NetlinkError as e:
+            log.debug("neighbour solicit %s: %s", ip, e)

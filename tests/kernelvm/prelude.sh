@@ -1,0 +1,3 @@
+# Prepended to every command the host runs in the VM.
+export PATH=/sbin:/bin
+ip() { /sbin/ip "$@"; }

@@ -1,0 +1,253 @@
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ipipfast.config import (
+    Config,
+    ConfigError,
+    NodeConfig,
+    StatsConfig,
+    TunnelConfig,
+    config_from_dict,
+    load_config,
+    parse_config,
+)
+from ipipfast.routes import Mode, Route, RouteTable
+
+NODE = "node:\n  ip: 198.18.0.10/24\n  interface: eth0\n"  # lines 1-3
+
+FULL = """\
+node:
+  ip: 198.18.0.10/24
+  interface: eth0
+tunnel:
+  name: ipipfast0
+  mode: CrossSubnet
+  mtu: 1480
+  ttl: inherit
+  tos: 0
+  pmtudisc: false
+  ignore_df: false
+  workers: 2
+  batch: 128
+stats:
+  listen: "127.0.0.1:9100"
+routes:
+  - {cidr: 198.19.1.0/24, via: 198.18.0.11}
+  - cidr: 198.19.2.0/26
+    via: 198.18.1.12
+"""
+
+DEFAULT_NODE = NodeConfig(ip=IPv4Interface("198.18.0.10/24"), interface="eth0")
+
+
+def routes(*pairs: tuple[str, str]) -> RouteTable:
+    return RouteTable.from_routes(Route.parse(c, v) for c, v in pairs)
+
+
+GOOD = [
+    ("minimal", NODE, Config(node=DEFAULT_NODE)),
+    (
+        "full",
+        FULL,
+        Config(
+            node=DEFAULT_NODE,
+            tunnel=TunnelConfig(mode=Mode.CROSS_SUBNET, mtu=1480, workers=2, batch=128),
+            stats=StatsConfig(listen=("127.0.0.1", 9100)),
+            routes=routes(("198.19.1.0/24", "198.18.0.11"), ("198.19.2.0/26", "198.18.1.12")),
+        ),
+    ),
+    ("bare-ip-is-/32", "node: {ip: 198.18.0.10, interface: eth0}\n",
+     Config(node=NodeConfig(IPv4Interface("198.18.0.10/32"), "eth0"))),
+    ("empty-sections", NODE + "tunnel:\nstats:\nroutes:\n", Config(node=DEFAULT_NODE)),
+    ("fixed-ttl-forces-pmtudisc", NODE + "tunnel: {ttl: 64}\n",
+     Config(node=DEFAULT_NODE, tunnel=TunnelConfig(ttl=64, pmtudisc=True))),
+    ("fixed-ttl-pmtudisc-true", NODE + "tunnel: {ttl: 1, pmtudisc: true}\n",
+     Config(node=DEFAULT_NODE, tunnel=TunnelConfig(ttl=1, pmtudisc=True))),
+    ("tos-inherit-mtu-null", NODE + "tunnel: {tos: inherit, mtu: null}\n",
+     Config(node=DEFAULT_NODE, tunnel=TunnelConfig(tos=None, mtu=None))),
+    ("ignore-df", NODE + "tunnel: {ignore_df: true, tos: 255, mode: Never}\n",
+     Config(node=DEFAULT_NODE, tunnel=TunnelConfig(ignore_df=True, tos=255, mode=Mode.NEVER))),
+    ("listen-ipv6", NODE + "stats: {listen: '[::1]:0'}\n", Config(node=DEFAULT_NODE, stats=StatsConfig(("::1", 0)))),
+    ("listen-any", NODE + "stats: {listen: ':9100'}\n", Config(node=DEFAULT_NODE, stats=StatsConfig(("", 9100)))),
+    ("listen-hostname", NODE + "stats: {listen: 'localhost:9100'}\n",
+     Config(node=DEFAULT_NODE, stats=StatsConfig(("localhost", 9100)))),
+    ("alias", NODE + "routes:\n  - {cidr: 198.19.1.0/24, via: &p 198.18.0.11}\n  - {cidr: 198.19.9.0/24, via: *p}\n",
+     Config(node=DEFAULT_NODE, routes=routes(("198.19.1.0/24", "198.18.0.11"), ("198.19.9.0/24", "198.18.0.11")))),
+    ("host-route", NODE + "routes: [{cidr: 198.19.1.7, via: 198.18.0.11}]\n",
+     Config(node=DEFAULT_NODE, routes=routes(("198.19.1.7/32", "198.18.0.11")))),
+]
+
+
+@pytest.mark.parametrize("text, expected", [c[1:] for c in GOOD], ids=[c[0] for c in GOOD])
+def test_good_config(text: str, expected: Config) -> None:
+    assert parse_config(text) == expected
+
+
+BAD = [
+    # (id, text, line, fragment of the reason)
+    ("yaml-syntax", NODE + "tunnel:\n  mtu: [1480\n  ttl: 64\n", 6, "invalid YAML"),
+    ("yaml-tab", "node:\n\tip: 198.18.0.10\n", 2, "invalid YAML"),
+    ("yaml-control-char", NODE + "tunnel:\n  name: a\x07b\n", 5, "invalid YAML: character U+0007"),
+    ("yaml-two-documents", NODE + "---\n" + NODE, 4, "invalid YAML"),
+    ("top-not-mapping", "- node\n", 1, "the config: expected a mapping, got a list"),
+    ("unknown-top-key", NODE + "tunel:\n  mtu: 1400\n", 4, "unknown key 'tunel' at the top level; did you mean 'tunnel'?"),
+    ("unknown-key-no-match", NODE + "zzz: 1\n", 4, "expected one of: node, tunnel, stats, routes"),
+    ("unknown-tunnel-key", NODE + "tunnel:\n  mode: Always\n  worker: 4\n", 6, "did you mean 'workers'?"),
+    ("unknown-route-key", NODE + "routes:\n  - cidr: 198.19.1.0/24\n    vai: 198.18.0.11\n", 6, "did you mean 'via'?"),
+    ("non-string-key", NODE + "tunnel:\n  1: 2\n", 5, "keys must be strings, got int 1"),
+    ("duplicate-key", NODE + "tunnel:\n  mtu: 1400\n  mtu: 1300\n", 6, "duplicate key 'mtu' in tunnel (first on line 5)"),
+    ("missing-node", "# comment\n\ntunnel:\n  mode: Always\n", 3, "missing required key 'node' at the top level"),
+    ("missing-interface", "tunnel: {}\nnode:\n  ip: 198.18.0.10\n", 3, "missing required key 'interface' in node"),
+    ("missing-via", NODE + "routes:\n  - cidr: 198.19.1.0/24\n", 5, "missing required key 'via' in routes[0]"),
+    ("node-null", "node:\n", 1, "node: expected a mapping, got null"),
+    ("tunnel-scalar", NODE + "tunnel: fast\n", 4, "tunnel: expected a mapping, got string 'fast'"),
+    ("routes-mapping", NODE + "routes:\n  cidr: 198.19.1.0/24\n", 5, "routes: expected a list"),
+    ("route-scalar", NODE + "routes:\n  - 198.19.1.0/24\n", 5, "routes[0]: expected a mapping"),
+    ("node-ip-bad", "node:\n  interface: eth0\n  ip: 198.18.0.300/24\n", 3, "node.ip: invalid IPv4 address"),
+    ("node-ip-int", "node:\n  interface: eth0\n  ip: 12\n", 3, "node.ip: expected a string, got int 12"),
+    ("node-ip-loopback", "node:\n  interface: eth0\n  ip: 127.0.0.1/8\n", 3, "node.ip 127.0.0.1 is a loopback"),
+    ("interface-too-long", "node:\n  ip: 198.18.0.10\n  interface: enp0s31f6-long-name\n", 3, "1 to 15 bytes"),
+    ("interface-slash", "node:\n  ip: 198.18.0.10\n  interface: eth/0\n", 3, "must not contain"),
+    ("tunnel-name-empty", NODE + "tunnel:\n  name: ''\n", 5, "tunnel.name: interface name ''"),
+    ("tunnel-name-template", NODE + "tunnel:\n  name: tun%d\n", 5, "must not contain"),
+    ("mode-case", NODE + "tunnel:\n  mode: always\n", 5, "unknown mode 'always'; did you mean 'Always'?"),
+    ("mode-typo", NODE + "tunnel:\n  mode: CrossSubnett\n", 5, "did you mean 'CrossSubnet'?"),
+    ("mode-bool", NODE + "tunnel:\n  mode: off\n", 5, "tunnel.mode: expected a string, got boolean false"),
+    ("mtu-low", NODE + "tunnel:\n  mtu: 67\n", 5, "tunnel.mtu: 67 is out of range 68..65515"),
+    ("mtu-high", NODE + "tunnel:\n  mtu: 65516\n", 5, "out of range 68..65515"),
+    ("mtu-string", NODE + "tunnel:\n  mtu: '1480'\n", 5, "expected an integer 68..65515 or null, got string '1480'"),
+    ("mtu-float", NODE + "tunnel:\n  mtu: 1480.0\n", 5, "got float 1480.0"),
+    ("mtu-bool", NODE + "tunnel:\n  mtu: true\n", 5, "got boolean true"),
+    ("mtu-list", NODE + "tunnel:\n  mtu: [1480]\n", 5, "tunnel.mtu: expected an integer, got a list"),
+    ("mtu-bad-tag", NODE + "tunnel:\n  mtu: !!int big\n", 5, "tunnel.mtu: invalid literal"),
+    ("mtu-unknown-tag", NODE + "tunnel:\n  mtu: !big 1\n", 5, "could not determine a constructor"),
+    ("ttl-zero", NODE + "tunnel:\n  ttl: 0\n", 5, "tunnel.ttl: 0 is out of range 1..255"),
+    ("ttl-typo", NODE + "tunnel:\n  ttl: inhert\n", 5, "expected an integer 1..255 or 'inherit'"),
+    ("tos-high", NODE + "tunnel:\n  tos: 256\n", 5, "tunnel.tos: 256 is out of range 0..255"),
+    ("pmtudisc-string", NODE + "tunnel:\n  pmtudisc: 'no'\n", 5, "expected true or false, got string 'no'"),
+    ("ttl-vs-nopmtudisc", NODE + "tunnel:\n  ttl: 64\n  pmtudisc: false\n", 6, "conflicts with a fixed ttl"),
+    ("ignore-df-vs-ttl", NODE + "tunnel:\n  ttl: 64\n  ignore_df: true\n", 6, "set by the fixed ttl"),
+    ("ignore-df-vs-pmtudisc", NODE + "tunnel:\n  ignore_df: true\n  pmtudisc: true\n", 5, "set by pmtudisc: true"),
+    ("workers-high", NODE + "tunnel:\n  workers: 65\n", 5, "tunnel.workers: 65 is out of range 1..64"),
+    ("batch-zero", NODE + "tunnel:\n  batch: 0\n", 5, "tunnel.batch: 0 is out of range 1..1024"),
+    ("listen-int", NODE + "stats:\n  listen: 9100\n", 5, 'expected "host:port"'),
+    ("listen-no-port", NODE + "stats:\n  listen: localhost\n", 5, 'expected "host:port"'),
+    ("listen-port-high", NODE + "stats:\n  listen: 'localhost:65536'\n", 5, 'expected "host:port"'),
+    ("listen-ipv6-bare", NODE + "stats:\n  listen: '::1:9100'\n", 5, "put an IPv6 host in brackets"),
+    ("listen-ipv6-bad", NODE + "stats:\n  listen: '[nope]:9100'\n", 5, "stats.listen:"),
+    ("cidr-host-bits", NODE + "routes:\n  - cidr: 198.19.1.5/24\n    via: 198.18.0.11\n", 5,
+     "routes[0].cidr: 198.19.1.5/24 has host bits set; did you mean 198.19.1.0/24?"),
+    ("cidr-bad", NODE + "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\n  - cidr: 198.19/16\n    via: 198.18.0.11\n",
+     6, "routes[1].cidr: invalid IPv4 CIDR"),
+    ("cidr-int", NODE + "routes:\n  - cidr: 10\n    via: 198.18.0.11\n", 5, "routes[0].cidr: expected a string"),
+    ("via-bad", NODE + "routes:\n  - cidr: 198.19.1.0/24\n    via: 198.18.0.x\n", 6, "routes[0].via: invalid IPv4 address"),
+    ("via-multicast", NODE + "routes:\n  - cidr: 198.19.1.0/24\n    via: 239.1.1.1\n", 6, "multicast"),
+    ("via-broadcast", NODE + "routes:\n  - cidr: 198.19.1.0/24\n    via: 255.255.255.255\n", 6, "broadcast"),
+    ("via-unspecified", NODE + "routes:\n  - cidr: 198.19.1.0/24\n    via: 0.0.0.0\n", 6, "unspecified"),
+    ("via-loopback", NODE + "routes:\n  - cidr: 198.19.1.0/24\n    via: 127.0.0.2\n", 6, "loopback"),
+    ("via-inside-cidr", NODE + "routes:\n  - cidr: 198.19.1.0/24\n    via: 198.19.1.1\n", 6, "lies inside the routed CIDR"),
+    ("via-self", NODE + "routes:\n  - cidr: 198.19.1.0/24\n    via: 198.18.0.10\n", 6, "this node's own address"),
+    ("duplicate-route", NODE + "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\n"
+     "  - {cidr: 198.19.2.0/24, via: 198.18.0.11}\n  - {cidr: 198.19.1.0/24, via: 198.18.0.12}\n",
+     7, "routes[2]: duplicate route for 198.19.1.0/24; routes[0] on line 5 already routes it"),
+]
+
+
+@pytest.mark.parametrize("text, line, reason", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_error_names_line(text: str, line: int, reason: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, "ipipfast.yaml")
+    assert (e.value.source, e.value.line) == ("ipipfast.yaml", line)
+    assert reason in e.value.reason
+    assert str(e.value) == f"ipipfast.yaml:{line}: {e.value.reason}"
+
+
+def test_empty_config_has_no_line() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config("# only a comment\n", "c.yaml")
+    assert e.value.line is None
+    assert str(e.value) == "c.yaml: the config is empty; it needs at least node.ip and node.interface"
+
+
+def test_config_error_is_a_value_error() -> None:
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "text, warned",
+    [
+        ("node: {ip: 198.18.0.10, interface: eth0}\ntunnel: {mode: CrossSubnet}\n", True),
+        ("node: {ip: 198.18.0.10/32, interface: eth0}\ntunnel: {mode: CrossSubnet}\n", False),
+        ("node: {ip: 198.18.0.10, interface: eth0}\ntunnel: {mode: Always}\n", False),
+    ],
+    ids=["cross-subnet-bare-ip", "cross-subnet-explicit-32", "always-bare-ip"],
+)
+def test_warns_when_cross_subnet_node_has_no_prefix(text: str, warned: bool) -> None:
+    warnings = parse_config(text, "c.yaml").warnings
+    assert bool(warnings) == warned
+    if warned:
+        assert warnings[0].startswith("c.yaml:1: node.ip 198.18.0.10 has no prefix length")
+
+
+def test_load_config(tmp_path: Path) -> None:
+    path = tmp_path / "ipipfast.yaml"
+    path.write_text(FULL)
+    assert load_config(path) == parse_config(FULL)
+    path.write_text(NODE + "tunnel:\n  mtu: 1\n")
+    with pytest.raises(ConfigError, match=r"ipipfast\.yaml:5: tunnel\.mtu"):
+        load_config(path)
+
+
+def test_load_config_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config") as e:
+        load_config(tmp_path / "nope.yaml")
+    assert e.value.line is None
+
+
+def test_config_from_dict_accepts_python_objects() -> None:
+    config = config_from_dict(
+        {
+            "node": {"ip": IPv4Interface("198.18.0.10/24"), "interface": "eth0"},
+            "tunnel": {"mode": Mode.CROSS_SUBNET, "ttl": 64},
+            "stats": {"listen": "127.0.0.1:0"},
+            "routes": (
+                {"cidr": IPv4Network("198.19.1.0/24"), "via": IPv4Address("198.18.0.11")},
+                {"cidr": "198.19.2.0/24", "via": "198.18.1.12"},
+            ),
+        }
+    )
+    assert config == Config(
+        node=DEFAULT_NODE,
+        tunnel=TunnelConfig(mode=Mode.CROSS_SUBNET, ttl=64, pmtudisc=True),
+        stats=StatsConfig(listen=("127.0.0.1", 0)),
+        routes=routes(("198.19.1.0/24", "198.18.0.11"), ("198.19.2.0/24", "198.18.1.12")),
+    )
+
+
+def test_config_from_dict_matches_yaml() -> None:
+    assert config_from_dict(yaml.safe_load(FULL)) == parse_config(FULL)
+
+
+@pytest.mark.parametrize(
+    "d, reason",
+    [
+        ({"node": {"ip": "198.18.0.10", "interface": "eth0"}, "tunnel": {"mtu": "1400"}}, "tunnel.mtu: expected an integer"),
+        ({"node": {"ip": "198.18.0.10"}}, "missing required key 'interface' in node"),
+        ({"node": {"ip": object(), "interface": "eth0"}}, "cannot represent an object"),
+        (
+            {"node": {"ip": "198.18.0.10", "interface": "eth0"},
+             "routes": [{"cidr": "198.19.1.0/24", "via": "198.18.0.11"}] * 2},
+            "routes[1]: duplicate route for 198.19.1.0/24; routes[0] already routes it",
+        ),
+    ],
+    ids=["wrong-type", "missing-key", "unrepresentable", "duplicate-route"],
+)
+def test_config_from_dict_errors_have_no_line(d: dict, reason: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(d, "testbed")
+    assert e.value.line is None and e.value.source == "testbed"
+    assert reason in e.value.reason
+    assert str(e.value) == f"testbed: {e.value.reason}"

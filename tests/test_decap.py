@@ -1,0 +1,122 @@
+"""Decapsulation: validation by reason, RFC 6040 ECN, frames built by scapy."""
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+import pytest
+from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw, raw
+
+from ipipfast._datapath import Dropped, Tunnel
+
+LOCAL, PEER, STRANGER = "198.18.0.11", "198.18.0.10", "198.18.0.99"
+
+
+def tunnel() -> Tunnel:
+    return Tunnel(LOCAL, routes=[], peers=[(int(IPv4Address(PEER)), None)])
+
+
+def inner(tos=0, size=8) -> bytes:
+    return raw(IP(src="198.19.0.2", dst="198.19.1.2", tos=tos) / UDP(sport=1, dport=2) / Raw(b"y" * size))
+
+
+def frame(payload: bytes, *, src=PEER, dst=LOCAL, tos=0, flags=0, frag=0, proto=4, ihl=None,
+          options=b"", chksum=None, length=None) -> bytes:
+    ip = IP(src=src, dst=dst, proto=proto, tos=tos, flags=flags, frag=frag, options=options)
+    if ihl is not None:
+        ip.ihl = ihl
+    if chksum is not None:
+        ip.chksum = chksum
+    if length is not None:
+        ip.len = length
+    return raw(Ether(src="02:00:00:00:00:0a", dst="02:00:00:00:00:0b") / ip / Raw(payload))
+
+
+def test_valid():
+    pkt = inner()
+    assert tunnel().decapsulate(frame(pkt)) == pkt
+
+
+def test_ethernet_padding_is_trimmed():
+    pkt = raw(IP(src="198.19.0.2", dst="198.19.1.2") / ICMP())  # 28 bytes: the frame gets padded
+    assert tunnel().decapsulate(frame(pkt) + b"\x00" * 12) == pkt
+
+
+def test_outer_options_are_skipped():
+    pkt = inner()
+    assert tunnel().decapsulate(frame(pkt, options=b"\x01\x01\x01\x00")) == pkt
+
+
+def test_inner_with_trailing_bytes_is_trimmed():
+    pkt = inner()
+    assert tunnel().decapsulate(frame(pkt + b"extra")) == pkt
+
+
+GOOD = frame(inner())
+DROPS = [
+    ("empty", b"", "truncated"),
+    ("ethernet only", GOOD[:14], "truncated"),
+    ("outer header cut", GOOD[:30], "truncated"),
+    ("not ipv4 ethertype", GOOD[:12] + b"\x86\xdd" + GOOD[14:], "not_ipip"),
+    ("outer version 6", GOOD[:14] + b"\x65" + GOOD[15:], "bad_header"),
+    ("outer ihl 4", frame(inner(), ihl=4), "bad_header"),
+    ("outer ihl above total length", GOOD[:14] + b"\x4f" + GOOD[15:], "bad_header"),
+    ("outer ihl past the frame", frame(inner(), options=b"\x01" * 4)[:14 + 22], "truncated"),
+    ("outer total length past the frame", frame(inner(), length=200), "truncated"),
+    ("outer total length below ihl", frame(inner(), length=19), "bad_header"),
+    ("outer checksum", frame(inner(), chksum=0x1234), "bad_checksum"),
+    ("not protocol 4", frame(inner(), proto=17), "not_ipip"),
+    ("not to this node", frame(inner(), dst="198.18.0.12"), "not_local"),
+    ("more fragments", frame(inner(), flags="MF"), "fragment"),
+    ("fragment offset", frame(inner(), frag=10), "fragment"),
+    ("unknown peer", frame(inner(), src=STRANGER), "unknown_peer"),
+    ("inner shorter than a header", frame(inner()[:19]), "truncated"),
+    ("inner not ipv4", frame(b"\x60" + inner()[1:]), "inner_bad"),
+    ("inner ihl 4", frame(b"\x44" + inner()[1:]), "inner_bad"),
+    ("inner total length past the outer", frame(inner()[:-1]), "truncated"),
+    ("inner checksum", frame(inner()[:10] + b"\x00\x01" + inner()[12:]), "inner_bad"),
+]
+
+
+@pytest.mark.parametrize("name,data,reason", DROPS, ids=[d[0] for d in DROPS])
+def test_drops(name, data, reason):
+    with pytest.raises(Dropped) as e:
+        tunnel().decapsulate(data)
+    assert e.value.reason == reason
+
+
+NOT_ECT, ECT1, ECT0, CE = 0, 1, 2, 3
+DROP = None
+# RFC 6040 section 4.2, Figure 4: rows are the arriving inner, columns the outer.
+RFC6040 = {
+    NOT_ECT: {NOT_ECT: NOT_ECT, ECT0: NOT_ECT, ECT1: NOT_ECT, CE: DROP},
+    ECT0: {NOT_ECT: ECT0, ECT0: ECT0, ECT1: ECT1, CE: CE},
+    ECT1: {NOT_ECT: ECT1, ECT0: ECT1, ECT1: ECT1, CE: CE},
+    CE: {NOT_ECT: CE, ECT0: CE, ECT1: CE, CE: CE},
+}
+NAMES = {NOT_ECT: "not-ect", ECT0: "ect0", ECT1: "ect1", CE: "ce"}
+ECN_CASES = [(i, o, RFC6040[i][o]) for i in RFC6040 for o in RFC6040[i]]
+
+
+@pytest.mark.parametrize("inner_ecn,outer_ecn,result", ECN_CASES,
+                         ids=[f"inner {NAMES[i]} outer {NAMES[o]}" for i, o, _ in ECN_CASES])
+def test_ecn_decapsulation(inner_ecn, outer_ecn, result):
+    dscp = 0xb8
+    pkt = inner(tos=dscp | inner_ecn)
+    data = frame(pkt, tos=outer_ecn)
+    if result is DROP:
+        with pytest.raises(Dropped, match="ecn"):
+            tunnel().decapsulate(data)
+        return
+    out = IP(tunnel().decapsulate(data))
+    assert out.tos == dscp | result
+    # The checksum was kept right: scapy recomputes it from the other fields.
+    sent = out.chksum
+    del out.chksum
+    assert IP(raw(out)).chksum == sent
+
+
+def test_batch_matches_single():
+    frames = [GOOD, frame(inner(), src=STRANGER), frame(inner(size=1000))]
+    assert tunnel().decap_batch(frames, rounds=4) == 8
