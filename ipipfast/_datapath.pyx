@@ -121,7 +121,7 @@ cdef class Datapath:
     run_decap() block in their loops until stop()."""
 
     cdef:
-        int tun_fd, tx_fd, rx_fd, sink_fd, stop_fd
+        int tun_fd, tx_fd, rx_fd, sink_fd, icmp_fd, stop_fd
         uint32_t stopping
         ipf_tunnel tn
         ipf_table *table
@@ -144,7 +144,7 @@ cdef class Datapath:
         object table_lock
 
     def __cinit__(self):
-        self.tun_fd = self.tx_fd = self.rx_fd = self.sink_fd = self.stop_fd = -1
+        self.tun_fd = self.tx_fd = self.rx_fd = self.sink_fd = self.icmp_fd = self.stop_fd = -1
         self.table = NULL
 
     def __init__(self, int tun_fd, int ifindex, str local_ip, bytes local_mac, *,
@@ -185,6 +185,11 @@ cdef class Datapath:
         self._open_tx(ifindex)
         self._open_rx(ifindex, mtu, ring_frames)
         self._open_sink()
+        # ICMP errors leave from this node's own stack, as tunl0's icmp_send
+        # does: written into the TUN, a packet from a local source would be
+        # dropped as a martian.
+        self.icmp_fd = check(c.socket(c.AF_INET, c.SOCK_RAW | c.SOCK_CLOEXEC, c.IPPROTO_RAW),
+                             "raw socket")
 
     cdef int _open_tx(self, int ifindex) except -1:
         # Protocol 0: this socket only sends; the kernel takes the frame's
@@ -278,9 +283,11 @@ cdef class Datapath:
             c.close(self.rx_fd)
         if self.sink_fd >= 0:
             c.close(self.sink_fd)
+        if self.icmp_fd >= 0:
+            c.close(self.icmp_fd)
         if self.stop_fd >= 0:
             c.close(self.stop_fd)
-        self.tx_fd = self.rx_fd = self.sink_fd = self.stop_fd = -1
+        self.tx_fd = self.rx_fd = self.sink_fd = self.icmp_fd = self.stop_fd = -1
         ipf_table_free(self.table)
         self.table = NULL
         free(self.qsbr)
@@ -394,14 +401,18 @@ cdef class Datapath:
 
     cdef void _icmp(self, const uint8_t *pkt, uint32_t n, uint8_t type, uint8_t code,
                     uint32_t info) noexcept nogil:
-        """Sends an ICMP error about pkt back through the TUN (encap loop only)."""
+        """Sends an ICMP error about pkt to its source (encap loop only)."""
         cdef uint32_t length = ipf_icmp_error(self.icmp_buf, self.tn.src, pkt, n, type, code, info)
+        cdef c.sockaddr_in dst
         if length == 0:
             return
         if not ipf_ratelimit_allow(&self.icmp_rl):
             self.txs.icmp_ratelimited += 1
             return
-        if c.write(self.tun_fd, self.icmp_buf, length) == length:
+        memset(&dst, 0, sizeof(dst))
+        dst.sin_family = c.AF_INET
+        memcpy(&dst.sin_addr.s_addr, self.icmp_buf + 16, 4)
+        if c.sendto(self.icmp_fd, self.icmp_buf, length, 0, <c.sockaddr *>&dst, sizeof(dst)) == length:
             self.txs.icmp_sent += 1
 
     cdef void _encap_loop(self) noexcept nogil:

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -85,6 +86,7 @@ class Daemon:
             pmtudisc=cfg.tunnel.pmtudisc, ignore_df=cfg.tunnel.ignore_df, batch=cfg.tunnel.batch)
         with self.lock:
             self._apply(self.plan, previous=None)
+        self._await_nexthops(timeout=2.0)
         for name, target in (("encap", self.datapath.run_encap), ("decap", self.datapath.run_decap),
                              ("neighbours", self._neighbour_loop), ("status", self._status_loop)):
             t = threading.Thread(target=self._guard(target), name=f"ipipfast-{name}", daemon=True)
@@ -94,6 +96,7 @@ class Daemon:
             self.metrics = MetricsServer()
             host, port = self.metrics.start(*cfg.stats.listen, self.counters)
             log.info("metrics on http://%s:%d/metrics", host, port)
+        self._write_status()  # its appearance tells a supervisor that the tunnel is up
         log.info("ready: %s on %s (%s), mtu %d, mode %s, %d routes encapsulated, %d direct",
                  cfg.tunnel.name, self.underlay.name, cfg.node.ip.ip, mtu, cfg.tunnel.mode.value,
                  len(self.plan.encapsulated.routes), len(self.plan.direct.routes))
@@ -217,6 +220,19 @@ class Daemon:
             self.macs = macs
             if push:
                 self._push_table()
+
+    def _await_nexthops(self, timeout: float) -> None:
+        """Gives the first resolutions a moment, so that "ready" means the
+        first packets are not dropped for want of a MAC."""
+        deadline = time.monotonic() + timeout
+        while None in self.macs.values() and time.monotonic() < deadline:
+            time.sleep(0.02)
+            with self.lock:
+                self._refresh_macs()
+        missing = [str(p) for p, m in self.macs.items() if m is None]
+        if missing:
+            log.warning("no MAC yet for the next hop of %s: their packets drop (no_neigh) until resolved",
+                        ", ".join(missing))
 
     def _neighbour_loop(self) -> None:
         # Our frames bypass the neighbour table, so nothing else keeps it

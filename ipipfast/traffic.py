@@ -201,7 +201,7 @@ def cmd_udp_echo(a: argparse.Namespace) -> None:
 def cmd_udp_send(a: argparse.Namespace) -> None:
     if a.size < 8:
         raise SystemExit("--size must be at least 8 (sequence number)")
-    body = bytes(next(pattern(a.size - 8)))
+    body = b"".join(pattern(a.size - 8))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.connect((a.dst, a.port))
     rtts: list[float] = []
@@ -223,6 +223,32 @@ def cmd_udp_send(a: argparse.Namespace) -> None:
             errors[errno.errorcode.get(e.errno, str(e.errno))] += 1
     emit({"dst": a.dst, "size": a.size, "sent": a.count, "received": len(rtts), "corrupt": corrupt,
           "errors": dict(errors), "rtt_us": summary(rtts)})
+
+
+# -- capture -------------------------------------------------------------------
+
+def cmd_capture(a: argparse.Namespace) -> None:
+    """Every frame on an interface, both directions, to a pcap file (read it
+    with scapy's rdpcap), until terminated or --seconds pass."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
+    sock.bind((a.iface, 0))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    frames = 0
+    with open(a.out, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))  # pcap header, Ethernet
+        emit({"event": "listening", "iface": a.iface})
+        deadline = time.monotonic() + a.seconds
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                if not select.select([sock], [], [], left)[0]:
+                    continue
+                data = sock.recv(65535)
+                now = time.time()
+                f.write(struct.pack("<IIII", int(now), int(now % 1 * 1e6), len(data), len(data)) + data)
+                frames += 1
+        finally:
+            f.flush()
+            emit({"frames": frames, "out": a.out})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -258,6 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=512, help="UDP payload bytes")
     p.add_argument("--timeout", type=float, default=1.0, help="wait per datagram")
     p.set_defaults(fn=cmd_udp_send)
+    p = sub.add_parser("capture", help="write every frame on an interface to a pcap file")
+    p.add_argument("--iface", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.set_defaults(fn=cmd_capture)
     a = ap.parse_args(argv)
     a.fn(a)
 

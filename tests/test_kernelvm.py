@@ -35,11 +35,7 @@ HOST_POD = "198.19.1.5"
 ETH_P_ALL = 0x0003
 IPPROTO_IPIP = 4
 
-pytestmark = [
-    pytest.mark.kernelvm,
-    pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="kernel VM tests need root (netns, TAP)"),
-]
+pytestmark = [pytest.mark.kernelvm, pytest.mark.netns]
 
 
 @dataclass
@@ -52,6 +48,8 @@ class Node:
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[Node]:
+    if os.geteuid() != 0:
+        pytest.skip("kernel VM tests need root (netns, TAP)")
     from pyroute2 import IPRoute, netns
 
     try:
@@ -146,7 +144,60 @@ def _ipip_setup(vm: KernelVM) -> None:
     vm.setup_ipip(pod_ip=VM_POD, remote_routes=[(HOST_POD_CIDR, HOST_NODE)])
 
 
-# ---------------------------------------------------------------- tests
+# ---------------------------------------------------------------- pure helpers (no VM)
+
+
+def test_module_load_order() -> None:
+    dep = kernelvm._parse_modules_dep(
+        "kernel/net/ipv4/ipip.ko: kernel/net/ipv4/ip_tunnel.ko kernel/net/ipv4/tunnel4.ko\n"
+        "kernel/net/ipv4/ip_tunnel.ko:\n"
+        "kernel/net/ipv4/tunnel4.ko:\n"
+        "kernel/drivers/net/virtio-net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko\n"
+        "kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko\n"
+        "kernel/net/core/failover.ko:\n")
+    order = kernelvm._module_load_order(dep, ["virtio_net", "ipip"])
+    assert sorted(order) == ["failover", "ip_tunnel", "ipip", "net_failover", "tunnel4", "virtio_net"]
+    for mod, (_, deps) in dep.items():
+        for d in deps:
+            assert order.index(d) < order.index(mod)
+    with pytest.raises(KernelVMUnavailable):
+        kernelvm._module_load_order(dep, ["nonexistent"])
+
+
+def test_extract_vmlinux() -> None:
+    import lzma
+
+    elf = b"\x7fELF" + os.urandom(5000)
+    payload = lzma.compress(elf, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
+    image = b"MZ" + os.urandom(300) + kernelvm.XZ_MAGIC + b"decoy" + os.urandom(200) + payload + b"\0" * 64
+    assert kernelvm.extract_vmlinux(image) == elf
+    with pytest.raises(KernelVMUnavailable):
+        kernelvm.extract_vmlinux(b"no payload here")
+
+
+def test_cpio_newc_layout() -> None:
+    c = kernelvm._Cpio()
+    c.file("bin/tool", b"abc", 0o755)
+    c.symlink("bin/sh", "busybox")
+    blob = c.to_bytes()
+    names, off = [], 0
+    while True:
+        assert blob[off:off + 6] == b"070701" and off % 4 == 0
+        f = [int(blob[off + 6 + 8 * i: off + 14 + 8 * i], 16) for i in range(13)]
+        namesize, filesize = f[11], f[6]
+        name = blob[off + 110: off + 110 + namesize - 1].decode()
+        names.append(name)
+        data_off = off + 110 + namesize + (-(110 + namesize) % 4)
+        if name == "bin/tool":
+            assert blob[data_off:data_off + filesize] == b"abc" and f[1] & 0o170000 == 0o100000
+        off = data_off + filesize + (-filesize % 4)
+        if name == "TRAILER!!!":
+            break
+    assert names == ["bin", "bin/tool", "bin/sh", "TRAILER!!!"]
+    assert off == len(blob)
+
+
+# ---------------------------------------------------------------- VM tests
 
 
 def test_boot_and_uname(node: Node) -> None:

@@ -24,6 +24,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
     int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
     int sendmmsg(int fd, mmsghdr *msgs, unsigned int n, int flags)
+    ssize_t sendto(int fd, const void *buf, size_t n, int flags, const sockaddr *addr, socklen_t len)
     enum:
         AF_PACKET
         AF_INET
@@ -35,9 +36,16 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_ATTACH_FILTER
         MSG_DONTWAIT
 
-cdef extern from "<netinet/in.h>":
+cdef extern from "<netinet/in.h>" nogil:
+    struct in_addr:
+        uint32_t s_addr
+    struct sockaddr_in:
+        unsigned short sin_family
+        unsigned short sin_port
+        in_addr sin_addr
     enum:
         IPPROTO_IPIP
+        IPPROTO_RAW
 
 cdef extern from "<linux/if_ether.h>":
     enum:

@@ -1,0 +1,92 @@
+"""ipipfast daemons on testbed nodes, as real processes: for the demo, the
+integration tests and the benchmarks."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .testbed import Node, Testbed
+
+
+class TunnelProcess:
+    """`ipipfast run` inside a node's namespace, with its config and status
+    file in a private directory."""
+
+    def __init__(self, tb: Testbed, node: Node, config: dict[str, Any], verbose: bool = False) -> None:
+        self.tb, self.node = tb, node
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{tb.prefix}-n{node.index}-"))
+        self.config_path = self.dir / "node.yaml"
+        self.status_path = self.dir / "status.json"
+        self.log_path = self.dir / "daemon.log"
+        self.write_config(config)
+        argv = [sys.executable, "-m", "ipipfast", *(["-v"] if verbose else []), "run",
+                "--config", str(self.config_path), "--status-file", str(self.status_path)]
+        self._log = open(self.log_path, "wb")
+        self.proc = tb.popen(node, argv, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.config_path.write_text(yaml.safe_dump(config))
+
+    def wait_ready(self, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.status_path.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ipipfast on {self.node.name} exited {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ipipfast on {self.node.name} not ready after {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.status_path.read_text())
+
+    def counters(self, fresh: bool = True) -> dict[str, int]:
+        """The daemon's counters; fresh waits for a status write newer than now."""
+        if fresh:
+            since = time.time()
+            while self.status_path.stat().st_mtime < since and self.proc.poll() is None:
+                time.sleep(0.05)
+        return self.status()["counters"]
+
+    def reload(self, config: dict[str, Any] | str) -> None:
+        """Rewrites the config file (a dict, or raw text to test bad input) and sends SIGHUP."""
+        if isinstance(config, str):
+            self.config_path.write_text(config)
+        else:
+            self.write_config(config)
+        self.proc.send_signal(signal.SIGHUP)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def start_tunnels(tb: Testbed, verbose: bool = False, **tunnel: Any) -> list[TunnelProcess]:
+    """One ipipfast per node, each with routes to every other node; returns
+    once all are up (their status files exist)."""
+    procs = [TunnelProcess(tb, n, tb.node_config(n, **tunnel), verbose) for n in tb.nodes]
+    try:
+        for p in procs:
+            p.wait_ready()
+    except BaseException:
+        for p in procs:
+            p.stop()
+        raise
+    return procs

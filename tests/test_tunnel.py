@@ -1,0 +1,244 @@
+"""The tunnel end to end: real pods, a real TUN, real AF_PACKET sockets, in
+network namespaces; frames on the underlay parsed by scapy."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw, raw
+from scapy.utils import rdpcap
+
+from ipipfast import traffic
+from ipipfast.testbed import Node, Testbed
+from ipipfast.tunnels import TunnelProcess, start_tunnels
+
+pytestmark = [pytest.mark.netns,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces, TUN and AF_PACKET")]
+
+
+@pytest.fixture(scope="module")
+def bed() -> Iterator[tuple[Testbed, list[TunnelProcess]]]:
+    with Testbed(nodes=2, pods_per_node=1) as tb:
+        tunnels = start_tunnels(tb)
+        try:
+            yield tb, tunnels
+        finally:
+            for t in tunnels:
+                t.stop()
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def node_mac(tb: Testbed, node: Node) -> bytes:
+    link = tb.ipr(node).get_links(ifname=node.interface)[0]
+    return bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
+
+
+def inject(tb: Testbed, node: Node, frames: list[bytes]) -> None:
+    """Sends raw frames out of node's underlay interface."""
+    def send() -> None:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+            s.bind((node.interface, 0))
+            for f in frames:
+                s.send(f)
+    tb.in_netns(node, send)
+
+
+class Capture:
+    """Frames on a node's underlay interface while the block runs."""
+
+    def __init__(self, tb: Testbed, node: Node, tmp: Path) -> None:
+        self.tb, self.node, self.path = tb, node, tmp / f"{node.name}.pcap"
+
+    def __enter__(self) -> Capture:
+        self.proc = traffic.serve(self.tb, self.node, "capture", "--iface", self.node.interface,
+                                  "--out", self.path)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.2)
+        self.proc.terminate()
+        traffic.collect(self.proc)
+        self.frames = [Ether(raw(p)) for p in rdpcap(str(self.path))]
+
+    def ipip(self) -> list[Ether]:
+        return [f for f in self.frames if IP in f and f[IP].proto == 4]
+
+    def icmp_errors(self) -> list[Ether]:
+        return [f for f in self.frames if IP in f and f[IP].proto == 1 and f[ICMP].type == 3]
+
+
+def test_ping_both_ways(bed):
+    tb, tunnels = bed
+    a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+    for src, dst in ((a, b), (b, a)):
+        r = traffic.ping(tb, src, dst.ip, count=10, interval=0.01)
+        assert r["received"] == 10 and r["corrupt"] == 0, (r, [t.counters() for t in tunnels])
+
+
+@pytest.mark.parametrize("direction", ["n0 to n1", "n1 to n0"])
+def test_tcp_20mb_bytes_match(bed, direction):
+    tb, _ = bed
+    a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+    src, dst = (a, b) if direction == "n0 to n1" else (b, a)
+    r = traffic.tcp_transfer(tb, src, dst, 20 << 20)
+    assert r["match"] and r["received"]["bytes"] == 20 << 20, r
+
+
+@pytest.mark.parametrize("size", [8, 512, 1452], ids=["small", "medium", "full mtu"])
+def test_udp_roundtrip(bed, size):
+    tb, _ = bed
+    a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+    r = traffic.udp_roundtrip(tb, a, b, count=20, size=size)
+    assert r["received"] == 20 and r["corrupt"] == 0, r
+
+
+def test_underlay_frames_are_ipip_and_counters_match(bed, tmp_path):
+    tb, (ta, tb_) = bed
+    n0, n1 = tb.nodes
+    a, b = n0.pods[0], n1.pods[0]
+    before_a, before_b = ta.counters(), tb_.counters()
+    with Capture(tb, n1, tmp_path) as cap:
+        r = traffic.udp_roundtrip(tb, a, b, count=25, size=100)
+    assert r["received"] == 25
+    da, db = delta(before_a, ta.counters()), delta(before_b, tb_.counters())
+    # 25 requests out of n0 and 25 echoes back; nothing dropped anywhere.
+    assert da == {"tx_packets": 25, "tx_bytes": 25 * 128, "rx_packets": 25, "rx_bytes": 25 * 128}
+    assert db == {"tx_packets": 25, "tx_bytes": 25 * 128, "rx_packets": 25, "rx_bytes": 25 * 128}
+
+    frames = cap.ipip()
+    requests = [f for f in frames if f[IP].src == n0.ip]
+    replies = [f for f in frames if f[IP].src == n1.ip]
+    assert len(requests) == len(replies) == 25
+    for f in requests:
+        outer, inner = f[IP], f[IP].payload
+        assert (outer.dst, outer.proto, outer.ihl, outer.frag) == (n1.ip, 4, 5, 0)
+        assert isinstance(inner, IP) and (inner.src, inner.dst) == (a.ip, b.ip)
+        assert inner[UDP].dport == 7002 and len(inner[UDP].payload) == 100
+        assert outer.len == inner.len + 20
+        assert outer.ttl == inner.ttl  # ttl inherit (tunl0's default)
+        assert outer.tos == 0 and outer.flags.DF == inner.flags.DF
+        chk = outer.chksum
+        del outer.chksum
+        assert IP(raw(outer)).chksum == chk
+    ids = [f[IP].id for f in requests]
+    assert all((y - x) % 65536 >= 1 for x, y in zip(ids, ids[1:]))  # the ID moves on per packet
+
+
+def ipip_frame(tb: Testbed, src_node: Node, dst_node: Node, inner: bytes, *, src: str | None = None,
+               **outer) -> bytes:
+    return raw(Ether(src=node_mac(tb, src_node), dst=node_mac(tb, dst_node))
+               / IP(src=src or src_node.ip, dst=dst_node.ip, proto=4, **outer) / Raw(inner))
+
+
+def test_unknown_peer_is_dropped_and_counted(bed, tmp_path):
+    tb, (ta, _) = bed
+    n0, n1 = tb.nodes
+    pod = n0.pods[0]
+    echo = raw(IP(src="198.19.1.77", dst=pod.ip) / ICMP(id=77, seq=1))
+    before = ta.counters()
+    with Capture(tb, n1, tmp_path) as cap:
+        inject(tb, n1, [ipip_frame(tb, n1, n0, echo, src="198.18.0.99")] * 5)
+    assert delta(before, ta.counters()) == {"rx_drop_unknown_peer": 5}
+    # The echo never reached the pod: no reply came back through the tunnel.
+    assert not [f for f in cap.ipip() if f[IP].src == n0.ip]
+    assert not cap.icmp_errors()
+
+
+def test_malformed_burst_is_dropped_by_reason_and_forwarding_goes_on(bed, tmp_path):
+    tb, (ta, _) = bed
+    n0, n1 = tb.nodes
+    inner = raw(IP(src=n1.pods[0].ip, dst=n0.pods[0].ip) / UDP(sport=9, dport=9) / Raw(b"z" * 32))
+    good = ipip_frame(tb, n1, n0, inner)
+    bad_checksum = bytearray(good)
+    bad_checksum[24:26] = b"\x12\x34"
+    cases = {
+        "rx_drop_truncated": good[:14 + 20 + 10],
+        "rx_drop_bad_header": good[:14] + b"\x44" + good[15:],
+        "rx_drop_bad_checksum": bytes(bad_checksum),
+        "rx_drop_inner_bad": ipip_frame(tb, n1, n0, b"\x60" + inner[1:]),
+        "rx_drop_fragment": ipip_frame(tb, n1, n0, inner, flags="MF"),
+    }
+    before = ta.counters()
+    with Capture(tb, n1, tmp_path) as cap:
+        inject(tb, n1, [f for f in cases.values() for _ in range(10)])
+        r = traffic.ping(tb, n1.pods[0], n0.pods[0].ip, count=5, interval=0.01)
+    assert r["received"] == 5
+    d = delta(before, ta.counters())
+    for counter in cases:
+        assert d.pop(counter) == 10, counter
+    assert d == {"rx_packets": 5, "rx_bytes": 5 * 84, "tx_packets": 5, "tx_bytes": 5 * 84}
+    assert not cap.icmp_errors(), "the kernel answered IPIP frames itself"
+
+
+def test_no_icmp_protocol_unreachable_leaves_a_node(bed, tmp_path):
+    tb, _ = bed
+    n0, n1 = tb.nodes
+    with Capture(tb, n0, tmp_path) as cap:
+        traffic.ping(tb, n0.pods[0], n1.pods[0].ip, count=20, interval=0.005)
+        traffic.tcp_transfer(tb, n0.pods[0], n1.pods[0], 1 << 20)
+    assert len(cap.ipip()) > 40
+    assert not cap.icmp_errors()
+
+
+def test_no_route_sends_net_unreachable(bed):
+    tb, (ta, _) = bed
+    n0 = tb.nodes[0]
+    tun = tb.ipr(n0).link_lookup(ifname=ta.status()["tunnel"])[0]
+    # A kernel route into the TUN that the datapath's table does not have.
+    tb.ipr(n0).route("add", dst="198.19.9.0", dst_len=24, oif=tun)
+    try:
+        before = ta.counters()
+        r = traffic.ping(tb, n0.pods[0], "198.19.9.5", count=3, interval=0.01)
+        assert r["received"] == 0 and r["icmp_errors"] == {"3/0": 3}, r
+        assert delta(before, ta.counters()) == {"tx_drop_no_route": 3, "icmp_sent": 3}
+    finally:
+        tb.ipr(n0).route("del", dst="198.19.9.0", dst_len=24, oif=tun)
+
+
+def test_reload_bad_config_keeps_table_then_good_config_applies():
+    with Testbed(nodes=2, pods_per_node=1) as tb:
+        ta, tb_ = start_tunnels(tb)
+        try:
+            a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+            good = tb.node_config(tb.nodes[0])
+            ta.reload("node: {ip: 198.18.0.10/24, interface: x}\nroutes:\n  - {cidr: 198.19.1.0/33, via: 198.18.0.11}\n")
+            deadline = time.monotonic() + 5
+            while "reload refused" not in ta.log() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "reload refused" in ta.log() and ":3:" in ta.log()  # the line of the bad CIDR
+            assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
+
+            ta.reload({**good, "routes": []})  # n1's pods withdrawn: the blackhole takes them
+            time.sleep(0.5)
+            assert traffic.ping(tb, a, b.ip, count=3, interval=0.01, timeout=0.3)["received"] == 0
+            ta.reload(good)
+            time.sleep(0.5)
+            assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
+        finally:
+            ta.stop()
+            tb_.stop()
+
+
+def test_stopped_tunnel_leaves_the_blackhole_not_plain_routing():
+    with Testbed(nodes=2, pods_per_node=1) as tb:
+        ta, tb_ = start_tunnels(tb)
+        try:
+            a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+            assert traffic.ping(tb, a, b.ip, count=2, interval=0.01)["received"] == 2
+            assert ta.stop() == 0
+            routes = [r for r in tb.ipr(tb.nodes[0]).get_routes()
+                      if r.get_attr("RTA_DST") == "198.19.1.0" and r["dst_len"] == 24]
+            assert [r["type"] for r in routes] == [6]  # RTN_BLACKHOLE alone: TUN and its route are gone
+            assert traffic.ping(tb, a, b.ip, count=2, interval=0.01, timeout=0.3)["received"] == 0
+        finally:
+            ta.stop()
+            tb_.stop()
