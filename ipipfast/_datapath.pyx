@@ -31,6 +31,10 @@ cdef enum:
     # Frame space before the MAC header in a TPACKET_V2 ring slot.
     RING_MAC_ROOM = 128
     RING_BLOCK = 1 << 16
+    # Frames in one sendmmsg: a batch of GSO super-packets segments into
+    # many (a 64 KB TCP packet at MSS 1440 is 46 segments).
+    MAX_MSGS = 2048
+    GSO_MAX = 65536
     STATS_ALIGN = 64
     # Where a classic BPF program's "ld [k]" reads the outer IPv4 fields.
     OFF_ETHERTYPE = 12
@@ -133,10 +137,14 @@ cdef class Datapath:
         ipf_ratelimit icmp_rl
         uint8_t icmp_buf[IPF_ICMP_MAX]
         uint16_t ip_id
+        bint vnet
         uint32_t batch, buf_size
         uint8_t *bufs
+        uint8_t *seg_slots          # per message: headers of a segment (offload.h)
         c.mmsghdr *msgs
-        c.iovec *iovs
+        c.iovec *iovs               # two per message: headers, payload
+        ipf_gro *gro
+        uint32_t gro_slots[IPF_GRO_MAX_SEGS]
         uint8_t *ring
         size_t ring_bytes
         uint32_t frame_size, n_frames, rx_idx
@@ -149,9 +157,10 @@ cdef class Datapath:
 
     def __init__(self, int tun_fd, int ifindex, str local_ip, bytes local_mac, *,
                  int mtu=1500, ttl=None, tos=0, bint pmtudisc=False, bint ignore_df=False,
-                 int batch=64, int ring_frames=4096):
-        """tun_fd: an IFF_TUN|IFF_NO_PI fd; ifindex, local_ip, local_mac:
-        the underlay interface; mtu: the underlay MTU (largest outer packet)."""
+                 int batch=64, int ring_frames=4096, bint vnet_hdr=False):
+        """tun_fd: an IFF_TUN|IFF_NO_PI fd, with IFF_VNET_HDR and offloads
+        when vnet_hdr (tun.py); ifindex, local_ip, local_mac: the underlay
+        interface; mtu: the underlay MTU (largest outer packet)."""
         cdef uint32_t i
         if not 1 <= batch <= 1024:
             raise ValueError(f"batch {batch} out of range 1..1024")
@@ -166,18 +175,21 @@ cdef class Datapath:
         self.txs = <ipf_tx_stats *>aligned_alloc(STATS_ALIGN, sizeof(ipf_tx_stats))
         self.rxs = <ipf_rx_stats *>aligned_alloc(STATS_ALIGN, sizeof(ipf_rx_stats))
         self.batch = batch
-        self.buf_size = (HEADROOM + mtu + 63) & ~63u
+        self.vnet = vnet_hdr
+        self.buf_size = (HEADROOM + (GSO_MAX if vnet_hdr else mtu) + 63) & ~63u
         self.bufs = <uint8_t *>aligned_alloc(STATS_ALIGN, <size_t>batch * self.buf_size)
-        self.msgs = <c.mmsghdr *>calloc(batch, sizeof(c.mmsghdr))
-        self.iovs = <c.iovec *>calloc(batch, sizeof(c.iovec))
-        if not (self.qsbr and self.txs and self.rxs and self.bufs and self.msgs and self.iovs):
+        self.seg_slots = <uint8_t *>aligned_alloc(STATS_ALIGN, <size_t>MAX_MSGS * IPF_SEG_SLOT)
+        self.msgs = <c.mmsghdr *>calloc(MAX_MSGS, sizeof(c.mmsghdr))
+        self.iovs = <c.iovec *>calloc(2 * MAX_MSGS, sizeof(c.iovec))
+        self.gro = <ipf_gro *>calloc(1, sizeof(ipf_gro))
+        if not (self.qsbr and self.txs and self.rxs and self.bufs and self.seg_slots and self.msgs
+                and self.iovs and self.gro):
             raise MemoryError()
         memset(self.qsbr, 0, 2 * sizeof(ipf_qsbr))
         memset(self.txs, 0, sizeof(ipf_tx_stats))
         memset(self.rxs, 0, sizeof(ipf_rx_stats))
-        for i in range(batch):
-            self.msgs[i].msg_hdr.msg_iov = &self.iovs[i]
-            self.msgs[i].msg_hdr.msg_iovlen = 1
+        for i in range(MAX_MSGS):
+            self.msgs[i].msg_hdr.msg_iov = &self.iovs[2 * i]
         self.icmp_rl.per_sec = 1000
         self.icmp_rl.burst = 50
         self.icmp_rl.tokens = 50
@@ -296,12 +308,16 @@ cdef class Datapath:
         free(self.bufs)
         free(self.msgs)
         free(self.iovs)
+        free(self.seg_slots)
+        free(self.gro)
         self.qsbr = NULL
         self.txs = NULL
         self.rxs = NULL
         self.bufs = NULL
         self.msgs = NULL
         self.iovs = NULL
+        self.seg_slots = NULL
+        self.gro = NULL
 
     # ---- control (Python thread) ------------------------------------------
 
@@ -351,6 +367,8 @@ cdef class Datapath:
             "tx_bytes": self.txs.bytes,
             "icmp_sent": self.txs.icmp_sent,
             "icmp_ratelimited": self.txs.icmp_ratelimited,
+            "tx_gso": self.txs.gso,
+            "rx_gro": self.rxs.gro,
             "rx_packets": self.rxs.packets,
             "rx_bytes": self.rxs.bytes,
         }
@@ -418,45 +436,90 @@ cdef class Datapath:
     cdef void _encap_loop(self) noexcept nogil:
         cdef ipf_qsbr *q = &self.qsbr[0]
         cdef const ipf_table *t
-        cdef const ipf_peer *peer
         cdef uint8_t *pkt
         cdef ssize_t r
-        cdef uint32_t i, n, length
-        cdef int reason
+        cdef uint32_t i, n, nmsg = 0
+        cdef uint32_t hdr = IPF_VNET_HLEN if self.vnet else 0
+        cdef virtio_net_hdr vh
         cdef bint drained
+        memset(&vh, 0, sizeof(vh))
         while not ipf_load_u32(&self.stopping):
             t = ipf_qsbr_enter(q, &self.table)
-            n = 0
             drained = False
             for i in range(self.batch):
                 pkt = self.bufs + <size_t>i * self.buf_size + HEADROOM
-                r = c.read(self.tun_fd, pkt, self.buf_size - HEADROOM)
+                # The virtio_net_hdr lands in the headroom, read before the
+                # outer headers overwrite it.
+                r = c.read(self.tun_fd, pkt - hdr, self.buf_size - HEADROOM + hdr)
                 if r < 0:
                     drained = True
                     break
-                reason = ipf_encap_classify(t, &self.tn, pkt, <uint32_t>r, &length, &peer)
-                if reason != IPF_TX_OK:
-                    self.txs.drops[reason] += 1
-                    if reason == IPF_TX_NO_ROUTE:
-                        self._icmp(pkt, <uint32_t>r, 3, 0, 0)  # destination net unreachable
+                if r < hdr:
+                    self.txs.drops[IPF_TX_BAD_HEADER] += 1
                     continue
-                ipf_encap_write(&self.tn, peer, pkt, length, self.ip_id)
-                self.ip_id += 1
-                self.iovs[n].iov_base = pkt - IPF_ENCAP_HLEN
-                self.iovs[n].iov_len = length + IPF_ENCAP_HLEN
-                n += 1
+                if hdr:
+                    memcpy(&vh, pkt - hdr, hdr)
+                n = <uint32_t>r - hdr
+                nmsg = self._encap_one(t, pkt, n, &vh, nmsg)
             if drained and c.errno != c.EAGAIN and c.errno != c.EINTR:
                 self.loop_errno[0] = c.errno
                 ipf_qsbr_leave(q)
                 return
             ipf_qsbr_quiescent(q)
-            if n:
-                self._send(n)
+            if nmsg:
+                self._send(nmsg)
+                nmsg = 0
             if drained:
                 ipf_qsbr_leave(q)
                 if not self._wait(self.tun_fd, 0):
                     return
         ipf_qsbr_leave(q)
+
+    cdef uint32_t _encap_one(self, const ipf_table *t, uint8_t *pkt, uint32_t n,
+                             const virtio_net_hdr *vh, uint32_t nmsg) noexcept nogil:
+        """Adds pkt's frames (one, or one per segment) to the pending
+        messages, sending them first when they would not fit; returns the
+        new number of pending messages."""
+        cdef const ipf_peer *peer
+        cdef ipf_gso_plan plan
+        cdef uint32_t length, s
+        cdef bint gso = vh.gso_type != VIRTIO_NET_HDR_GSO_NONE
+        cdef int reason
+        if not gso and vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            if ipf_csum_complete(pkt, n, vh.csum_start, vh.csum_offset) < 0:
+                self.txs.drops[IPF_TX_BAD_HEADER] += 1
+                return nmsg
+        reason = ipf_encap_classify(t, &self.tn, pkt, n, gso, &length, &peer)
+        if reason == IPF_TX_OK and gso:
+            reason = ipf_gso_plan_of(vh, pkt, length, self.tn.mtu, &plan)
+            if reason == IPF_TX_OK and plan.nseg > MAX_MSGS:
+                reason = IPF_TX_BAD_HEADER
+        if reason != IPF_TX_OK:
+            self.txs.drops[reason] += 1
+            if reason == IPF_TX_NO_ROUTE:
+                self._icmp(pkt, n, 3, 0, 0)  # destination net unreachable
+            return nmsg
+        if not gso:
+            if nmsg == MAX_MSGS:
+                self._send(nmsg)
+                nmsg = 0
+            ipf_encap_write(&self.tn, peer, pkt, length, self.ip_id)
+            self.ip_id += 1
+            self.iovs[2 * nmsg].iov_base = pkt - IPF_ENCAP_HLEN
+            self.iovs[2 * nmsg].iov_len = length + IPF_ENCAP_HLEN
+            self.msgs[nmsg].msg_hdr.msg_iovlen = 1
+            return nmsg + 1
+        if nmsg + plan.nseg > MAX_MSGS:
+            self._send(nmsg)
+            nmsg = 0
+        self.txs.gso += 1
+        for s in range(plan.nseg):
+            ipf_gso_segment(&self.tn, peer, pkt, length, &plan, s, self.ip_id,
+                            self.seg_slots + <size_t>nmsg * IPF_SEG_SLOT, &self.iovs[2 * nmsg])
+            self.ip_id += 1
+            self.msgs[nmsg].msg_hdr.msg_iovlen = 2
+            nmsg += 1
+        return nmsg
 
     cdef void _send(self, uint32_t n) noexcept nogil:
         cdef uint32_t done = 0, k
@@ -469,40 +532,74 @@ cdef class Datapath:
                 self.txs.drops[IPF_TX_SEND_FAILED] += n - done
                 return
             for k in range(done, done + <uint32_t>r):
-                self.txs.bytes += self.iovs[k].iov_len - IPF_ENCAP_HLEN
+                self.txs.bytes += self.iovs[2 * k].iov_len - IPF_ENCAP_HLEN
+                if self.msgs[k].msg_hdr.msg_iovlen == 2:
+                    self.txs.bytes += self.iovs[2 * k + 1].iov_len
             self.txs.packets += <uint32_t>r
             done += <uint32_t>r
+
+    cdef inline void _release_slot(self, uint32_t slot) noexcept nogil:
+        ipf_store_status(&(<c.tpacket2_hdr *>(self.ring + <size_t>slot * self.frame_size)).tp_status,
+                         c.TP_STATUS_KERNEL)
+
+    cdef void _gro_flush(self) noexcept nogil:
+        """Writes the pending train of TCP segments as one packet (a GSO
+        packet when it holds more than one) and hands its slots back."""
+        cdef uint32_t niov, k, nseg = self.gro.nseg
+        cdef ssize_t want, r
+        if nseg == 0:
+            return
+        niov = ipf_gro_finish(self.gro)
+        want = self.gro.total + IPF_VNET_HLEN
+        r = c.writev(self.tun_fd, self.gro.iov, niov)
+        if r == want:
+            self.rxs.packets += nseg
+            self.rxs.gro += nseg > 1
+            self.rxs.bytes += self.gro.total + (nseg - 1) * self.gro.hlen
+        else:
+            self.rxs.drops[IPF_RX_WRITE_FAILED] += nseg
+        for k in range(nseg):
+            self._release_slot(self.gro_slots[k])
+        self.gro.nseg = 0
 
     cdef void _decap_loop(self) noexcept nogil:
         cdef ipf_qsbr *q = &self.qsbr[1]
         cdef const ipf_table *t
         cdef c.tpacket2_hdr *h
         cdef uint8_t *inner
-        cdef uint32_t inner_len, got
+        cdef uint32_t inner_len, got, slot
         cdef int reason
         while not ipf_load_u32(&self.stopping):
             t = ipf_qsbr_enter(q, &self.table)
             got = 0
             while got < self.batch:
-                h = <c.tpacket2_hdr *>(self.ring + <size_t>self.rx_idx * self.frame_size)
+                slot = self.rx_idx
+                h = <c.tpacket2_hdr *>(self.ring + <size_t>slot * self.frame_size)
                 if not (ipf_load_status(&h.tp_status) & c.TP_STATUS_USER):
                     break
+                self.rx_idx = (slot + 1) & (self.n_frames - 1)
+                got += 1
                 if h.tp_snaplen < h.tp_len:
                     reason = IPF_RX_TRUNCATED  # larger than a ring slot (e.g. GRO on the underlay)
                 else:
                     reason = ipf_decap(t, self.tn.src, <uint8_t *>h + h.tp_mac, h.tp_snaplen,
                                        &inner, &inner_len)
+                if reason == IPF_RX_OK and self.vnet and ipf_gro_eligible(inner, inner_len):
+                    # Keep the slot: the train is written from the ring.
+                    if self.gro.nseg and ipf_gro_append(self.gro, inner, inner_len):
+                        self.gro_slots[self.gro.nseg - 1] = slot
+                        continue
+                    self._gro_flush()
+                    ipf_gro_start(self.gro, inner, inner_len)
+                    self.gro_slots[0] = slot
+                    continue
+                self._gro_flush()
                 if reason == IPF_RX_OK:
-                    if c.write(self.tun_fd, inner, inner_len) == inner_len:
-                        self.rxs.packets += 1
-                        self.rxs.bytes += inner_len
-                    else:
-                        reason = IPF_RX_WRITE_FAILED
+                    reason = self._write_inner(inner, inner_len)
                 if reason != IPF_RX_OK:
                     self.rxs.drops[reason] += 1
-                ipf_store_status(&h.tp_status, c.TP_STATUS_KERNEL)
-                self.rx_idx = (self.rx_idx + 1) & (self.n_frames - 1)
-                got += 1
+                self._release_slot(slot)
+            self._gro_flush()
             if got == self.batch:
                 ipf_qsbr_quiescent(q)
                 continue
@@ -510,6 +607,18 @@ cdef class Datapath:
             if not self._wait(self.rx_fd, 1):
                 return
         ipf_qsbr_leave(q)
+
+    cdef int _write_inner(self, uint8_t *inner, uint32_t inner_len) noexcept nogil:
+        cdef uint32_t hdr = IPF_VNET_HLEN if self.vnet else 0
+        if hdr:
+            # The outer headers before inner are spent: the empty
+            # virtio_net_hdr goes there, and one write() takes both.
+            memset(inner - hdr, 0, hdr)
+        if c.write(self.tun_fd, inner - hdr, inner_len + hdr) != inner_len + hdr:
+            return IPF_RX_WRITE_FAILED
+        self.rxs.packets += 1
+        self.rxs.bytes += inner_len
+        return IPF_RX_OK
 
 
 include "_testing.pxi"

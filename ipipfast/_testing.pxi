@@ -53,7 +53,7 @@ cdef class Tunnel:
             raise MemoryError()
         try:
             memcpy(buf + HEADROOM, <const char *>inner, n)
-            reason = ipf_encap_classify(self.table, &self.tn, buf + HEADROOM, n, &length, &peer)
+            reason = ipf_encap_classify(self.table, &self.tn, buf + HEADROOM, n, 0, &length, &peer)
             if reason != IPF_TX_OK:
                 raise Dropped(TX_REASONS[reason - 1])
             ipf_encap_write(&self.tn, peer, buf + HEADROOM, length, ip_id)
@@ -77,6 +77,32 @@ cdef class Tunnel:
             return PyBytes_FromStringAndSize(<char *>inner, inner_len)
         finally:
             free(buf)
+
+    def segment(self, bytes packet not None, int gso_type, int gso_size, uint16_t ip_id=0):
+        """The frames a GSO super-packet (as the TUN hands it over, with this
+        virtio_net_hdr gso_type and gso_size) leaves as, or Dropped(reason)."""
+        cdef uint32_t n = len(packet), length, k
+        cdef const ipf_peer *peer
+        cdef ipf_gso_plan plan
+        cdef virtio_net_hdr vh
+        cdef uint8_t slot[IPF_SEG_SLOT]
+        cdef c.iovec iov[2]
+        memset(&vh, 0, sizeof(vh))
+        vh.gso_type = gso_type
+        vh.gso_size = gso_size
+        reason = ipf_encap_classify(self.table, &self.tn, <const uint8_t *><const char *>packet, n, 1,
+                                    &length, &peer)
+        if reason == IPF_TX_OK:
+            reason = ipf_gso_plan_of(&vh, <const uint8_t *><const char *>packet, length, self.tn.mtu, &plan)
+        if reason != IPF_TX_OK:
+            raise Dropped(TX_REASONS[reason - 1])
+        frames = []
+        for k in range(plan.nseg):
+            ipf_gso_segment(&self.tn, peer, <const uint8_t *><const char *>packet, length, &plan, k,
+                            <uint16_t>(ip_id + k), slot, iov)
+            frames.append(PyBytes_FromStringAndSize(<char *>iov[0].iov_base, iov[0].iov_len)
+                          + PyBytes_FromStringAndSize(<char *>iov[1].iov_base, iov[1].iov_len))
+        return frames
 
     def encap_batch(self, list packets not None, int rounds=1):
         """Encapsulates packets in place `rounds` times over, as the encap
@@ -103,7 +129,7 @@ cdef class Tunnel:
                 for r in range(rounds):
                     for i in range(count):
                         pkt = bufs + i * stride + HEADROOM
-                        if ipf_encap_classify(self.table, &self.tn, pkt, lens[i], &length, &peer) == IPF_TX_OK:
+                        if ipf_encap_classify(self.table, &self.tn, pkt, lens[i], 0, &length, &peer) == IPF_TX_OK:
                             ipf_encap_write(&self.tn, peer, pkt, length, <uint16_t>i)
                             ok += 1
             return ok
@@ -142,6 +168,44 @@ cdef class Tunnel:
         finally:
             free(lens)
             free(bufs)
+
+
+cdef tuple gro_take(ipf_gro *g):
+    """The write a finished train makes: (virtio_net_hdr, packet)."""
+    cdef uint32_t niov = ipf_gro_finish(g), k
+    parts = [PyBytes_FromStringAndSize(<char *>g.iov[k].iov_base, g.iov[k].iov_len) for k in range(niov)]
+    g.nseg = 0
+    return parts[0], b"".join(parts[1:])
+
+
+def coalesce(list packets not None):
+    """What the decap loop writes to the TUN for these decapsulated inner
+    packets, in order: (virtio_net_hdr as bytes, packet bytes) per write."""
+    cdef ipf_gro *g = <ipf_gro *>calloc(1, sizeof(ipf_gro))
+    cdef list bufs = [bytearray(pkt) for pkt in packets]  # GRO rewrites the first header in place
+    cdef bytearray b
+    cdef uint8_t *p
+    out = []
+    if g == NULL:
+        raise MemoryError()
+    try:
+        for b in bufs:
+            p = <uint8_t *>(<char *>b)
+            if ipf_gro_eligible(p, len(b)):
+                if g.nseg and ipf_gro_append(g, p, len(b)):
+                    continue
+                if g.nseg:
+                    out.append(gro_take(g))
+                ipf_gro_start(g, p, len(b))
+                continue
+            if g.nseg:
+                out.append(gro_take(g))
+            out.append((bytes(IPF_VNET_HLEN), bytes(b)))
+        if g.nseg:
+            out.append(gro_take(g))
+        return out
+    finally:
+        free(g)
 
 
 cdef class Lpm:

@@ -64,6 +64,7 @@ class TunnelConfig:
     ignore_df: bool = False  # fragment the outer packet even if the inner has DF; needs pmtudisc off
     workers: int = 1
     batch: int = 64
+    offload: bool = True  # TUN GSO/checksum offloads: segment and coalesce in userspace
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,7 @@ class _Reader:
         for key, (lo, hi, none_if) in _TUNNEL_INTS.items():
             if key in m:
                 kw[key] = self.integer(m[key], p + key, lo, hi, none_if)
-        for key in ("pmtudisc", "ignore_df"):
+        for key in ("pmtudisc", "ignore_df", "offload"):
             if key in m:
                 kw[key] = self.boolean(m[key], p + key)
         if kw.get("ttl") is not None:

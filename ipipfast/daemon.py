@@ -78,12 +78,13 @@ class Daemon:
         if mtu + 20 > self.underlay.mtu:
             raise ConfigError("<config>", None, f"tunnel.mtu {mtu} + 20 exceeds the underlay MTU "
                               f"{self.underlay.mtu} of {self.underlay.name}")
-        self.tun_fd = open_tun(cfg.tunnel.name)
+        self.tun_fd = open_tun(cfg.tunnel.name, offload=cfg.tunnel.offload)
         self.tun = self.kernel.setup_tun(cfg.tunnel.name, mtu)
         self.datapath = _datapath.Datapath(
             self.tun_fd, self.underlay.index, str(cfg.node.ip.ip), self.underlay.mac,
             mtu=self.underlay.mtu, ttl=cfg.tunnel.ttl, tos=cfg.tunnel.tos,
-            pmtudisc=cfg.tunnel.pmtudisc, ignore_df=cfg.tunnel.ignore_df, batch=cfg.tunnel.batch)
+            pmtudisc=cfg.tunnel.pmtudisc, ignore_df=cfg.tunnel.ignore_df, batch=cfg.tunnel.batch,
+            vnet_hdr=cfg.tunnel.offload)
         with self.lock:
             self._apply(self.plan, previous=None)
         self._await_nexthops(timeout=2.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -242,3 +243,60 @@ def test_stopped_tunnel_leaves_the_blackhole_not_plain_routing():
         finally:
             ta.stop()
             tb_.stop()
+
+
+def test_tcp_takes_the_offload_paths(bed):
+    tb, (ta, tb_) = bed
+    a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+    before_a, before_b = ta.counters(), tb_.counters()
+    assert traffic.tcp_transfer(tb, a, b, 8 << 20)["match"]
+    da, db = delta(before_a, ta.counters()), delta(before_b, tb_.counters())
+    assert da.get("tx_gso", 0) > 0, "the TUN handed over no GSO super-packets"
+    assert db.get("rx_gro", 0) > 0, "no TCP segments were coalesced"
+    assert not {k for k in {**da, **db} if "drop" in k}
+
+
+UDP_GSO_SEND = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_UDP, 103, 1000)  # UDP_SEGMENT: the kernel hands 1000-byte segments as one
+s.connect((sys.argv[1], 7002))
+s.settimeout(2)
+for _ in range(4):
+    s.send(bytes(4000))
+got = 0
+try:
+    while got < 16:
+        got += len(s.recv(2000)) == 1000
+except socket.timeout:
+    pass
+print(got)
+"""
+
+
+def test_udp_gso_from_a_pod_is_segmented(bed):
+    tb, (ta, _) = bed
+    a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+    before = ta.counters()
+    echo = traffic.serve(tb, b, "udp-echo", "--port", 7002)
+    try:
+        out = tb.run(a, [sys.executable, "-c", UDP_GSO_SEND, b.ip]).stdout
+    finally:
+        echo.terminate()
+    assert traffic.collect(echo)["echoed"] == 16
+    assert int(out) == 16
+    d = delta(before, ta.counters())
+    assert d["tx_packets"] == 16 and d.get("tx_gso", 0) >= 1, d
+
+
+def test_without_offloads():
+    with Testbed(nodes=2, pods_per_node=1) as tb:
+        tunnels = start_tunnels(tb, offload=False)
+        try:
+            a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+            assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
+            assert traffic.tcp_transfer(tb, a, b, 8 << 20)["match"]
+            assert all(t.counters()["tx_gso"] == t.counters()["rx_gro"] == 0 for t in tunnels)
+        finally:
+            for t in tunnels:
+                t.stop()

@@ -73,11 +73,13 @@ static const char *const ipf_rx_reason_names[IPF_RX_NREASONS] = {
  * for). Each on its own cache lines so the two loops never share one. */
 typedef struct {
     uint64_t packets, bytes, icmp_sent, icmp_ratelimited;
+    uint64_t gso;          /* super-packets segmented */
     uint64_t drops[IPF_TX_NREASONS];
 } __attribute__((aligned(64))) ipf_tx_stats;
 
 typedef struct {
     uint64_t packets, bytes;
+    uint64_t gro;          /* coalesced packets written (of more than one segment) */
     uint64_t drops[IPF_RX_NREASONS];
 } __attribute__((aligned(64))) ipf_rx_stats;
 
@@ -179,9 +181,10 @@ fail:
 /* ---- encapsulation ---------------------------------------------------- */
 
 /* Checks an inner packet read from the TUN and finds its peer. On success
- * *len is the IPv4 total length. */
+ * *len is the IPv4 total length. A GSO super-packet (gso) is checked
+ * against the MTU segment by segment instead (offload.h). */
 static inline int ipf_encap_classify(const ipf_table *t, const ipf_tunnel *tn, const uint8_t *pkt,
-                                     uint32_t n, uint32_t *len, const ipf_peer **peer)
+                                     uint32_t n, int gso, uint32_t *len, const ipf_peer **peer)
 {
     if (n < 1 || (pkt[0] >> 4) != 4)
         return IPF_TX_NOT_IPV4;
@@ -196,7 +199,7 @@ static inline int ipf_encap_classify(const ipf_table *t, const ipf_tunnel *tn, c
     const ipf_peer *p = &t->peers[v - 1];
     if (!p->has_mac)
         return IPF_TX_NO_NEIGH;
-    if (tot + IPF_IP_HLEN > tn->mtu)
+    if (!gso && tot + IPF_IP_HLEN > tn->mtu)
         return IPF_TX_TOO_BIG;
     *len = tot;
     *peer = p;

@@ -1,5 +1,6 @@
 # Declarations of the datapath's C headers (csum.h, lpm.h, ipip.h).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
+from .system cimport iovec as c_iovec
 
 cdef extern from "csum.h" nogil:
     uint16_t ipf_csum(const void *buf, size_t len)
@@ -24,6 +25,7 @@ cdef extern from "ipip.h" nogil:
         IPF_ICMP_MAX
     enum:
         IPF_TX_OK
+        IPF_TX_BAD_HEADER
         IPF_TX_NO_ROUTE
         IPF_TX_SEND_FAILED
         IPF_TX_NREASONS
@@ -38,10 +40,10 @@ cdef extern from "ipip.h" nogil:
 
     # The real array sizes are IPF_TX_NREASONS and IPF_RX_NREASONS (ipip.h).
     ctypedef struct ipf_tx_stats:
-        uint64_t packets, bytes, icmp_sent, icmp_ratelimited
+        uint64_t packets, bytes, icmp_sent, icmp_ratelimited, gso
         uint64_t drops[1]
     ctypedef struct ipf_rx_stats:
-        uint64_t packets, bytes
+        uint64_t packets, bytes, gro
         uint64_t drops[1]
 
     ctypedef struct ipf_tunnel:
@@ -67,7 +69,7 @@ cdef extern from "ipip.h" nogil:
     void ipf_table_free(ipf_table *t)
     int32_t ipf_peer_find(const ipf_table *t, uint32_t ip)
     int ipf_encap_classify(const ipf_table *t, const ipf_tunnel *tn, const uint8_t *pkt,
-                           uint32_t n, uint32_t *len, const ipf_peer **peer)
+                           uint32_t n, int gso, uint32_t *len, const ipf_peer **peer)
     void ipf_encap_write(const ipf_tunnel *tn, const ipf_peer *peer, uint8_t *pkt,
                          uint32_t len, uint16_t id)
     int ipf_decap(const ipf_table *t, uint32_t local, uint8_t *frame, uint32_t caplen,
@@ -95,3 +97,41 @@ cdef extern from "ipip.h" nogil:
     void ipf_store_u32(uint32_t *p, uint32_t v)
     uint32_t ipf_load_status(volatile uint32_t *p)
     void ipf_store_status(volatile uint32_t *p, uint32_t v)
+
+cdef extern from "<linux/virtio_net.h>" nogil:
+    struct virtio_net_hdr:
+        uint8_t flags
+        uint8_t gso_type
+        uint16_t hdr_len
+        uint16_t gso_size
+        uint16_t csum_start
+        uint16_t csum_offset
+    enum:
+        VIRTIO_NET_HDR_F_NEEDS_CSUM
+        VIRTIO_NET_HDR_GSO_NONE
+
+cdef extern from "offload.h" nogil:
+    enum:
+        IPF_VNET_HLEN
+        IPF_SEG_SLOT
+        IPF_GRO_MAX_SEGS
+    ctypedef struct ipf_gso_plan:
+        uint32_t hlen
+        uint32_t mss
+        uint32_t nseg
+    ctypedef struct ipf_gro:
+        uint32_t nseg
+        uint32_t total
+        uint32_t hlen
+        virtio_net_hdr vh
+        c_iovec iov[1]
+    int ipf_csum_complete(uint8_t *pkt, uint32_t len, uint16_t start, uint16_t offset)
+    int ipf_gso_plan_of(const virtio_net_hdr *vh, const uint8_t *pkt, uint32_t n, uint32_t mtu,
+                        ipf_gso_plan *plan)
+    uint32_t ipf_gso_segment(const ipf_tunnel *tn, const ipf_peer *peer, const uint8_t *pkt, uint32_t n,
+                             const ipf_gso_plan *plan, uint32_t i, uint16_t outer_id, uint8_t *slot,
+                             c_iovec *iov)
+    int ipf_gro_eligible(const uint8_t *inner, uint32_t len)
+    void ipf_gro_start(ipf_gro *g, uint8_t *inner, uint32_t len)
+    int ipf_gro_append(ipf_gro *g, uint8_t *inner, uint32_t len)
+    uint32_t ipf_gro_finish(ipf_gro *g)

@@ -130,6 +130,9 @@ cdef extern from "<fcntl.h>" nogil:
         F_SETFL
         O_NONBLOCK
 
+cdef extern from "<sys/uio.h>" nogil:
+    ssize_t writev(int fd, const iovec *iov, int n)
+
 cdef extern from "<unistd.h>" nogil:
     ssize_t read(int fd, void *buf, size_t n)
     ssize_t write(int fd, const void *buf, size_t n)

@@ -1,0 +1,258 @@
+/* TUN offloads (virtio_net_hdr): segmentation of the GSO super-packets the
+ * TUN hands us, and coalescing of received TCP segments into one (GRO).
+ *
+ * Segmentation never copies a payload: each segment is two iovecs, its
+ * rewritten headers in a scratch slot and its payload slice in place in the
+ * read buffer. Coalescing likewise gathers payloads straight from the ring.
+ * The rules follow the kernel's tcp_gso_segment / udp4_ufo_fragment and
+ * tcp_gro_receive, so what reaches a pod is what the kernel would deliver.
+ */
+#ifndef IPF_OFFLOAD_H
+#define IPF_OFFLOAD_H
+
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <linux/virtio_net.h>
+#include "csum.h"
+#include "ipip.h"
+
+#ifndef VIRTIO_NET_HDR_GSO_UDP_L4
+#define VIRTIO_NET_HDR_GSO_UDP_L4 5  /* uapi since 6.2; older headers lack it */
+#endif
+
+#define IPF_VNET_HLEN ((uint32_t)sizeof(struct virtio_net_hdr))
+#define IPF_SEG_SLOT 256   /* scratch per segment: Ethernet + outer + inner IPv4 + L4 headers */
+#define IPF_PROTO_TCP 6
+#define IPF_PROTO_UDP 17
+#define IPF_TCP_FIN 0x01
+#define IPF_TCP_SYN 0x02
+#define IPF_TCP_RST 0x04
+#define IPF_TCP_PSH 0x08
+#define IPF_TCP_URG 0x20
+#define IPF_TCP_CWR 0x80
+#define IPF_GRO_MAX_SEGS 64
+#define IPF_GRO_MAX_LEN 65535
+
+/* Sum of the IPv4 pseudo-header for an L4 length. */
+static inline uint32_t ipf_pseudo_sum(const uint8_t *ip, uint8_t proto, uint32_t l4_len)
+{
+    uint32_t sum = ipf_csum_add(0, ip + 12, 8);
+    uint16_t w[2] = {htons(proto), htons((uint16_t)l4_len)};
+    return ipf_csum_add(sum, w, 4);
+}
+
+/* Completes a checksum the sender left partial (VIRTIO_NET_HDR_F_NEEDS_CSUM,
+ * as skb_checksum_help): the field holds the pseudo-header sum already. */
+static inline int ipf_csum_complete(uint8_t *pkt, uint32_t len, uint16_t start, uint16_t offset)
+{
+    if ((uint32_t)start + offset + 2 > len)
+        return -1;
+    uint16_t c = ipf_csum(pkt + start, len - start);
+    if (c == 0 && pkt[9] == IPF_PROTO_UDP)
+        c = 0xffff;  /* UDP sends a computed zero as all ones */
+    memcpy(pkt + start + offset, &c, 2);
+    return 0;
+}
+
+/* ---- segmentation (encap side) ----------------------------------------- */
+
+typedef struct {
+    uint32_t hlen;      /* inner IPv4 + L4 header bytes */
+    uint32_t mss;       /* payload bytes per segment */
+    uint32_t nseg;
+    uint8_t proto;
+} ipf_gso_plan;
+
+/* Checks a GSO super-packet and plans its segments; 0 or a TX drop reason. */
+static inline int ipf_gso_plan_of(const struct virtio_net_hdr *vh, const uint8_t *pkt, uint32_t n,
+                                  uint32_t mtu, ipf_gso_plan *plan)
+{
+    uint32_t ihl = (uint32_t)(pkt[0] & 0x0f) * 4, l4;
+    uint8_t type = vh->gso_type & ~VIRTIO_NET_HDR_GSO_ECN;
+    if (type == VIRTIO_NET_HDR_GSO_TCPV4) {
+        if (pkt[9] != IPF_PROTO_TCP || n < ihl + 20)
+            return IPF_TX_BAD_HEADER;
+        l4 = (uint32_t)(pkt[ihl + 12] >> 4) * 4;
+        if (l4 < 20)
+            return IPF_TX_BAD_HEADER;
+        plan->proto = IPF_PROTO_TCP;
+    } else if (type == VIRTIO_NET_HDR_GSO_UDP_L4) {
+        if (pkt[9] != IPF_PROTO_UDP)
+            return IPF_TX_BAD_HEADER;
+        l4 = 8;
+        plan->proto = IPF_PROTO_UDP;
+    } else {
+        return IPF_TX_NOT_IPV4;  /* TCPV6 and the like: not IPv4 */
+    }
+    plan->hlen = ihl + l4;
+    plan->mss = vh->gso_size;
+    if (plan->hlen > n || plan->hlen + IPF_ENCAP_HLEN > IPF_SEG_SLOT || plan->mss == 0)
+        return IPF_TX_BAD_HEADER;
+    if (plan->hlen + plan->mss + IPF_IP_HLEN > mtu)
+        return IPF_TX_TOO_BIG;
+    uint32_t payload = n - plan->hlen;
+    plan->nseg = payload ? (payload + plan->mss - 1) / plan->mss : 1;
+    return IPF_TX_OK;
+}
+
+/* Writes segment i of pkt into slot (headers, encapsulated) and points iov
+ * at it and its payload slice; returns the segment's inner length. */
+static inline uint32_t ipf_gso_segment(const ipf_tunnel *tn, const ipf_peer *peer, const uint8_t *pkt,
+                                       uint32_t n, const ipf_gso_plan *plan, uint32_t i, uint16_t outer_id,
+                                       uint8_t *slot, struct iovec *iov)
+{
+    uint32_t ihl = (uint32_t)(pkt[0] & 0x0f) * 4, off = plan->hlen + i * plan->mss;
+    uint32_t seg = n - off < plan->mss ? n - off : plan->mss, l4_len = plan->hlen - ihl + seg;
+    uint8_t *in = slot + IPF_ENCAP_HLEN, *l4 = in + ihl;
+    memcpy(in, pkt, plan->hlen);
+    ipf_put16(in + 2, (uint16_t)(plan->hlen + seg));
+    ipf_put16(in + 4, (uint16_t)(ipf_get16(pkt + 4) + i));  /* as the kernel: one ID per segment */
+    in[10] = in[11] = 0;
+    uint16_t c = ipf_csum(in, ihl);
+    memcpy(in + 10, &c, 2);
+    if (plan->proto == IPF_PROTO_TCP) {
+        uint32_t seq;
+        memcpy(&seq, l4 + 4, 4);
+        seq = htonl(ntohl(seq) + i * plan->mss);
+        memcpy(l4 + 4, &seq, 4);
+        if (i + 1 < plan->nseg)
+            l4[13] &= (uint8_t)~(IPF_TCP_FIN | IPF_TCP_PSH);
+        if (i > 0)
+            l4[13] &= (uint8_t)~IPF_TCP_CWR;
+        l4[16] = l4[17] = 0;
+        uint32_t sum = ipf_pseudo_sum(in, IPF_PROTO_TCP, l4_len);
+        sum = ipf_csum_add(sum, l4, plan->hlen - ihl);
+        c = ipf_csum_fold(ipf_csum_add(sum, pkt + off, seg));
+        memcpy(l4 + 16, &c, 2);
+    } else {
+        ipf_put16(l4 + 4, (uint16_t)l4_len);
+        l4[6] = l4[7] = 0;
+        uint32_t sum = ipf_pseudo_sum(in, IPF_PROTO_UDP, l4_len);
+        sum = ipf_csum_add(sum, l4, 8);
+        c = ipf_csum_fold(ipf_csum_add(sum, pkt + off, seg));
+        if (c == 0)
+            c = 0xffff;
+        memcpy(l4 + 6, &c, 2);
+    }
+    ipf_encap_write(tn, peer, in, plan->hlen + seg, outer_id);
+    iov[0].iov_base = slot;
+    iov[0].iov_len = IPF_ENCAP_HLEN + plan->hlen;
+    iov[1].iov_base = (void *)(pkt + off);
+    iov[1].iov_len = seg;
+    return plan->hlen + seg;
+}
+
+/* ---- coalescing (decap side) -------------------------------------------- */
+
+typedef struct {
+    uint8_t *first;        /* the first segment: its headers become the super-packet's */
+    uint32_t hlen;         /* its IPv4 + TCP header bytes */
+    uint32_t mss;          /* payload of the first segment: the others must match it */
+    uint32_t total;        /* IPv4 total length so far */
+    uint32_t next_seq;
+    uint32_t nseg;
+    uint32_t niov;
+    uint8_t id_step;       /* 1: IDs count up; 0: fixed (only with DF), as the kernel accepts */
+    uint8_t closed;        /* a short or PSH segment ends the train */
+    struct virtio_net_hdr vh;
+    struct iovec iov[IPF_GRO_MAX_SEGS + 2];
+} ipf_gro;
+
+/* TCP over IPv4 without IP options, not a fragment, checksum right, no
+ * flag but ACK/PSH/ECE, with payload: the segments GRO can merge (CWR
+ * flushes in the kernel's GRO too). */
+static inline int ipf_gro_eligible(const uint8_t *in, uint32_t len)
+{
+    if (in[0] != 0x45 || in[9] != IPF_PROTO_TCP || len < 40 || (ipf_get16(in + 6) & (IPF_IP_MF | IPF_IP_OFFMASK)))
+        return 0;
+    const uint8_t *th = in + 20;
+    uint32_t thl = (uint32_t)(th[12] >> 4) * 4;
+    if (thl < 20 || 20 + thl >= len || (th[13] & (IPF_TCP_FIN | IPF_TCP_SYN | IPF_TCP_RST | IPF_TCP_URG | IPF_TCP_CWR)))
+        return 0;
+    uint32_t sum = ipf_pseudo_sum(in, IPF_PROTO_TCP, len - 20);
+    return ipf_csum_fold(ipf_csum_add(sum, th, len - 20)) == 0;  /* verified, as GRO does */
+}
+
+static inline void ipf_gro_start(ipf_gro *g, uint8_t *in, uint32_t len)
+{
+    uint32_t thl = (uint32_t)(in[32] >> 4) * 4;
+    uint32_t seq;
+    memcpy(&seq, in + 24, 4);
+    g->first = in;
+    g->hlen = 20 + thl;
+    g->mss = len - g->hlen;
+    g->total = len;
+    g->next_seq = ntohl(seq) + g->mss;
+    g->nseg = 1;
+    g->closed = (in[33] & IPF_TCP_PSH) != 0;
+    g->iov[1].iov_base = in;
+    g->iov[1].iov_len = len;
+    g->niov = 2;
+}
+
+/* Appends in to the train when it continues it exactly (same flow and
+ * header fields, next sequence number, same ACK and options, size no larger
+ * than the first): 1, else 0. */
+static inline int ipf_gro_append(ipf_gro *g, uint8_t *in, uint32_t len)
+{
+    const uint8_t *f = g->first;
+    uint32_t thl = (uint32_t)(in[32] >> 4) * 4, seg = len - 20 - thl, seq;
+    if (g->closed || g->nseg >= IPF_GRO_MAX_SEGS || 20 + thl != g->hlen || seg > g->mss ||
+        g->total + seg > IPF_GRO_MAX_LEN)
+        return 0;
+    /* tos, DF, ttl, protocol, addresses, ports, ack, flags, window-less
+     * options: all as in the first (tcp_gro_receive's flush rules). */
+    if (in[1] != f[1] || ((in[6] ^ f[6]) & 0x40) || in[8] != f[8] || memcmp(in + 12, f + 12, 8) ||
+        memcmp(in + 20, f + 20, 4) || memcmp(in + 28, f + 28, 4) ||
+        ((in[33] ^ f[33]) & ~IPF_TCP_PSH) || memcmp(in + 40, f + 40, thl - 20))
+        return 0;
+    memcpy(&seq, in + 24, 4);
+    if (ntohl(seq) != g->next_seq)
+        return 0;
+    uint16_t id = ipf_get16(in + 4), first_id = ipf_get16(f + 4);
+    if (g->nseg == 1)
+        g->id_step = id != first_id;
+    if (id != (uint16_t)(first_id + g->id_step * g->nseg) || (!g->id_step && !(f[6] & 0x40)))
+        return 0;
+    g->iov[g->niov].iov_base = in + 20 + thl;
+    g->iov[g->niov].iov_len = seg;
+    g->niov++;
+    g->nseg++;
+    g->total += seg;
+    g->next_seq += seg;
+    if (seg < g->mss || (in[33] & IPF_TCP_PSH)) {
+        g->closed = 1;
+        ((uint8_t *)f)[33] |= in[33] & IPF_TCP_PSH;
+    }
+    return 1;
+}
+
+/* Finishes the super-packet's headers and virtio_net_hdr; returns the
+ * number of iovecs to write (iov[0] is the virtio_net_hdr). */
+static inline uint32_t ipf_gro_finish(ipf_gro *g)
+{
+    uint8_t *f = g->first;
+    memset(&g->vh, 0, sizeof(g->vh));
+    if (g->nseg > 1) {
+        ipf_put16(f + 2, (uint16_t)g->total);
+        f[10] = f[11] = 0;
+        uint16_t c = ipf_csum(f, 20);
+        memcpy(f + 10, &c, 2);
+        /* Partial checksum: the pseudo-header sum, completed by whoever
+         * segments or delivers it (every segment was verified above). */
+        uint16_t pseudo = (uint16_t)~ipf_csum_fold(ipf_pseudo_sum(f, IPF_PROTO_TCP, g->total - 20));
+        memcpy(f + 36, &pseudo, 2);
+        g->vh.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+        g->vh.gso_type = VIRTIO_NET_HDR_GSO_TCPV4;
+        g->vh.hdr_len = (uint16_t)g->hlen;
+        g->vh.gso_size = (uint16_t)g->mss;
+        g->vh.csum_start = 20;
+        g->vh.csum_offset = 16;
+    }
+    g->iov[0].iov_base = &g->vh;
+    g->iov[0].iov_len = IPF_VNET_HLEN;
+    return g->niov;
+}
+
+#endif
