@@ -54,6 +54,7 @@ PREFIXLEN = 24
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 IPPROTO_IPIP = 4
+IP_MTU_DISCOVER, IP_PMTUDISC_PROBE = 10, 3
 
 # ECN codepoints (RFC 3168)
 NOT_ECT, ECT1, ECT0, CE = 0, 1, 2, 3
@@ -217,10 +218,13 @@ class Sniffer:
 def send_ip(ns: str, packet: bytes) -> None:
     """Send a complete IPv4 packet (our header, IP_HDRINCL) from namespace ns,
     routed by its destination.  The kernel fills in the total length and the
-    header checksum, and an ID only where ours is 0."""
+    header checksum, and an ID only where ours is 0.  IP_PMTUDISC_PROBE: the
+    packet leaves as built even when the namespace has learnt a smaller path
+    MTU (from an earlier test's frag-needed)."""
     dst = socket.inet_ntoa(packet[16:20])
     s = kernelvm.netns_socket(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     try:
+        s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
         s.sendto(packet, (dst, 0))
     finally:
         s.close()
