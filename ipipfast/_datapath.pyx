@@ -1,8 +1,8 @@
 # The hot path: TUN -> IPIP frames on an AF_PACKET socket, and IPIP frames
-# from a PACKET_MMAP ring -> TUN. Two loops (encap, decap) that each run on
-# their own thread with the GIL released and touch no Python object per
-# packet. The per-packet work lives in includes/*.h; this file is the glue:
-# sockets, rings, batches, the table swap and the counters.
+# from a PACKET_MMAP ring -> TUN. Each worker has two loops (encap, decap),
+# each on its own thread with the GIL released, touching no Python object
+# per packet. The per-packet work lives in includes/*.h; this file is the
+# glue: sockets, rings, batches, the table swap and the counters.
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
@@ -13,6 +13,7 @@ from .includes cimport system as c
 from .includes.ipip cimport *
 
 import ipaddress
+import os
 import threading
 
 cdef extern from "<stdlib.h>" nogil:
@@ -59,7 +60,7 @@ cdef uint32_t pow2_at_least(uint32_t n):
 
 cdef int check(int r, str what) except -1:
     if r < 0:
-        raise OSError(c.errno, f"{what}: {__import__('os').strerror(c.errno)}")
+        raise OSError(c.errno, f"{what}: {os.strerror(c.errno)}")
     return r
 
 
@@ -88,7 +89,7 @@ cdef int set_tunnel(ipf_tunnel *tn, str local_ip, bytes local_mac, int mtu, obje
 
 cdef ipf_table *build_table(object routes, object peers, uint64_t generation) except NULL:
     """routes: (prefix host-order int, length, peer index); peers: (ip
-    host-order int, next-hop MAC bytes or None)."""
+    host-order int, next-hop MAC bytes or None[, path MTU])."""
     cdef Py_ssize_t n_routes = len(routes), n_peers = len(peers), i
     cdef ipf_lpm_route *r = <ipf_lpm_route *>malloc((n_routes or 1) * sizeof(ipf_lpm_route))
     cdef ipf_peer *p = <ipf_peer *>calloc(n_peers or 1, sizeof(ipf_peer))
@@ -102,8 +103,10 @@ cdef ipf_table *build_table(object routes, object peers, uint64_t generation) ex
             r[i].prefix = prefix
             r[i].len = length
             r[i].value = peer
-        for i, (ip, mac) in enumerate(peers):
+        for i, peer in enumerate(peers):
+            ip, mac = peer[0], peer[1]
             p[i].ip = htonl(ip)
+            p[i].pmtu = peer[2] if len(peer) > 2 else 0
             if mac is not None:
                 if len(mac) != 6:
                     raise ValueError(f"bad MAC {mac!r}")
@@ -120,16 +123,181 @@ cdef ipf_table *build_table(object routes, object peers, uint64_t generation) ex
 
 
 cdef class Datapath:
-    """One tunnel endpoint: a TUN fd (opened by the caller), a send socket
-    and a receive ring on the underlay interface. run_encap() and
-    run_decap() block in their loops until stop()."""
+    """One tunnel endpoint: the outer-header rules, the forwarding table that
+    every worker reads, and the sockets they share. Workers are added with
+    add_worker(); each runs run_encap() and run_decap() on its own threads
+    until stop()."""
 
     cdef:
-        int tun_fd, tx_fd, rx_fd, sink_fd, icmp_fd, stop_fd
-        uint32_t stopping
         ipf_tunnel tn
         ipf_table *table
         uint64_t generation
+        uint32_t stopping
+        int stop_fd, sink_fd, icmp_fd
+        int ifindex, mtu, batch, ring_frames, fanout_id
+        bint vnet
+        ipf_ratelimit icmp_rl       # control-thread ICMP (relayed errors)
+        list workers
+        object lock
+
+    def __cinit__(self):
+        self.stop_fd = self.sink_fd = self.icmp_fd = -1
+        self.table = NULL
+
+    def __init__(self, int ifindex, str local_ip, bytes local_mac, *, int mtu=1500, ttl=None, tos=0,
+                 bint pmtudisc=False, bint ignore_df=False, int batch=64, int ring_frames=4096,
+                 bint vnet_hdr=False):
+        """ifindex, local_ip, local_mac: the underlay interface; mtu: its
+        MTU (the largest outer packet); vnet_hdr: the TUN queues carry a
+        virtio_net_hdr with offloads (tun.py)."""
+        if not 1 <= batch <= 1024:
+            raise ValueError(f"batch {batch} out of range 1..1024")
+        set_tunnel(&self.tn, local_ip, local_mac, mtu, ttl, tos, pmtudisc, ignore_df)
+        self.ifindex, self.mtu, self.batch, self.ring_frames, self.vnet = ifindex, mtu, batch, ring_frames, vnet_hdr
+        # The group that spreads received frames over the workers' rings by
+        # flow; one per datapath in the namespace.
+        self.fanout_id = hash((os.getpid(), id(self))) & 0xffff
+        self.lock = threading.Lock()
+        self.workers = []
+        self.table = build_table((), (), 0)
+        self.stop_fd = check(c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC), "eventfd")
+        self.icmp_rl.per_sec = 1000
+        self.icmp_rl.burst = 50
+        self.icmp_rl.tokens = 50
+        self._open_sink()
+        # ICMP errors leave from this node's own stack, as tunl0's icmp_send
+        # does: written into the TUN, a packet from a local source would be
+        # dropped as a martian.
+        self.icmp_fd = check(c.socket(c.AF_INET, c.SOCK_RAW | c.SOCK_CLOEXEC, c.IPPROTO_RAW), "raw socket")
+
+    cdef int _open_sink(self) except -1:
+        # The kernel must not also handle the IPIP frames we consume: with
+        # nothing registered for protocol 4 it answers each one with ICMP
+        # protocol-unreachable. A raw IPPROTO_IPIP socket counts as a
+        # receiver in ip_local_deliver (raw_local_deliver), which suppresses
+        # that answer; its filter drops every copy before it is queued, so it
+        # costs a clone per frame and holds no memory. Chosen over a tc or
+        # netfilter drop because it needs no kernel module (this kernel has
+        # no tc actions) and goes away with the process. A kernel that has
+        # the ipip module loaded handles protocol 4 itself: daemon.py warns.
+        #
+        # The same socket hears the ICMP errors about our outer packets
+        # (raw_icmp_error): IP_RECVERR queues them, unfiltered, with the
+        # quoted outer header (IP_HDRINCL), for icmp.py to act on.
+        cdef c.sock_filter drop[1]
+        cdef c.sock_fprog fprog
+        cdef int one = 1
+        drop[0] = c.sock_filter(0x06, 0, 0, 0)  # ret #0
+        fprog.len = 1
+        fprog.filter = drop
+        self.sink_fd = check(c.socket(c.AF_INET, c.SOCK_RAW | c.SOCK_CLOEXEC | c.SOCK_NONBLOCK, c.IPPROTO_IPIP),
+                             "raw IPIP socket")
+        check(c.setsockopt(self.sink_fd, c.SOL_SOCKET, c.SO_ATTACH_FILTER, &fprog, sizeof(fprog)),
+              "SO_ATTACH_FILTER")
+        check(c.setsockopt(self.sink_fd, c.IPPROTO_IP, c.IP_RECVERR, &one, sizeof(one)), "IP_RECVERR")
+        check(c.setsockopt(self.sink_fd, c.IPPROTO_IP, c.IP_HDRINCL, &one, sizeof(one)), "IP_HDRINCL")
+        return 0
+
+    def add_worker(self, int tun_fd):
+        """A worker on one TUN queue (an fd from tun.open_tun), with its own
+        send socket and receive ring in the fanout group."""
+        w = Worker(self, tun_fd)
+        self.workers.append(w)
+        return w
+
+    def __dealloc__(self):
+        if self.sink_fd >= 0:
+            c.close(self.sink_fd)
+        if self.icmp_fd >= 0:
+            c.close(self.icmp_fd)
+        if self.stop_fd >= 0:
+            c.close(self.stop_fd)
+        ipf_table_free(self.table)
+        self.table = NULL
+
+    # ---- control (Python threads) ---------------------------------------------
+
+    def set_table(self, routes, peers):
+        """Replaces the forwarding table while the loops run. routes:
+        (prefix as host-order int, prefix length, peer index); peers: (IPv4
+        as host-order int, next-hop MAC or None until resolved[, path MTU]).
+        Returns once no loop can still see the old table, which is then
+        freed."""
+        cdef ipf_table *t
+        cdef ipf_table *old
+        cdef Worker w
+        with self.lock:
+            self.generation += 1
+            t = build_table(routes, peers, self.generation)
+            old = ipf_table_publish(&self.table, t)
+            for w in self.workers:
+                w.wait_quiescent()
+            ipf_table_free(old)
+
+    def set_peer_pmtu(self, str peer, uint32_t mtu):
+        """Sets a peer's path MTU (0: forget it) in the running table;
+        False when the peer is unknown."""
+        cdef int32_t i
+        with self.lock:
+            i = ipf_peer_find(self.table, ip4(peer))
+            if i < 0:
+                return False
+            ipf_store_u32(&self.table.peers[i].pmtu, mtu)
+            return True
+
+    def lookup(self, str addr):
+        """Peer index that the current table sends addr to, or -1."""
+        cdef uint32_t v = ipf_lpm_lookup(&self.table.lpm, ntohl(ip4(addr)))
+        return <int>v - 1
+
+    def sink_fileno(self):
+        """The raw IPIP socket whose error queue holds ICMP errors about
+        our outer packets (read with MSG_ERRQUEUE)."""
+        return self.sink_fd
+
+    def send_icmp_error(self, bytes packet not None, int type, int code, uint32_t info=0):
+        """Sends an ICMP error about packet (an inner packet, or as much of
+        it as was quoted) to its source; False when RFC 1812 forbids one or
+        the rate limit holds it back."""
+        cdef uint8_t buf[IPF_ICMP_MAX]
+        cdef c.sockaddr_in dst
+        cdef uint32_t n = ipf_icmp_error(buf, self.tn.src, <const uint8_t *><const char *>packet,
+                                         len(packet), type, code, info)
+        if n == 0 or not ipf_ratelimit_allow(&self.icmp_rl):
+            return False
+        memset(&dst, 0, sizeof(dst))
+        dst.sin_family = c.AF_INET
+        memcpy(&dst.sin_addr.s_addr, buf + 16, 4)
+        return c.sendto(self.icmp_fd, buf, n, 0, <c.sockaddr *>&dst, sizeof(dst)) == n
+
+    def stop(self):
+        cdef uint64_t one = 1
+        ipf_store_u32(&self.stopping, 1)
+        c.write(self.stop_fd, &one, sizeof(one))
+
+    def worker_counters(self):
+        """Each worker's counters: how the load spreads over them."""
+        cdef Worker w
+        return [w.counters() for w in self.workers]
+
+    def counters(self):
+        """Every counter summed over the workers, as `stats.render` expects."""
+        cdef Worker w
+        out = None
+        for w in self.workers:
+            wc = w.counters()
+            out = wc if out is None else {k: out[k] + v for k, v in wc.items()}
+        return out if out is not None else Worker.zero_counters()
+
+
+cdef class Worker:
+    """One TUN queue, one send socket and one receive ring, and the two
+    loops that move packets between them."""
+
+    cdef:
+        Datapath dp
+        ipf_tunnel tn               # a copy: the loops read it on every packet
+        int tun_fd, tx_fd, rx_fd
         ipf_qsbr *qsbr              # [0] encap loop, [1] decap loop
         ipf_tx_stats *txs
         ipf_rx_stats *rxs
@@ -149,35 +317,23 @@ cdef class Datapath:
         size_t ring_bytes
         uint32_t frame_size, n_frames, rx_idx
         int loop_errno[2]
-        object table_lock
 
     def __cinit__(self):
-        self.tun_fd = self.tx_fd = self.rx_fd = self.sink_fd = self.icmp_fd = self.stop_fd = -1
-        self.table = NULL
+        self.tun_fd = self.tx_fd = self.rx_fd = -1
 
-    def __init__(self, int tun_fd, int ifindex, str local_ip, bytes local_mac, *,
-                 int mtu=1500, ttl=None, tos=0, bint pmtudisc=False, bint ignore_df=False,
-                 int batch=64, int ring_frames=4096, bint vnet_hdr=False):
-        """tun_fd: an IFF_TUN|IFF_NO_PI fd, with IFF_VNET_HDR and offloads
-        when vnet_hdr (tun.py); ifindex, local_ip, local_mac: the underlay
-        interface; mtu: the underlay MTU (largest outer packet)."""
+    def __init__(self, Datapath dp not None, int tun_fd):
         cdef uint32_t i
-        if not 1 <= batch <= 1024:
-            raise ValueError(f"batch {batch} out of range 1..1024")
-        set_tunnel(&self.tn, local_ip, local_mac, mtu, ttl, tos, pmtudisc, ignore_df)
-        self.table_lock = threading.Lock()
-        self.table = build_table((), (), 0)
+        self.dp = dp
+        self.tn = dp.tn
+        self.vnet = dp.vnet
+        self.batch = dp.batch
         self.tun_fd = tun_fd
         check(c.fcntl(tun_fd, c.F_SETFL, c.fcntl(tun_fd, c.F_GETFL) | c.O_NONBLOCK), "tun O_NONBLOCK")
-        self.stop_fd = check(c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC), "eventfd")
-
         self.qsbr = <ipf_qsbr *>aligned_alloc(STATS_ALIGN, 2 * sizeof(ipf_qsbr))
         self.txs = <ipf_tx_stats *>aligned_alloc(STATS_ALIGN, sizeof(ipf_tx_stats))
         self.rxs = <ipf_rx_stats *>aligned_alloc(STATS_ALIGN, sizeof(ipf_rx_stats))
-        self.batch = batch
-        self.vnet = vnet_hdr
-        self.buf_size = (HEADROOM + (GSO_MAX if vnet_hdr else mtu) + 63) & ~63u
-        self.bufs = <uint8_t *>aligned_alloc(STATS_ALIGN, <size_t>batch * self.buf_size)
+        self.buf_size = (HEADROOM + (GSO_MAX if self.vnet else dp.mtu) + 63) & ~63u
+        self.bufs = <uint8_t *>aligned_alloc(STATS_ALIGN, <size_t>self.batch * self.buf_size)
         self.seg_slots = <uint8_t *>aligned_alloc(STATS_ALIGN, <size_t>MAX_MSGS * IPF_SEG_SLOT)
         self.msgs = <c.mmsghdr *>calloc(MAX_MSGS, sizeof(c.mmsghdr))
         self.iovs = <c.iovec *>calloc(2 * MAX_MSGS, sizeof(c.iovec))
@@ -190,18 +346,12 @@ cdef class Datapath:
         memset(self.rxs, 0, sizeof(ipf_rx_stats))
         for i in range(MAX_MSGS):
             self.msgs[i].msg_hdr.msg_iov = &self.iovs[2 * i]
-        self.icmp_rl.per_sec = 1000
+        # icmp_msgs_per_sec is the node's budget: each worker gets a share.
+        self.icmp_rl.per_sec = max(1, 1000 // (len(dp.workers) + 1))
         self.icmp_rl.burst = 50
         self.icmp_rl.tokens = 50
-
-        self._open_tx(ifindex)
-        self._open_rx(ifindex, mtu, ring_frames)
-        self._open_sink()
-        # ICMP errors leave from this node's own stack, as tunl0's icmp_send
-        # does: written into the TUN, a packet from a local source would be
-        # dropped as a martian.
-        self.icmp_fd = check(c.socket(c.AF_INET, c.SOCK_RAW | c.SOCK_CLOEXEC, c.IPPROTO_RAW),
-                             "raw socket")
+        self._open_tx(dp.ifindex)
+        self._open_rx(dp.ifindex, dp.mtu, dp.ring_frames, dp.fanout_id)
 
     cdef int _open_tx(self, int ifindex) except -1:
         # Protocol 0: this socket only sends; the kernel takes the frame's
@@ -216,7 +366,7 @@ cdef class Datapath:
         check(c.bind(self.tx_fd, <c.sockaddr *>&sll, sizeof(sll)), "bind tx socket")
         return 0
 
-    cdef int _open_rx(self, int ifindex, int mtu, int ring_frames) except -1:
+    cdef int _open_rx(self, int ifindex, int mtu, int ring_frames, int fanout_id) except -1:
         # The socket filter keeps everything but IPv4 protocol 4 to this node
         # in the kernel, so the ring only ever holds tunnel traffic.
         cdef c.sock_filter prog[8]
@@ -259,103 +409,47 @@ cdef class Datapath:
         sll.sll_protocol = htons(c.ETH_P_IP)
         sll.sll_ifindex = ifindex
         check(c.bind(self.rx_fd, <c.sockaddr *>&sll, sizeof(sll)), "bind rx socket")
-        return 0
-
-    cdef int _open_sink(self) except -1:
-        # The kernel must not also handle the IPIP frames we consume: with
-        # nothing registered for protocol 4 it answers each one with ICMP
-        # protocol-unreachable. A raw IPPROTO_IPIP socket counts as a
-        # receiver in ip_local_deliver (raw_local_deliver), which suppresses
-        # that answer; its filter drops every copy before it is queued, so it
-        # costs a clone per frame and holds no memory. Chosen over a tc or
-        # netfilter drop because it needs no kernel module (this kernel has
-        # no tc actions) and goes away with the process. A kernel that has
-        # the ipip module loaded handles protocol 4 itself: daemon.py warns.
-        cdef c.sock_filter drop[1]
-        cdef c.sock_fprog fprog
-        drop[0] = c.sock_filter(0x06, 0, 0, 0)  # ret #0
-        fprog.len = 1
-        fprog.filter = drop
-        self.sink_fd = check(c.socket(c.AF_INET, c.SOCK_RAW | c.SOCK_CLOEXEC, c.IPPROTO_IPIP),
-                             "raw IPIP socket")
-        check(c.setsockopt(self.sink_fd, c.SOL_SOCKET, c.SO_ATTACH_FILTER, &fprog, sizeof(fprog)),
-              "SO_ATTACH_FILTER")
+        # The fanout group spreads flows over the workers' rings (hash keeps
+        # a flow on one worker, so in order). DEFRAG makes the kernel
+        # reassemble outer fragments first, as ipip_rcv's caller does, with
+        # its own bounds on memory and time (ipfrag_high_thresh, ipfrag_time).
+        v = fanout_id | ((c.PACKET_FANOUT_HASH | c.PACKET_FANOUT_FLAG_DEFRAG) << 16)
+        check(c.setsockopt(self.rx_fd, c.SOL_PACKET, c.PACKET_FANOUT, &v, sizeof(v)), "PACKET_FANOUT")
         return 0
 
     def __dealloc__(self):
-        self._release()
-
-    cdef void _release(self):
         if self.ring != NULL:
             c.munmap(self.ring, self.ring_bytes)
-            self.ring = NULL
         if self.tx_fd >= 0:
             c.close(self.tx_fd)
         if self.rx_fd >= 0:
             c.close(self.rx_fd)
-        if self.sink_fd >= 0:
-            c.close(self.sink_fd)
-        if self.icmp_fd >= 0:
-            c.close(self.icmp_fd)
-        if self.stop_fd >= 0:
-            c.close(self.stop_fd)
-        self.tx_fd = self.rx_fd = self.sink_fd = self.icmp_fd = self.stop_fd = -1
-        ipf_table_free(self.table)
-        self.table = NULL
         free(self.qsbr)
         free(self.txs)
         free(self.rxs)
         free(self.bufs)
+        free(self.seg_slots)
         free(self.msgs)
         free(self.iovs)
-        free(self.seg_slots)
         free(self.gro)
-        self.qsbr = NULL
-        self.txs = NULL
-        self.rxs = NULL
-        self.bufs = NULL
-        self.msgs = NULL
-        self.iovs = NULL
-        self.seg_slots = NULL
-        self.gro = NULL
 
-    # ---- control (Python thread) ------------------------------------------
+    cdef void wait_quiescent(self) noexcept nogil:
+        """Returns once neither loop can hold a table pointer loaded before
+        this call (see qsbr in ipip.h)."""
+        cdef uint64_t seen0 = ipf_qsbr_snapshot(&self.qsbr[0])
+        cdef uint64_t seen1 = ipf_qsbr_snapshot(&self.qsbr[1])
+        while not (ipf_qsbr_passed(&self.qsbr[0], seen0) and ipf_qsbr_passed(&self.qsbr[1], seen1)):
+            c.usleep(50)
 
-    def set_table(self, routes, peers):
-        """Replaces the forwarding table while the loops run. routes:
-        (prefix as host-order int, prefix length, peer index); peers: (IPv4
-        as host-order int, next-hop MAC or None until resolved). Returns once
-        no loop can still see the old table, which is then freed."""
-        cdef ipf_table *t
-        cdef ipf_table *old
-        cdef uint64_t seen0, seen1
-        with self.table_lock:
-            self.generation += 1
-            t = build_table(routes, peers, self.generation)
-            old = ipf_table_publish(&self.table, t)
-            seen0 = ipf_qsbr_snapshot(&self.qsbr[0])
-            seen1 = ipf_qsbr_snapshot(&self.qsbr[1])
-            with nogil:
-                while not (ipf_qsbr_passed(&self.qsbr[0], seen0) and ipf_qsbr_passed(&self.qsbr[1], seen1)):
-                    c.usleep(50)
-                ipf_table_free(old)
-
-    def lookup(self, str addr):
-        """Peer index that the current table sends addr to, or -1."""
-        cdef uint32_t v = ipf_lpm_lookup(&self.table.lpm, ntohl(ip4(addr)))
-        return <int>v - 1
-
-    def stop(self):
-        cdef uint64_t one = 1
-        ipf_store_u32(&self.stopping, 1)
-        c.write(self.stop_fd, &one, sizeof(one))
-
-    def close(self):
-        """Frees everything; the loops must have returned."""
-        self._release()
+    @staticmethod
+    def zero_counters():
+        out = {"tx_packets": 0, "tx_bytes": 0, "icmp_sent": 0, "icmp_ratelimited": 0, "tx_gso": 0,
+               "rx_packets": 0, "rx_bytes": 0, "rx_gro": 0}
+        out.update({"tx_drop_" + r: 0 for r in TX_REASONS})
+        out.update({"rx_drop_" + r: 0 for r in RX_REASONS})
+        return out
 
     def counters(self):
-        """A snapshot of every counter, as `stats.render` expects."""
         cdef c.tpacket_stats st
         cdef c.socklen_t n = sizeof(st)
         cdef int i
@@ -368,9 +462,9 @@ cdef class Datapath:
             "icmp_sent": self.txs.icmp_sent,
             "icmp_ratelimited": self.txs.icmp_ratelimited,
             "tx_gso": self.txs.gso,
-            "rx_gro": self.rxs.gro,
             "rx_packets": self.rxs.packets,
             "rx_bytes": self.rxs.bytes,
+            "rx_gro": self.rxs.gro,
         }
         for i in range(1, IPF_TX_NREASONS):
             out["tx_drop_" + TX_REASONS[i - 1]] = self.txs.drops[i]
@@ -379,34 +473,36 @@ cdef class Datapath:
         out["rx_drop_ring_full"] += self.ring_full
         return out
 
-    # ---- the loops ----------------------------------------------------------
+    # ---- the loops ------------------------------------------------------------
 
     def run_encap(self):
-        """TUN -> IPIP on the underlay, until stop(). Call on its own thread."""
+        """TUN -> IPIP on the underlay, until the datapath stops. Call on its own thread."""
         with nogil:
             self._encap_loop()
         self._raise_loop_error(0, "encap")
 
     def run_decap(self):
-        """IPIP from the underlay -> TUN, until stop(). Call on its own thread."""
+        """IPIP from the underlay -> TUN, until the datapath stops. Call on its own thread."""
         with nogil:
             self._decap_loop()
         self._raise_loop_error(1, "decap")
 
     def _raise_loop_error(self, int which, str name):
         if self.loop_errno[which]:
-            import os
             err = self.loop_errno[which]
             raise OSError(err, f"{name} loop: {os.strerror(err)}")
+
+    cdef inline bint _stopping(self) noexcept nogil:
+        return ipf_load_u32(&self.dp.stopping) != 0
 
     cdef bint _wait(self, int fd, int which) noexcept nogil:
         """Blocks until fd is readable; False when stopping or on an error."""
         cdef c.pollfd fds[2]
         fds[0].fd = fd
         fds[0].events = c.POLLIN
-        fds[1].fd = self.stop_fd
+        fds[1].fd = self.dp.stop_fd
         fds[1].events = c.POLLIN
-        while not ipf_load_u32(&self.stopping):
+        while not self._stopping():
             if c.poll(fds, 2, -1) >= 0:
                 if fds[0].revents & c.POLLERR:
                     self.loop_errno[which] = 5  # EIO: the device went away
@@ -430,7 +526,7 @@ cdef class Datapath:
         memset(&dst, 0, sizeof(dst))
         dst.sin_family = c.AF_INET
         memcpy(&dst.sin_addr.s_addr, self.icmp_buf + 16, 4)
-        if c.sendto(self.icmp_fd, self.icmp_buf, length, 0, <c.sockaddr *>&dst, sizeof(dst)) == length:
+        if c.sendto(self.dp.icmp_fd, self.icmp_buf, length, 0, <c.sockaddr *>&dst, sizeof(dst)) == length:
             self.txs.icmp_sent += 1
 
     cdef void _encap_loop(self) noexcept nogil:
@@ -443,8 +539,8 @@ cdef class Datapath:
         cdef virtio_net_hdr vh
         cdef bint drained
         memset(&vh, 0, sizeof(vh))
-        while not ipf_load_u32(&self.stopping):
-            t = ipf_qsbr_enter(q, &self.table)
+        while not self._stopping():
+            t = ipf_qsbr_enter(q, &self.dp.table)
             drained = False
             for i in range(self.batch):
                 pkt = self.bufs + <size_t>i * self.buf_size + HEADROOM
@@ -491,13 +587,16 @@ cdef class Datapath:
                 return nmsg
         reason = ipf_encap_classify(t, &self.tn, pkt, n, gso, &length, &peer)
         if reason == IPF_TX_OK and gso:
-            reason = ipf_gso_plan_of(vh, pkt, length, self.tn.mtu, &plan)
+            reason = ipf_gso_plan_of(vh, pkt, length, ipf_peer_mtu(&self.tn, peer), &plan)
             if reason == IPF_TX_OK and plan.nseg > MAX_MSGS:
                 reason = IPF_TX_BAD_HEADER
         if reason != IPF_TX_OK:
             self.txs.drops[reason] += 1
             if reason == IPF_TX_NO_ROUTE:
                 self._icmp(pkt, n, 3, 0, 0)  # destination net unreachable
+            elif reason == IPF_TX_TOO_BIG and pkt[6] & 0x40:
+                # fragmentation needed, with the MTU that fits inside the tunnel
+                self._icmp(pkt, n, 3, 4, ipf_peer_mtu(&self.tn, peer) - IPF_IP_HLEN)
             return nmsg
         if not gso:
             if nmsg == MAX_MSGS:
@@ -569,8 +668,8 @@ cdef class Datapath:
         cdef uint8_t *inner
         cdef uint32_t inner_len, got, slot
         cdef int reason
-        while not ipf_load_u32(&self.stopping):
-            t = ipf_qsbr_enter(q, &self.table)
+        while not self._stopping():
+            t = ipf_qsbr_enter(q, &self.dp.table)
             got = 0
             while got < self.batch:
                 slot = self.rx_idx

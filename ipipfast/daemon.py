@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import _datapath
 from .config import Config, ConfigError, load_config
+from .icmp import IcmpErrors
 from .kernel import Kernel, Link, NextHop
 from .routes import RouteTable
 from .stats import MetricsServer
@@ -24,7 +25,8 @@ from .tun import open_tun
 log = logging.getLogger(__name__)
 
 NEIGHBOUR_INTERVAL = 1.0   # seconds between next-hop MAC checks (a tenth while any is missing)
-SOLICIT_EVERY = 30         # checks between re-confirmations of every next hop
+SOLICIT_EVERY = 30
+WORKER_KEYS = ("tx_packets", "rx_packets", "tx_gso", "rx_gro")  # per worker in the status file         # checks between re-confirmations of every next hop
 STATUS_INTERVAL = 0.5      # seconds between status-file writes
 
 
@@ -63,7 +65,7 @@ class Daemon:
         self.threads: list[threading.Thread] = []
         self.errors: list[BaseException] = []
         self.metrics: MetricsServer | None = None
-        self.tun_fd = -1
+        self.tun_fds: list[int] = []
         self.datapath: _datapath.Datapath | None = None
 
     # ---- lifecycle ----------------------------------------------------------
@@ -78,18 +80,24 @@ class Daemon:
         if mtu + 20 > self.underlay.mtu:
             raise ConfigError("<config>", None, f"tunnel.mtu {mtu} + 20 exceeds the underlay MTU "
                               f"{self.underlay.mtu} of {self.underlay.name}")
-        self.tun_fd = open_tun(cfg.tunnel.name, offload=cfg.tunnel.offload)
+        self.tun_fds = open_tun(cfg.tunnel.name, offload=cfg.tunnel.offload, queues=cfg.tunnel.workers)
         self.tun = self.kernel.setup_tun(cfg.tunnel.name, mtu)
         self.datapath = _datapath.Datapath(
-            self.tun_fd, self.underlay.index, str(cfg.node.ip.ip), self.underlay.mac,
+            self.underlay.index, str(cfg.node.ip.ip), self.underlay.mac,
             mtu=self.underlay.mtu, ttl=cfg.tunnel.ttl, tos=cfg.tunnel.tos,
             pmtudisc=cfg.tunnel.pmtudisc, ignore_df=cfg.tunnel.ignore_df, batch=cfg.tunnel.batch,
             vnet_hdr=cfg.tunnel.offload)
+        workers = [self.datapath.add_worker(fd) for fd in self.tun_fds]
+        self.icmp = IcmpErrors(self.datapath, cfg.node.ip.ip)
         with self.lock:
             self._apply(self.plan, previous=None)
         self._await_nexthops(timeout=2.0)
-        for name, target in (("encap", self.datapath.run_encap), ("decap", self.datapath.run_decap),
-                             ("neighbours", self._neighbour_loop), ("status", self._status_loop)):
+        loops: list[tuple[str, Callable[[], None]]] = []
+        for i, w in enumerate(workers):
+            loops += [(f"encap{i}", w.run_encap), (f"decap{i}", w.run_decap)]
+        loops += [("neighbours", self._neighbour_loop), ("status", self._status_loop),
+                  ("icmp", lambda: self.icmp.run(self.stopping))]
+        for name, target in loops:
             t = threading.Thread(target=self._guard(target), name=f"ipipfast-{name}", daemon=True)
             t.start()
             self.threads.append(t)
@@ -124,11 +132,10 @@ class Daemon:
             self._withdraw(self.plan)
         finally:
             self._write_status()
-            if self.datapath is not None:
-                self.datapath.close()
-            if self.tun_fd >= 0:
-                os.close(self.tun_fd)  # the TUN and its routes go with it
-                self.tun_fd = -1
+            self.datapath = None  # frees the rings and sockets once the loops have returned
+            for fd in self.tun_fds:
+                os.close(fd)  # the TUN and its routes go with the last one
+            self.tun_fds = []
             self.kernel.close()
 
     def run_forever(self) -> int:
@@ -190,7 +197,7 @@ class Daemon:
         assert self.datapath is not None
         peers = self.plan.datapath_peers()
         self.datapath.set_table(self.plan.encapsulated.datapath_entries(),
-                                [(int(p), self.macs.get(p)) for p in peers])
+                                [(int(p), self.macs.get(p), self.icmp.pmtu(p)) for p in peers])
 
     # ---- next hops ------------------------------------------------------------
 
@@ -251,7 +258,9 @@ class Daemon:
     # ---- observability ----------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
-        return self.datapath.counters() if self.datapath else {}
+        if not self.datapath:
+            return {}
+        return {**self.datapath.counters(), **self.icmp.counters()}
 
     def status(self) -> dict:
         return {
@@ -260,7 +269,10 @@ class Daemon:
             "routes_encapsulated": len(self.plan.encapsulated.routes),
             "routes_direct": len(self.plan.direct.routes),
             "next_hops": {str(p): (m.hex(":") if m else None) for p, m in self.macs.items()},
+            "path_mtu": self.icmp.pmtus() if self.datapath else {},
             "counters": self.counters(),
+            "workers": [{k: v for k, v in c.items() if k in WORKER_KEYS}
+                        for c in self.datapath.worker_counters()] if self.datapath else [],
         }
 
     def _write_status(self) -> None:

@@ -1,9 +1,28 @@
 """Network-namespace testbed with the topology Calico's IPIP mode builds.
 
-Nodes are namespaces on a shared underlay (198.18.0.0/24); pods are namespaces
-hanging off their node by a `cali*` veth, Calico style (pod /32, gateway
-169.254.1.1 answered by proxy ARP). Every namespace the testbed makes is named
-after a per-run prefix and removed at teardown, whatever happened before.
+Nodes are namespaces on an underlay; pods are namespaces hanging off their node
+by a `cali*` veth, Calico style (pod /32, gateway 169.254.1.1 answered by proxy
+ARP). Every namespace the testbed makes is named after a per-run prefix and
+removed at teardown, whatever happened before.
+
+Two underlays:
+
+- "l2" (default): one shared subnet, 198.18.0.0/24, node i at 198.18.0.(10+i):
+  a veth pair for two nodes, a bridge in `{prefix}-ul` for more.
+- "routed": every underlay subnet 198.18.X.0/24 sits behind a router namespace
+  `{prefix}-rt` (ip_forward=1) that owns 198.18.X.1, the default gateway of the
+  nodes in it. By default node i is alone in subnet X = i+1; `subnets` picks X
+  per node, so nodes can share one (Calico CrossSubnet). Nodes of a subnet get
+  198.18.X.10, .11, ... in node order. The router's interface on subnet X
+  (`router_links[X]`) is the veth end facing the node, or a bridge in the router
+  namespace when several nodes share X (they then reach each other directly,
+  never through the router). `router_mtu` is the router's forwarding MTU toward
+  every subnet (a route MTU, so its interfaces still take full-size frames in):
+  a larger DF packet gets ICMP "fragmentation needed" (3/4) with that next-hop
+  MTU. The router sends every ICMP error it should, unthrottled
+  (icmp_ratelimit=0, icmp_ratemask=0): TTL exceeded (11/0) for TTL 1 packets,
+  host unreachable (3/1) for destinations made unreachable by
+  `router_unreachable(cidr)`.
 """
 
 from __future__ import annotations
@@ -11,6 +30,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import hashlib
+import ipaddress
 import os
 import re
 import secrets
@@ -27,6 +47,7 @@ from pyroute2.netns import NETNS_RUN_DIR
 POD_GATEWAY = "169.254.1.1"
 UNDERLAY_GATEWAY = "198.18.0.1"
 UNDERLAY_PREFIXLEN = 24
+UNDERLAYS = ("l2", "routed")
 ROUTE_METRIC = 100
 BLACKHOLE_METRIC = 4000
 
@@ -37,6 +58,7 @@ _MS_SLAVE = 1 << 19
 _MNT_DETACH = 2
 _RTNH_F_ONLINK = 4
 _SCOPE_LINK = 253
+_PROTO_KERNEL = 2
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -139,22 +161,39 @@ class Testbed:
         underlay_mtu: int = 1500,
         prefix: str | None = None,
         gso_max_size: int | None = None,
+        underlay: str = "l2",
+        router_mtu: int | None = None,
+        subnets: list[int] | None = None,
     ) -> None:
         if not 2 <= nodes <= 200 or not 1 <= pods_per_node <= 200:
             raise ValueError("need 2..200 nodes and 1..200 pods per node")
         if profile not in ("veth", "wire"):
             raise ValueError(f"profile must be 'veth' or 'wire', not {profile!r}")
+        if underlay not in UNDERLAYS:
+            raise ValueError(f"underlay must be 'l2' or 'routed', not {underlay!r}")
+        if underlay != "routed" and (router_mtu is not None or subnets is not None):
+            raise ValueError("router_mtu and subnets need underlay='routed'")
+        if router_mtu is not None and not 576 <= router_mtu <= underlay_mtu:
+            raise ValueError(f"router_mtu must be 576..underlay_mtu ({underlay_mtu}), not {router_mtu}")
+        if subnets is not None and (len(subnets) != nodes or not all(0 <= x <= 255 for x in subnets)):
+            raise ValueError(f"subnets needs one number 0..255 (198.18.X.0/24) per node, not {subnets!r}")
         self.prefix = prefix or "ipf" + secrets.token_hex(3)[:5]
         # `{prefix}b{index}` must fit IFNAMSIZ (15 chars).
         if not re.fullmatch(r"[a-z][a-z0-9]{1,9}", self.prefix):
             raise ValueError(f"prefix {self.prefix!r}: 2..10 chars of [a-z0-9], starting with a letter")
         self.n_nodes, self.pods_per_node, self.profile = nodes, pods_per_node, profile
         self.pod_mtu, self.underlay_mtu, self.gso_max_size = pod_mtu, underlay_mtu, gso_max_size
+        self.underlay, self.router_mtu = underlay, router_mtu
+        self.subnets = list(subnets) if subnets is not None else [i + 1 for i in range(nodes)]
+        # Routed underlay: the router namespace and its interface on each subnet X.
+        self.router: str | None = None
+        self.router_links: dict[int, str] = {}
         self.nodes: list[Node] = []
         self.namespaces: list[str] = []  # creation order
         self._ipr: dict[str, IPRoute] = {}
         self._procs: list[subprocess.Popen] = []
-        self._plain: list[tuple[int, int]] = []  # (node, remote node) indices
+        self._plain: list[tuple[int, int, str]] = []  # (node, remote node) indices, gateway
+        self._router_plain: list[int] = []  # nodes whose pod CIDR the router routes
         self._owner = os.getpid()
 
     # -- lifecycle ---------------------------------------------------------
@@ -199,6 +238,7 @@ class Testbed:
                 netns.remove(name)
         self.namespaces.clear()
         self._plain.clear()
+        self._router_plain.clear()
 
     # -- building ----------------------------------------------------------
 
@@ -219,30 +259,10 @@ class Testbed:
         return name
 
     def _build(self) -> None:
-        p = self.prefix
-        bridged = self.n_nodes > 2
-        self.nodes = []
-        if bridged:
-            ul = self._netns(f"{p}-ul", {"net.ipv4.ip_forward": "0"})
-            ipr = self.ipr(ul)
-            ipr.link("add", ifname=f"{p}br", kind="bridge", mtu=self.underlay_mtu)
-            br = ipr.link_lookup(ifname=f"{p}br")[0]
-            # The nodes' default gateway lives here so proxy ARP has a real next hop.
-            ipr.addr("add", index=br, address=UNDERLAY_GATEWAY, prefixlen=UNDERLAY_PREFIXLEN)
-            ipr.link("set", index=br, state="up")
-
-        for i in range(self.n_nodes):
-            name = self._netns(f"{p}-n{i}", {"net.ipv4.ip_forward": "1"})
-            node = Node(name=name, index=i, ip=f"198.18.0.{10 + i}", prefixlen=UNDERLAY_PREFIXLEN,
-                        interface=f"{p}u{i}", pod_cidr=f"198.19.{i}.0/24", gateway=UNDERLAY_GATEWAY)
-            self.nodes.append(node)
-            if bridged:
-                self._veth(ul, f"{p}b{i}", name, node.interface, self.underlay_mtu)
-                ipr = self.ipr(ul)
-                ipr.link("set", index=ipr.link_lookup(ifname=f"{p}b{i}")[0], master=br, state="up")
-            elif i == 1:
-                self._veth(self.nodes[0].name, self.nodes[0].interface, name, node.interface, self.underlay_mtu)
-
+        if self.underlay == "routed":
+            self._build_routed()
+        else:
+            self._build_l2()
         for node in self.nodes:
             ipr = self.ipr(node.name)
             idx = ipr.link_lookup(ifname=node.interface)[0]
@@ -258,6 +278,84 @@ class Testbed:
                 self._pod(node, j)
             if self.profile == "wire":
                 self.in_netns(node.name, _offloads_off, [node.interface])
+
+    def _node(self, i: int, ip: str, gateway: str) -> Node:
+        name = self._netns(f"{self.prefix}-n{i}", {"net.ipv4.ip_forward": "1"})
+        node = Node(name=name, index=i, ip=ip, prefixlen=UNDERLAY_PREFIXLEN, interface=f"{self.prefix}u{i}",
+                    pod_cidr=f"198.19.{i}.0/24", gateway=gateway)
+        self.nodes.append(node)
+        return node
+
+    def _build_routed(self) -> None:
+        p = self.prefix
+        self.nodes = []
+        self.router = rt = self._netns(f"{p}-rt", {
+            "net.ipv4.ip_forward": "1",
+            # Every ICMP error, unthrottled: the per-destination token bucket
+            # off, and no type subject to the per-netns global limit.
+            "net.ipv4.icmp_ratelimit": "0",
+            "net.ipv4.icmp_ratemask": "0",
+        })
+        ipr = self.ipr(rt)
+        members: dict[int, list[int]] = {}
+        for i, x in enumerate(self.subnets):
+            members.setdefault(x, []).append(i)
+        ports = []  # router-side links, for the wire profile
+        for x, idxs in members.items():
+            link = self.router_links[x] = f"{p}r{x}"
+            if len(idxs) > 1:
+                ipr.link("add", ifname=link, kind="bridge", mtu=self.underlay_mtu)
+            for rank, i in enumerate(idxs):
+                node = self._node(i, f"198.18.{x}.{10 + rank}", f"198.18.{x}.1")
+                if len(idxs) == 1:
+                    self._veth(rt, link, node.name, node.interface, self.underlay_mtu)
+                else:
+                    self._veth(rt, f"{p}b{i}", node.name, node.interface, self.underlay_mtu)
+                    ipr.link("set", index=ipr.link_lookup(ifname=f"{p}b{i}")[0], master=ipr.link_lookup(ifname=link)[0],
+                             state="up")
+                    ports.append(f"{p}b{i}")
+            ports.append(link)
+            idx = ipr.link_lookup(ifname=link)[0]
+            ipr.addr("add", index=idx, address=f"198.18.{x}.1", prefixlen=UNDERLAY_PREFIXLEN)
+            ipr.link("set", index=idx, state="up")
+            if self.router_mtu is not None:
+                # The connected route again, now with the router's egress MTU:
+                # forwarding honours a route MTU over the device's.
+                ipr.route("replace", dst=f"198.18.{x}.0/{UNDERLAY_PREFIXLEN}", oif=idx, scope=_SCOPE_LINK,
+                          proto=_PROTO_KERNEL, prefsrc=f"198.18.{x}.1", metrics={"mtu": self.router_mtu})
+        self.nodes.sort(key=lambda n: n.index)
+        if self.profile == "wire":
+            self.in_netns(rt, _offloads_off, ports)
+        # Where router_unreachable() points: a link with nobody on it (a bridge
+        # without ports), whose ARP gives up after one 10 ms probe.
+        nx = f"{p}nx"
+        ipr.link("add", ifname=nx, kind="bridge", mtu=self.underlay_mtu)
+        ipr.link("set", index=ipr.link_lookup(ifname=nx)[0], state="up")
+        self.sysctls(rt, {f"net.ipv4.neigh.{nx}.{key}": value for key, value in (
+            ("mcast_solicit", "1"), ("ucast_solicit", "0"), ("app_solicit", "0"), ("retrans_time_ms", "10"))})
+
+    def _build_l2(self) -> None:
+        p = self.prefix
+        bridged = self.n_nodes > 2
+        self.nodes = []
+        if bridged:
+            ul = self._netns(f"{p}-ul", {"net.ipv4.ip_forward": "0"})
+            ipr = self.ipr(ul)
+            ipr.link("add", ifname=f"{p}br", kind="bridge", mtu=self.underlay_mtu)
+            br = ipr.link_lookup(ifname=f"{p}br")[0]
+            # The nodes' default gateway lives here so proxy ARP has a real next hop.
+            ipr.addr("add", index=br, address=UNDERLAY_GATEWAY, prefixlen=UNDERLAY_PREFIXLEN)
+            ipr.link("set", index=br, state="up")
+
+        for i in range(self.n_nodes):
+            node = self._node(i, f"198.18.0.{10 + i}", UNDERLAY_GATEWAY)
+            if bridged:
+                self._veth(ul, f"{p}b{i}", node.name, node.interface, self.underlay_mtu)
+                ipr = self.ipr(ul)
+                ipr.link("set", index=ipr.link_lookup(ifname=f"{p}b{i}")[0], master=br, state="up")
+            elif i == 1:
+                self._veth(self.nodes[0].name, self.nodes[0].interface, node.name, node.interface, self.underlay_mtu)
+
         if bridged and self.profile == "wire":
             self.in_netns(ul, _offloads_off, [f"{p}b{i}" for i in range(self.n_nodes)])
 
@@ -293,20 +391,59 @@ class Testbed:
     # -- plain routing baseline ----------------------------------------------
 
     def add_plain_routes(self) -> None:
-        """Route every remote pod CIDR via its node on the underlay (metric 100,
-        beating the blackholes): the "no tunnel" baseline."""
+        """The "no tunnel" baseline: every remote pod CIDR routed at metric 100,
+        beating the blackholes. On the l2 underlay, via its node. On the routed
+        one, as Calico's BGP mode across subnets (nodes peering with their
+        top-of-rack router): the router learns every pod CIDR via its node, and
+        a node routes a remote pod CIDR via its node when they share a subnet,
+        else via its own router address (the route the router re-advertises)."""
         for node in self.nodes:
             ipr = self.ipr(node.name)
             oif = ipr.link_lookup(ifname=node.interface)[0]
+            done = {other for n, other, _ in self._plain if n == node.index}
             for other in self.nodes:
-                if other is not node and (node.index, other.index) not in self._plain:
-                    ipr.route("add", dst=other.pod_cidr, gateway=other.ip, oif=oif, priority=ROUTE_METRIC)
-                    self._plain.append((node.index, other.index))
+                if other is not node and other.index not in done:
+                    gateway = other.ip if self._same_subnet(node, other) else node.gateway
+                    ipr.route("add", dst=other.pod_cidr, gateway=gateway, oif=oif, priority=ROUTE_METRIC)
+                    self._plain.append((node.index, other.index, gateway))
+        if self.router is not None:
+            ipr = self.ipr(self.router)
+            mtu = {"metrics": {"mtu": self.router_mtu}} if self.router_mtu is not None else {}
+            for node in self.nodes:
+                if node.index not in self._router_plain:
+                    ipr.route("add", dst=node.pod_cidr, gateway=node.ip, priority=ROUTE_METRIC, **mtu)
+                    self._router_plain.append(node.index)
 
     def remove_plain_routes(self) -> None:
         while self._plain:
-            node, other = (self.nodes[i] for i in self._plain.pop())
-            self.ipr(node).route("del", dst=other.pod_cidr, gateway=other.ip, priority=ROUTE_METRIC)
+            i, j, gateway = self._plain.pop()
+            self.ipr(self.nodes[i]).route("del", dst=self.nodes[j].pod_cidr, gateway=gateway, priority=ROUTE_METRIC)
+        while self._router_plain:
+            node = self.nodes[self._router_plain.pop()]
+            self.ipr(self.router).route("del", dst=node.pod_cidr, gateway=node.ip, priority=ROUTE_METRIC)
+
+    def _same_subnet(self, a: Node, b: Node) -> bool:
+        net = lambda n: ipaddress.ip_interface(f"{n.ip}/{n.prefixlen}").network  # noqa: E731
+        return net(a) == net(b)
+
+    # -- routed underlay -------------------------------------------------------
+
+    def router_unreachable(self, cidr: str, remove: bool = False) -> None:
+        """Make the router answer packets to `cidr` (inside 198.18.0.0/15) with
+        ICMP host unreachable (3/1), one per packet, about 10 ms late, the way
+        a router does for a dead host on an attached link: `cidr` is routed onto
+        a link where nobody answers ARP. (An `unreachable` route would throttle:
+        the kernel sends those errors at 5 per sender then 1/s, by host-wide
+        sysctls a netns cannot change.) remove=True takes the route away again:
+        then the router's default-less table answers net unreachable (3/0)."""
+        if self.router is None:
+            raise RuntimeError("router_unreachable needs underlay='routed'")
+        net = ipaddress.ip_network(cidr)
+        if not net.subnet_of(ipaddress.ip_network("198.18.0.0/15")):
+            raise ValueError(f"{cidr}: the testbed only uses 198.18.0.0/15")
+        ipr = self.ipr(self.router)
+        nx = ipr.link_lookup(ifname=f"{self.prefix}nx")[0]
+        ipr.route("del" if remove else "add", dst=str(net), oif=nx, scope=_SCOPE_LINK)
 
     # -- helpers ---------------------------------------------------------------
 

@@ -12,6 +12,7 @@ TUNSETVNETHDRSZ = 0x400454D8
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
 IFNAMSIZ = 16
 VNET_HDR_LEN = 10  # struct virtio_net_hdr: no mergeable buffers
 
@@ -27,8 +28,10 @@ OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
 UDP_OFFLOADS = TUN_F_USO4 | TUN_F_USO6  # since Linux 6.2
 
 
-def open_tun(name: str, offload: bool = False) -> int:
-    """An fd for the TUN device `name` (IFF_TUN|IFF_NO_PI), created if absent.
+def open_tun(name: str, offload: bool = False, queues: int = 1) -> list[int]:
+    """`queues` fds for the TUN device `name` (IFF_TUN|IFF_NO_PI), created if
+    absent; with more than one, IFF_MULTI_QUEUE, and the kernel spreads
+    flows over them (each flow stays on one queue).
 
     With offload, every read and write carries a virtio_net_hdr, and the
     kernel hands over TCP (and UDP, where it can) super-packets of up to
@@ -39,9 +42,21 @@ def open_tun(name: str, offload: bool = False) -> int:
     (the testbed's blackhole routes then catch the traffic)."""
     if not 0 < len(name.encode()) < IFNAMSIZ:
         raise ValueError(f"bad interface name {name!r}")
+    flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0) | (IFF_MULTI_QUEUE if queues > 1 else 0)
+    fds: list[int] = []
+    try:
+        for _ in range(queues):
+            fds.append(_open_queue(name, flags, offload))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def _open_queue(name: str, flags: int, offload: bool) -> int:
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
-        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
         if offload:
             fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))

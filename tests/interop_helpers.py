@@ -19,8 +19,6 @@ VM-bound pod traffic instead of routing it in the clear.
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 import secrets
 import select
 import socket
@@ -185,7 +183,6 @@ class Sniffer:
     def wait_for(self, pred: Callable[[bytes], bool], timeout: float = 5.0, count: int = 1) -> list[bytes]:
         """The first `count` frames satisfying pred (fewer if the time runs out)."""
         deadline = time.monotonic() + timeout
-        seen = 0
         while True:
             hits = [f for _, f in self.frames if pred(f)]
             if len(hits) >= count:
@@ -193,8 +190,7 @@ class Sniffer:
             left = deadline - time.monotonic()
             if left <= 0:
                 return hits
-            if not self._read(left):
-                seen += 1
+            self._read(left)
 
     def settle(self, seconds: float = 0.3) -> None:
         """Read whatever arrives for a little while."""
@@ -382,8 +378,10 @@ def open_lab(artifacts: kernelvm.Artifacts) -> Iterator[Lab]:
             ipr.link("set", index=tapi, master=bri, state="down")
             ipr.addr("add", index=bri, address=GATEWAY, prefixlen=PREFIXLEN)
             ipr.link("set", index=bri, state="up")
-            # Packets the switch namespace sends to n0's pods go through the VM's tunl0.
+            # What the switch namespace sends to a pod CIDR goes through the *other*
+            # node's tunnel: n0's pods through the VM's tunl0, the VM's through ipipfast.
             ipr.route("add", dst=IPF_POD_CIDR, gateway=VM_NODE)
+            ipr.route("add", dst=VM_POD_CIDR, gateway=IPF_NODE)
 
             vm = KernelVM(sw, tap, VM_NODE, PREFIXLEN, artifacts=artifacts, name="ipfinterop").start()
             _setup_vm(vm)
@@ -404,24 +402,18 @@ def open_lab(artifacts: kernelvm.Artifacts) -> Iterator[Lab]:
                 vm.close()
 
 
-def node_frames_summary(frames: list[bytes]) -> str:
-    """A short human description of frames, for assertion messages."""
+def describe(frames: list[bytes]) -> str:
+    """A short description of the last frames, for assertion messages."""
     out = []
     for f in frames[-20:]:
+        o = parse_ipip(f)
         ip = ipv4(f)
-        if ip is None:
+        if o is not None:
+            out.append(f"IPIP {o.src}->{o.dst} tos {o.tos:#x} ttl {o.ttl} len {o.total_length} "
+                       f"[{socket.inet_ntoa(o.inner[12:16])}->{socket.inet_ntoa(o.inner[16:20])} "
+                       f"proto {o.inner[9]} tos {o.inner_tos:#x}]")
+        elif ip is not None:
+            out.append(f"{socket.inet_ntoa(ip[12:16])}->{socket.inet_ntoa(ip[16:20])} proto {ip[9]} len {len(ip)}")
+        else:
             out.append(f"ethertype {f[12:14].hex()}")
-            continue
-        out.append(f"{socket.inet_ntoa(ip[12:16])}->{socket.inet_ntoa(ip[16:20])} proto {ip[9]} len {len(ip)}")
-    return "; ".join(out)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-_ = re  # reserved for parsing helpers
+    return "; ".join(out) or "no frames"

@@ -99,6 +99,7 @@ typedef struct {
     uint8_t mac[6];        /* next hop on the underlay: the peer or its gateway */
     uint8_t has_mac;
     uint8_t _pad;
+    uint32_t pmtu;         /* path MTU learned from ICMP (outer bytes); 0: the link's */
 } ipf_peer;
 
 /* Everything the packet loops read, swapped whole (see qsbr below). */
@@ -180,9 +181,19 @@ fail:
 
 /* ---- encapsulation ---------------------------------------------------- */
 
+/* The largest outer packet toward peer: its path MTU when one was learned. */
+static inline uint32_t ipf_peer_mtu(const ipf_tunnel *tn, const ipf_peer *p)
+{
+    uint32_t pmtu = __atomic_load_n(&p->pmtu, __ATOMIC_RELAXED);
+    return pmtu && pmtu < tn->mtu ? pmtu : tn->mtu;
+}
+
 /* Checks an inner packet read from the TUN and finds its peer. On success
  * *len is the IPv4 total length. A GSO super-packet (gso) is checked
- * against the MTU segment by segment instead (offload.h). */
+ * against the MTU segment by segment instead (offload.h). Too big: only
+ * when the inner has DF (the sender gets "fragmentation needed", as from
+ * tnl_update_pmtu) or it exceeds the link itself; otherwise it leaves
+ * with DF clear and the path may fragment it. *peer is set for TOO_BIG. */
 static inline int ipf_encap_classify(const ipf_table *t, const ipf_tunnel *tn, const uint8_t *pkt,
                                      uint32_t n, int gso, uint32_t *len, const ipf_peer **peer)
 {
@@ -197,12 +208,13 @@ static inline int ipf_encap_classify(const ipf_table *t, const ipf_tunnel *tn, c
     if (!v)
         return IPF_TX_NO_ROUTE;
     const ipf_peer *p = &t->peers[v - 1];
+    *peer = p;
+    *len = tot;
     if (!p->has_mac)
         return IPF_TX_NO_NEIGH;
-    if (!gso && tot + IPF_IP_HLEN > tn->mtu)
+    if (!gso && tot + IPF_IP_HLEN > ipf_peer_mtu(tn, p) &&
+        (tot + IPF_IP_HLEN > tn->mtu || (ipf_get16(pkt + 6) & IPF_IP_DF)))
         return IPF_TX_TOO_BIG;
-    *len = tot;
-    *peer = p;
     return IPF_TX_OK;
 }
 

@@ -27,6 +27,7 @@ cdef extern from "ipip.h" nogil:
         IPF_TX_OK
         IPF_TX_BAD_HEADER
         IPF_TX_NO_ROUTE
+        IPF_TX_TOO_BIG
         IPF_TX_SEND_FAILED
         IPF_TX_NREASONS
     enum:
@@ -59,8 +60,10 @@ cdef extern from "ipip.h" nogil:
         uint32_t ip
         uint8_t mac[6]
         uint8_t has_mac
+        uint32_t pmtu
     ctypedef struct ipf_table:
         ipf_lpm lpm
+        ipf_peer *peers
         uint32_t n_peers
         uint64_t generation
 
@@ -68,6 +71,7 @@ cdef extern from "ipip.h" nogil:
                                const ipf_peer *peers, uint32_t n_peers, uint64_t generation)
     void ipf_table_free(ipf_table *t)
     int32_t ipf_peer_find(const ipf_table *t, uint32_t ip)
+    uint32_t ipf_peer_mtu(const ipf_tunnel *tn, const ipf_peer *p)
     int ipf_encap_classify(const ipf_table *t, const ipf_tunnel *tn, const uint8_t *pkt,
                            uint32_t n, int gso, uint32_t *len, const ipf_peer **peer)
     void ipf_encap_write(const ipf_tunnel *tn, const ipf_peer *peer, uint8_t *pkt,

@@ -90,7 +90,7 @@ static inline int ipf_gso_plan_of(const struct virtio_net_hdr *vh, const uint8_t
     if (plan->hlen > n || plan->hlen + IPF_ENCAP_HLEN > IPF_SEG_SLOT || plan->mss == 0)
         return IPF_TX_BAD_HEADER;
     if (plan->hlen + plan->mss + IPF_IP_HLEN > mtu)
-        return IPF_TX_TOO_BIG;
+        return IPF_TX_TOO_BIG;  /* mtu: the peer's path MTU */
     uint32_t payload = n - plan->hlen;
     plan->nseg = payload ? (payload + plan->mss - 1) / plan->mss : 1;
     return IPF_TX_OK;

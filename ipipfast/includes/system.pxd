@@ -44,8 +44,11 @@ cdef extern from "<netinet/in.h>" nogil:
         unsigned short sin_port
         in_addr sin_addr
     enum:
+        IPPROTO_IP
         IPPROTO_IPIP
         IPPROTO_RAW
+        IP_RECVERR
+        IP_HDRINCL
 
 cdef extern from "<linux/if_ether.h>":
     enum:
@@ -80,6 +83,9 @@ cdef extern from "<linux/if_packet.h>" nogil:
         PACKET_VERSION
         PACKET_RX_RING
         PACKET_STATISTICS
+        PACKET_FANOUT
+        PACKET_FANOUT_HASH
+        PACKET_FANOUT_FLAG_DEFRAG
         TPACKET_V2
         TP_STATUS_KERNEL
         TP_STATUS_USER

@@ -1,0 +1,43 @@
+"""The end-to-end benchmark harness, in its quick mode, on the real-wire
+profile: plain routing, ipipfast and the naive baseline each get every figure
+and pass the check that their traffic took the expected path."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = ["plain", "ipipfast", "naive"]
+FIGURES = ["tcp1_gbit_s", "tcp4_gbit_s", "udp64_kpps", "rtt_p50_us", "rtt_p99_us", "cpu_s_per_gb"]
+
+pytestmark = [pytest.mark.netns,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces, TUN and raw sockets")]
+
+
+def test_quick_run_on_the_wire_profile(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.e2e", "--quick", "--profiles", "wire", "--modes", ",".join(MODES),
+         "--out", str(tmp_path), "--no-install"],
+        cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [result_file] = tmp_path.glob("e2e-*.json")
+    result = json.loads(result_file.read_text())
+    assert result["skipped"] == {}
+    for mode in MODES:
+        row = result["summary"]["wire"][mode]
+        assert row["verified"], (mode, row)
+        assert row["errors"] == [], (mode, row["errors"])
+        for key in FIGURES:
+            assert row["figures"][key]["median"] > 0, (mode, key)
+        if mode != "plain":
+            assert row["figures"]["tcp1_gbit_s"]["vs_plain"] > 0
+    table = result_file.with_suffix(".md").read_text()
+    assert table == proc.stdout  # what it prints is what it wrote
+    assert "| mode | pod MTU | TCP 1 stream Gbit/s |" in table
+    for mode in MODES:
+        assert f"| {mode} | " in table

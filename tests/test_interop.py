@@ -1,0 +1,545 @@
+"""ipipfast against a real kernel ipip peer: a stock Debian kernel's tunl0 in QEMU.
+
+PLACEHOLDER: the comparison table goes here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import ICMP, IP
+from scapy.packet import Raw, raw
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernelvm  # noqa: E402
+from interop_helpers import (  # noqa: E402
+    CE, ECN_NAMES, ECT0, ECT1, GATEWAY, IPEXT_ECN, IPF_NODE, IPF_POD, NOT_ECT, VM_NODE, VM_OTHER, VM_POD,
+    Lab, Outer, describe, ecn_decap, ecn_encap, icmp_socket, inet_checksum, ipv4, open_lab, parse_ipip,
+    recv_icmp, send_ip, unique_id, vm_dev_stats, vm_ipext)
+from kernelvm import KernelVMUnavailable  # noqa: E402
+
+from ipipfast import traffic  # noqa: E402
+
+pytestmark = [pytest.mark.kernelvm, pytest.mark.netns]
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def lab_module() -> Iterator[Lab]:
+    if os.geteuid() != 0:
+        pytest.skip("interop tests need root (network namespaces, TAP, TUN, AF_PACKET)")
+    try:
+        art = kernelvm.ensure_artifacts()
+    except KernelVMUnavailable as e:
+        pytest.skip(f"kernel VM unavailable: {e.reason}")
+    with open_lab(art) as lab:
+        print(f"\nkernel VM {art.kernel_version} booted in {lab.vm.boot_seconds:.1f} s ({' '.join(art.accel)})")
+        yield lab
+
+
+@pytest.fixture
+def lab(lab_module: Lab) -> Lab:
+    """Both ends with tunl0's defaults (ttl inherit, tos 0, nopmtudisc) and no learnt PMTU."""
+    lab_module.vm_tunnel()
+    lab_module.start_daemon()
+    return lab_module
+
+
+# ---------------------------------------------------------------- packets
+
+
+def echo(src: str, dst: str, *, ident: int, ttl: int = 64, tos: int = 0, df: bool = True, size: int = 64,
+         icmp_type: int = 8, seq: int = 1) -> bytes:
+    """An IPv4 ICMP echo request (or reply: icmp_type 0, which nobody answers)
+    of total length `size`, with a deterministic payload."""
+    payload = bytes((i * 7 + 3) & 0xFF for i in range(size - 28))
+    return raw(IP(src=src, dst=dst, ttl=ttl, tos=tos, flags="DF" if df else 0, id=0x4242)
+               / ICMP(type=icmp_type, id=ident, seq=seq) / Raw(payload))
+
+
+def icmp_error(src: str, dst: str, icmp_type: int, code: int, quoted: bytes, mtu: int = 0) -> bytes:
+    """An ICMP error from a router, quoting (the start of) a packet; `mtu` is
+    the next-hop MTU of a frag-needed."""
+    body = struct.pack("!BBHHH", icmp_type, code, 0, 0, mtu) + quoted
+    body = body[:2] + struct.pack("!H", inet_checksum(body)) + body[4:]
+    return raw(IP(src=src, dst=dst, proto=1, ttl=64, id=0x5151) / Raw(body))
+
+
+def icmp_id(ip: bytes) -> int | None:
+    """The ICMP identifier of an IPv4 packet carrying ICMP, else None."""
+    ihl = (ip[0] & 0x0F) * 4
+    if len(ip) < ihl + 8 or ip[9] != 1:
+        return None
+    return struct.unpack("!H", ip[ihl + 4:ihl + 6])[0]
+
+
+def tunnelled(src_node: str, dst_node: str, ident: int):
+    """Predicate: an IPIP frame src_node -> dst_node whose inner ICMP has `ident`."""
+    def pred(frame: bytes) -> bool:
+        o = parse_ipip(frame)
+        return o is not None and (o.src, o.dst) == (src_node, dst_node) and icmp_id(o.inner) == ident
+    return pred
+
+
+def plain(ident: int, dst: str | None = None):
+    """Predicate: a plain (not IPIP) IPv4 frame whose ICMP has `ident`."""
+    def pred(frame: bytes) -> bool:
+        ip = ipv4(frame)
+        return (ip is not None and ip[9] == 1 and icmp_id(ip) == ident
+                and (dst is None or socket.inet_ntoa(ip[16:20]) == dst))
+    return pred
+
+
+# ---------------------------------------------------------------- 1. ping
+
+
+def test_ping_both_ways_through_ipipfast_and_the_kernels_tunl0(lab: Lab) -> None:
+    with lab.tap_sniffer() as sn:
+        r = traffic.ping(lab.tb, lab.pod, VM_POD, count=5, interval=0.05)
+        assert r["received"] == 5 and r["corrupt"] == 0, (r, lab.counters())
+        rc, out = lab.vm.sh(f"ping -c 3 -i 0.2 -W 2 -I {VM_POD} {IPF_POD}", timeout=20)
+        assert rc == 0 and "3 packets received" in out, out
+        sn.settle(0.2)
+    ipip = [o for o in map(parse_ipip, (f for _, f in sn.frames)) if o is not None]
+
+    def count(src_node: str, inner_src: str, inner_dst: str, icmp_type: int) -> int:
+        return sum(1 for o in ipip if (o.src, o.dst) == (src_node, VM_NODE if src_node == IPF_NODE else IPF_NODE)
+                   and socket.inet_ntoa(o.inner[12:16]) == inner_src
+                   and socket.inet_ntoa(o.inner[16:20]) == inner_dst
+                   and o.inner[9] == 1 and o.inner[(o.inner[0] & 15) * 4] == icmp_type)
+
+    # pod -> VM: requests encapsulated by ipipfast, replies by the kernel; and the other way round.
+    assert count(IPF_NODE, IPF_POD, VM_POD, 8) == 5, describe([f for _, f in sn.frames])
+    assert count(VM_NODE, VM_POD, IPF_POD, 0) == 5, describe([f for _, f in sn.frames])
+    assert count(VM_NODE, VM_POD, IPF_POD, 8) == 3, describe([f for _, f in sn.frames])
+    assert count(IPF_NODE, IPF_POD, VM_POD, 0) == 3, describe([f for _, f in sn.frames])
+    assert all(o.proto == 4 and o.checksum_ok for o in ipip)
+    # Nothing with a pod address ever crossed the segment in the clear.
+    pods = ("198.19.",)
+    clear = [f for _, f in sn.frames if (ip := ipv4(f)) is not None and ip[9] != 4
+             and (socket.inet_ntoa(ip[12:16]).startswith(pods) or socket.inet_ntoa(ip[16:20]).startswith(pods))]
+    assert not clear, describe(clear)
+
+
+def test_blackhole_keeps_vm_pods_off_plain_routing(lab: Lab) -> None:
+    """n0 routes the VM's pod CIDR into the TUN, over a blackhole (not the underlay)."""
+    routes = [(r["type"], r.get_attr("RTA_PRIORITY")) for r in lab.tb.ipr(lab.node).get_routes()
+              if r.get_attr("RTA_DST") == "198.19.1.0" and r["dst_len"] == 24]
+    assert sorted(routes, key=lambda t: t[1] or 0) == [(1, None), (6, 4000)]  # unicast into the TUN, blackhole
+
+
+# ---------------------------------------------------------------- 2. TCP
+
+
+def test_tcp_pod_to_vm_pod(lab: Lab) -> None:
+    vm, port, nbytes = lab.vm, 5001, 2 << 20
+    data = b"".join(bytes(c) for c in traffic.pattern(nbytes, seed=7))
+    pid = vm.spawn(f"nc -l -p {port} > /tmp/rx")
+    deadline = time.monotonic() + 15
+    while True:
+        s = kernelvm.netns_socket(lab.pod.name, socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(15)
+        try:
+            s.connect((VM_POD, port))
+            break
+        except OSError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    with s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+    rc, out = vm.sh(f"while kill -0 {pid} 2>/dev/null; do sleep 0.1; done; wc -c < /tmp/rx; md5sum /tmp/rx; "
+                    "rm -f /tmp/rx", timeout=30)
+    assert rc == 0, out
+    size, digest = out.split()[:2]
+    assert (int(size), digest) == (nbytes, hashlib.md5(data).hexdigest()), lab.counters()
+
+
+def test_tcp_vm_pod_to_pod(lab: Lab) -> None:
+    port, nbytes = 7001, 2 << 20
+    sink = traffic.serve(lab.tb, lab.pod, "tcp-sink", "--port", port, "--once")
+    try:
+        rc, out = lab.vm.sh(f"head -c {nbytes} /dev/urandom > /tmp/tx && sha256sum /tmp/tx && "
+                            f"nc {IPF_POD} {port} < /tmp/tx; r=$?; rm -f /tmp/tx; exit $r", timeout=60)
+        assert rc == 0, out
+        got = traffic.collect(sink, timeout=30)
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+            sink.communicate()
+    assert got["peer"] == VM_POD
+    assert (got["bytes"], got["sha256"]) == (nbytes, out.split()[0]), lab.counters()
+
+
+# ---------------------------------------------------------------- 3. ECN
+
+
+@pytest.mark.parametrize("ecn", [NOT_ECT, ECT1, ECT0, CE], ids=lambda e: ECN_NAMES[e])
+def test_ecn_pod_to_vm_and_back(lab: Lab, ecn: int) -> None:
+    """The pod's ECN field crosses ipipfast's encap and the kernel's decap
+    unchanged (the VM counts the inner packet under its codepoint), with the
+    outer written per RFC 6040 (CE -> ECT(0)); the VM's echo reply carries the
+    same TOS back through the kernel's encap and ipipfast's decap."""
+    ident = unique_id()
+    tos = 0xB8 | ecn  # DSCP EF plus the ECN codepoint
+    before = vm_ipext(lab.vm)
+    with lab.tap_sniffer() as sn, lab.pod_sniffer() as ps:
+        send_ip(lab.pod.name, echo(IPF_POD, VM_POD, ident=ident, tos=tos))
+        req = sn.wait_for(tunnelled(IPF_NODE, VM_NODE, ident))
+        rep = sn.wait_for(tunnelled(VM_NODE, IPF_NODE, ident))
+        at_pod = ps.wait_for(lambda f: plain(ident, IPF_POD)(f) and ipv4(f)[20] == 0)
+    after = vm_ipext(lab.vm)
+    assert req and rep and at_pod, describe([f for _, f in sn.frames])
+    o_req, o_rep = parse_ipip(req[0]), parse_ipip(rep[0])
+    # ipipfast's encap: outer DSCP 0 (tos 0), ECN from the inner; inner untouched.
+    assert (o_req.tos, o_req.inner_tos) == (ecn_encap(0, tos), tos)
+    # The kernel decapsulated it to the same codepoint: IpExt counts the outer and the inner.
+    delta = {ECN_NAMES[k]: after[v] - before[v] for k, v in IPEXT_ECN.items()}
+    counted = Counter([o_req.ecn, ecn])
+    assert delta == {ECN_NAMES[k]: counted[k] for k in IPEXT_ECN}, delta
+    # The kernel's echo reply reflects the TOS it received, encapsulated per RFC 6040 ...
+    assert (o_rep.inner_tos, o_rep.tos) == (tos, ecn_encap(0, tos))
+    # ... and ipipfast hands it to the pod unchanged.
+    assert ipv4(at_pod[0])[1] == tos
+
+
+@pytest.mark.parametrize("ecn", [NOT_ECT, ECT1, ECT0, CE], ids=lambda e: ECN_NAMES[e])
+def test_ecn_through_kernel_encap_and_ipipfast_decap(lab: Lab, ecn: int) -> None:
+    """A packet routed into the VM's tunl0 keeps its ECN field through the
+    kernel's encap (outer per RFC 6040) and ipipfast's decap, to the pod."""
+    ident = unique_id()
+    with lab.tap_sniffer() as sn, lab.pod_sniffer() as ps:
+        send_ip(lab.sw, echo(VM_OTHER, IPF_POD, ident=ident, tos=ecn, icmp_type=0))
+        wire = sn.wait_for(tunnelled(VM_NODE, IPF_NODE, ident))
+        at_pod = ps.wait_for(plain(ident, IPF_POD))
+    assert wire and at_pod, describe([f for _, f in sn.frames])
+    o = parse_ipip(wire[0])
+    assert (o.tos, o.inner_tos) == (ecn_encap(0, ecn), ecn)
+    assert ipv4(at_pod[0])[1] == ecn
+
+
+DECAP_MATRIX = [(o, i) for o in (NOT_ECT, ECT0, ECT1, CE) for i in (NOT_ECT, ECT0, ECT1, CE)]
+
+
+@pytest.mark.parametrize("outer,inner", DECAP_MATRIX,
+                         ids=[f"outer {ECN_NAMES[o]}, inner {ECN_NAMES[i]}" for o, i in DECAP_MATRIX])
+def test_ecn_decap_table_matches_the_kernel(lab: Lab, outer: int, inner: int) -> None:
+    """RFC 6040 decapsulation, every combination: a router on the path may
+    have marked the outer (CE), which the kernel never writes itself.  The
+    same crafted IPIP packet goes to the VM (which decapsulates and forwards the
+    inner back into tunl0, so the wire shows what it decapsulated to) and to
+    ipipfast (the pod shows it)."""
+    want = ecn_decap(outer, inner)
+    id_k, id_f = unique_id(), unique_id()
+    to_vm = raw(IP(src=IPF_NODE, dst=VM_NODE, proto=4, tos=outer, ttl=64, id=0x6001)
+                / Raw(echo(VM_OTHER, IPF_POD, ident=id_k, tos=inner, icmp_type=0)))
+    to_ipf = raw(IP(src=VM_NODE, dst=IPF_NODE, proto=4, tos=outer, ttl=64, id=0x6002)
+                 / Raw(echo(VM_OTHER, IPF_POD, ident=id_f, tos=inner, icmp_type=0)))
+    k_before, f_before = vm_dev_stats(lab.vm, "tunl0"), lab.counters()
+    with lab.tap_sniffer() as sn, lab.pod_sniffer() as ps:
+        send_ip(lab.sw, to_vm)
+        send_ip(lab.sw, to_ipf)
+        timeout = 3.0 if want is not None else 1.0
+        kernel = sn.wait_for(tunnelled(VM_NODE, IPF_NODE, id_k), timeout=timeout)
+        ours = ps.wait_for(plain(id_f, IPF_POD), timeout=timeout)
+    k_delta = {k: v - k_before[k] for k, v in vm_dev_stats(lab.vm, "tunl0").items() if v != k_before[k]}
+    f_after = lab.counters()
+    kernel_ecn = parse_ipip(kernel[0]).inner_tos & 3 if kernel else None
+    ours_ecn = ipv4(ours[0])[1] & 3 if ours else None
+    assert kernel_ecn == want, f"kernel decapsulated to {kernel_ecn}, RFC 6040 says {want}"
+    assert ours_ecn == kernel_ecn, f"ipipfast decapsulated to {ours_ecn}, the kernel to {kernel_ecn}"
+    if want is None:  # both count the drop
+        assert k_delta.get("rx_frame_errors") == 1 and k_delta.get("rx_errors") == 1, k_delta
+        assert f_after["rx_drop_ecn"] - f_before["rx_drop_ecn"] == 1
+
+
+# ---------------------------------------------------------------- 4. path MTU and ICMP
+
+
+BIG = 1400          # inner packet
+PATH_MTU = 1300     # what the router on the path says
+QUOTE = 548         # bytes a Linux router quotes (576 - 28)
+
+
+def _frag_needed_round_trip(lab: Lab, sender_ns: str, src: str, dst: str, node: str, peer: str,
+                            sender_sock_ns: str) -> tuple[bytes | None, list[bytes], list[bytes]]:
+    """Send a DF packet of BIG bytes through `node`'s tunnel; a router answers
+    the outer packet with frag-needed(PATH_MTU) to `node`; send it again.
+    Returns (the ICMP the sender got, outer frames of the first and second)."""
+    icmp = icmp_socket(sender_sock_ns)
+    try:
+        with lab.tap_sniffer() as sn:
+            first_id, second_id = unique_id(), unique_id()
+            send_ip(sender_ns, echo(src, dst, ident=first_id, size=BIG, icmp_type=0))
+            first = sn.wait_for(tunnelled(node, peer, first_id))
+            assert first, describe([f for _, f in sn.frames])
+            outer = ipv4(first[0])
+            send_ip(lab.sw, icmp_error(GATEWAY, node, 3, 4, outer[:QUOTE], mtu=PATH_MTU))
+            time.sleep(0.2)
+            send_ip(sender_ns, echo(src, dst, ident=second_id, size=BIG, icmp_type=0))
+            got = recv_icmp(icmp, lambda p: p[20:22] == b"\x03\x04" and icmp_id(p[28:]) == second_id, 2.0)
+            second = sn.wait_for(tunnelled(node, peer, second_id), timeout=0.3)
+    finally:
+        icmp.close()
+    return got, first, second
+
+
+def _check_frag_needed(got: bytes | None, src: str, dst: str, second: list[bytes]) -> None:
+    assert got is not None, "no ICMP frag-needed came back to the sender"
+    mtu = struct.unpack("!H", got[26:28])[0]
+    quoted = got[28:]
+    assert mtu == PATH_MTU - 20, f"next-hop MTU {mtu}, expected {PATH_MTU - 20}"
+    assert socket.inet_ntoa(quoted[12:16]) == src and socket.inet_ntoa(quoted[16:20]) == dst
+    assert not second, "the packet that cannot fit the path was sent anyway"
+
+
+@pytest.mark.parametrize("pmtudisc", [False, True], ids=["nopmtudisc", "pmtudisc"])
+def test_kernel_frag_needed_round_trip(lab: Lab, pmtudisc: bool) -> None:
+    """The kernel keeps the outer path MTU a router reports (ipip_err ->
+    ipv4_update_pmtu) and answers the next DF inner packet that no longer fits
+    with frag-needed(PMTU - 20).  Since Linux 5.11 ("net: fix pmtu check in
+    nopmtudisc mode") this holds for nopmtudisc too: tnl_update_pmtu() sees the
+    inner DF."""
+    lab.vm_tunnel(pmtudisc=pmtudisc)
+    try:
+        got, _, second = _frag_needed_round_trip(lab, lab.sw, GATEWAY, IPF_POD, VM_NODE, IPF_NODE, lab.sw)
+        _check_frag_needed(got, GATEWAY, IPF_POD, second)
+        assert f"mtu {PATH_MTU}" in lab.vm.run(f"ip route get {IPF_NODE}")
+        # The VM's own pod learns it too: its next big ping leaves in inner fragments that fit.
+        rc, out = lab.vm.sh(f"ping -c 2 -i 0.2 -W 2 -s {BIG - 28} -I {VM_POD} {IPF_POD}", timeout=15)
+        assert rc == 0, out
+    finally:
+        lab.vm_tunnel()
+
+
+@pytest.mark.parametrize("pmtudisc", [False, True], ids=["nopmtudisc", "pmtudisc"])
+def test_ipipfast_frag_needed_round_trip(lab: Lab, pmtudisc: bool) -> None:
+    lab.start_daemon(**({"pmtudisc": True} if pmtudisc else {}))
+    try:
+        got, _, second = _frag_needed_round_trip(lab, lab.pod.name, IPF_POD, VM_POD, IPF_NODE, VM_NODE,
+                                                 lab.pod.name)
+        _check_frag_needed(got, IPF_POD, VM_POD, second)
+    finally:
+        lab.stop_daemon()  # forget any learnt PMTU
+        lab.tb.sysctl(lab.node, "net.ipv4.route.flush", "1")
+
+
+def test_frag_needed_for_packets_over_the_tunnel_mtu(lab: Lab) -> None:
+    """Both tunnels have the same MTU (1480 on a 1500 underlay): a 1500-byte DF
+    packet routed into either is answered with frag-needed mtu 1480 by the node."""
+    for node, dst in ((VM_NODE, IPF_POD), (IPF_NODE, VM_POD)):
+        ident = unique_id()
+        icmp = icmp_socket(lab.sw)
+        try:
+            send_ip(lab.sw, echo(GATEWAY, dst, ident=ident, size=1500, icmp_type=0))
+            got = recv_icmp(icmp, lambda p: p[20:22] == b"\x03\x04" and icmp_id(p[28:]) == ident, 2.0)
+        finally:
+            icmp.close()
+        assert got is not None, f"no frag-needed from {node}"
+        assert (socket.inet_ntoa(got[12:16]), struct.unpack("!H", got[26:28])[0]) == (node, 1480)
+
+
+def test_outer_fragments_from_the_kernel_are_reassembled(lab: Lab) -> None:
+    """With nopmtudisc and a non-DF inner packet larger than the path MTU the
+    kernel fragments the outer packet (DF is copied from the inner): the
+    receiver must reassemble before decapsulating."""
+    ident = unique_id()
+    before = lab.counters()
+    with lab.tap_sniffer() as sn, lab.pod_sniffer() as ps:
+        first = unique_id()
+        send_ip(lab.sw, echo(VM_OTHER, IPF_POD, ident=first, size=BIG, df=False, icmp_type=0))
+        got = sn.wait_for(tunnelled(VM_NODE, IPF_NODE, first))
+        assert got
+        send_ip(lab.sw, icmp_error(GATEWAY, VM_NODE, 3, 4, ipv4(got[0])[:QUOTE], mtu=PATH_MTU))
+        time.sleep(0.2)
+        send_ip(lab.sw, echo(VM_OTHER, IPF_POD, ident=ident, size=BIG, df=False, icmp_type=0))
+        at_pod = ps.wait_for(plain(ident, IPF_POD), timeout=2.0)
+        frags = sn.all(lambda f: (o := parse_ipip(f)) is not None and o.src == VM_NODE and (o.mf or o.frag_offset))
+    assert len(frags) == 2, f"the kernel did not fragment the outer packet: {describe(frags)}"
+    delta = {k: v - before[k] for k, v in lab.counters().items() if v != before[k]}
+    assert at_pod and len(ipv4(at_pod[0])) == BIG, delta
+
+
+def _outer_error(lab: Lab, sender_ns: str, src: str, dst: str, node: str, peer: str,
+                 icmp_type: int, code: int) -> bytes | None:
+    """A router answers `node`'s outer packet with an ICMP error; returns the
+    ICMP error the inner sender got (or None)."""
+    icmp = icmp_socket(sender_ns)
+    try:
+        with lab.tap_sniffer() as sn:
+            ident = unique_id()
+            send_ip(sender_ns, echo(src, dst, ident=ident, icmp_type=0))
+            sent = sn.wait_for(tunnelled(node, peer, ident))
+            assert sent, describe([f for _, f in sn.frames])
+            send_ip(lab.sw, icmp_error(GATEWAY, node, icmp_type, code, ipv4(sent[0])[:QUOTE]))
+            return recv_icmp(icmp, lambda p: p[20] in (3, 11) and icmp_id(p[28:]) == ident, 1.5)
+    finally:
+        icmp.close()
+
+
+OUTER_ERRORS = [(3, 1), (3, 0), (11, 0)]
+OUTER_ERROR_IDS = ["host unreachable", "net unreachable", "ttl exceeded"]
+
+
+@pytest.mark.parametrize("icmp_type,code", OUTER_ERRORS, ids=OUTER_ERROR_IDS)
+def test_kernel_tunl0_drops_icmp_errors_about_its_outer_packets(lab: Lab, icmp_type: int, code: int) -> None:
+    """tunl0 (remote any) ignores them: ipip_err returns -ENOENT when
+    t->parms.iph.daddr == 0.  Recorded as the behaviour ipipfast improves on."""
+    got = _outer_error(lab, lab.sw, GATEWAY, IPF_POD, VM_NODE, IPF_NODE, icmp_type, code)
+    assert got is None
+
+
+@pytest.mark.parametrize("icmp_type,code", OUTER_ERRORS, ids=OUTER_ERROR_IDS)
+def test_ipipfast_relays_icmp_errors_about_its_outer_packets(lab: Lab, icmp_type: int, code: int) -> None:
+    got = _outer_error(lab, lab.pod.name, IPF_POD, VM_POD, IPF_NODE, VM_NODE, icmp_type, code)
+    assert got is not None, "the pod got no ICMP error"
+    quoted = got[28:]
+    assert socket.inet_ntoa(quoted[12:16]) == IPF_POD and socket.inet_ntoa(quoted[16:20]) == VM_POD
+
+
+# ---------------------------------------------------------------- 5. wire comparison
+
+
+@dataclass(frozen=True)
+class Inner:
+    name: str
+    ttl: int = 64
+    tos: int = 0
+    df: bool = True
+    size: int = 64
+
+
+INNERS = [
+    Inner("ttl64"),
+    Inner("ttl2", ttl=2),
+    Inner("tos 0xb8", tos=0xB8),
+    Inner("ECT(0)", tos=ECT0),
+    Inner("ECT(1)", tos=ECT1),
+    Inner("CE", tos=CE),
+    Inner("0xb8+CE", tos=0xB8 | CE),
+    Inner("DF clear", df=False),
+    Inner("1400 DF", size=1400),
+    Inner("1400 no DF", size=1400, df=False),
+]
+
+
+@dataclass(frozen=True)
+class Options:
+    name: str
+    ttl: int | None      # None: inherit
+    tos: int | None      # None: inherit
+    pmtudisc: bool
+
+    def kernel(self) -> dict:
+        return {"ttl": self.ttl or 0, "tos": "inherit" if self.tos is None else f"{self.tos:#x}",
+                "pmtudisc": self.pmtudisc}
+
+    def ipipfast(self) -> dict:
+        out: dict = {}
+        if self.ttl is not None:
+            out["ttl"] = self.ttl
+        if self.tos != 0:
+            out["tos"] = "inherit" if self.tos is None else self.tos
+        if self.pmtudisc:
+            out["pmtudisc"] = True
+        return out
+
+    def expected(self, inner: Inner) -> dict:
+        """The outer header both must write (ip_tunnel_xmit + iptunnel_xmit)."""
+        base_tos = inner.tos if self.tos is None else self.tos
+        return {"tos": ecn_encap(base_tos, inner.tos), "df": self.pmtudisc or inner.df,
+                "ttl": self.ttl or inner.ttl - 1, "total_length": inner.size + 20}
+
+
+OPTIONS = [
+    Options("tunl0 defaults: ttl inherit, tos 0, nopmtudisc", None, 0, False),
+    Options("ttl 33, tos 0x28, pmtudisc", 33, 0x28, True),
+    Options("ttl inherit, tos inherit, nopmtudisc", None, None, False),
+]
+
+FIELDS = ("version", "ihl", "tos", "df", "mf", "frag_offset", "ttl", "proto", "total_length", "checksum_ok")
+
+
+def _both_encapsulate(lab: Lab, inner: Inner) -> tuple[Outer, Outer]:
+    """The same inner packet through ipipfast (sent by the pod, forwarded by
+    n0 into the TUN) and through the kernel (sent from the segment to the VM,
+    forwarded into tunl0).  Both nodes decrement the TTL once on the way in."""
+    id_f, id_k = unique_id(), unique_id()
+    with lab.tap_sniffer() as sn:
+        send_ip(lab.pod.name, echo(IPF_POD, VM_POD, ident=id_f, ttl=inner.ttl, tos=inner.tos, df=inner.df,
+                                   size=inner.size, icmp_type=0))
+        send_ip(lab.sw, echo(VM_OTHER, IPF_POD, ident=id_k, ttl=inner.ttl, tos=inner.tos, df=inner.df,
+                             size=inner.size, icmp_type=0))
+        ours = sn.wait_for(tunnelled(IPF_NODE, VM_NODE, id_f))
+        kernel = sn.wait_for(tunnelled(VM_NODE, IPF_NODE, id_k))
+    assert ours and kernel, f"{inner.name}: {describe([f for _, f in sn.frames])}"
+    return parse_ipip(ours[0]), parse_ipip(kernel[0])
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=[o.name for o in OPTIONS])
+def test_wire_outer_headers_match_the_kernel(lab: Lab, opts: Options) -> None:
+    lab.vm_tunnel(**opts.kernel())
+    lab.start_daemon(**opts.ipipfast())
+    try:
+        rows, mismatches = [], []
+        for inner in INNERS:
+            ours, kernel = _both_encapsulate(lab, inner)
+            want = opts.expected(inner)
+            for side, o in (("ipipfast", ours), ("kernel", kernel)):
+                got = {f: getattr(o, f) for f in FIELDS}
+                fixed = {"version": 4, "ihl": 5, "mf": False, "frag_offset": 0, "proto": 4, "checksum_ok": True}
+                for f, v in {**fixed, **want}.items():
+                    if got[f] != v:
+                        mismatches.append(f"{inner.name}: {side} {f} = {got[f]!r}, expected {v!r}")
+                # The encapsulator leaves the inner alone (beyond the forwarding hop).
+                if (o.inner_tos, o.inner_ttl, o.inner_len) != (inner.tos, inner.ttl - 1, inner.size) or \
+                        inet_checksum(o.inner[:20]) != 0:
+                    mismatches.append(f"{inner.name}: {side} changed the inner header")
+            for f in FIELDS:
+                if getattr(ours, f) != getattr(kernel, f):
+                    mismatches.append(f"{inner.name}: {f} ipipfast {getattr(ours, f)!r} != kernel {getattr(kernel, f)!r}")
+            rows.append(f"{inner.name:12} tos {ours.tos:#04x}/{kernel.tos:#04x} df {ours.df:d}/{kernel.df:d} "
+                        f"ttl {ours.ttl}/{kernel.ttl} len {ours.total_length}/{kernel.total_length} "
+                        f"id {ours.ident}/{kernel.ident}")
+        print(f"\n[{opts.name}] ipipfast/kernel\n" + "\n".join(rows))
+        assert not mismatches, "\n".join(mismatches)
+    finally:
+        lab.vm_tunnel()
+
+
+def test_wire_ip_id(lab: Lab) -> None:
+    """IDs differ by design.  The kernel: __ip_select_ident in iptunnel_xmit,
+    for DF packets too; a counter per hash bucket of (saddr, daddr, proto) with
+    a secret key, advanced by one per packet plus a random amount after idle
+    jiffies.  ipipfast: one 16-bit counter per datapath (all peers), advanced
+    by one per encapsulated packet, from 0 at start."""
+    n = 8
+    ids_f, ids_k = [unique_id() for _ in range(n)], [unique_id() for _ in range(n)]
+    with lab.tap_sniffer() as sn:
+        for a, b in zip(ids_f, ids_k):
+            send_ip(lab.pod.name, echo(IPF_POD, VM_POD, ident=a, icmp_type=0))
+            send_ip(lab.sw, echo(VM_OTHER, IPF_POD, ident=b, icmp_type=0))
+        ours = [sn.wait_for(tunnelled(IPF_NODE, VM_NODE, i)) for i in ids_f]
+        kernel = [sn.wait_for(tunnelled(VM_NODE, IPF_NODE, i)) for i in ids_k]
+    assert all(ours) and all(kernel), describe([f for _, f in sn.frames])
+    f_ids = [parse_ipip(f[0]).ident for f in ours]
+    k_ids = [parse_ipip(f[0]).ident for f in kernel]
+    print(f"\nouter IDs: ipipfast {f_ids}, kernel {k_ids}")
+    assert [(b - a) % 65536 for a, b in zip(f_ids, f_ids[1:])] == [1] * (n - 1)
+    k_steps = [(b - a) % 65536 for a, b in zip(k_ids, k_ids[1:])]
+    assert all(1 <= s < 32768 for s in k_steps), k_steps  # increasing, never repeated
+    assert all(parse_ipip(f[0]).df for f in kernel) and any(k_ids)  # DF packets get IDs too
