@@ -14,6 +14,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run a node's tunnel in the foreground until SIGINT/SIGTERM")
     p.add_argument("--config", required=True, help="the node's YAML config")
     p.add_argument("--status-file", help="write counters and next hops as JSON here, twice a second")
+    opts = p.add_argument_group("tunnel options (override the config file's tunnel section, as `ip tunnel` does)")
+    opts.add_argument("--ttl", help="inherit | 1-255 (a fixed ttl sets pmtudisc)")
+    opts.add_argument("--tos", help="inherit | 0-255")
+    opts.add_argument("--pmtudisc", action=argparse.BooleanOptionalAction, default=None,
+                      help="outer DF always set (--no-pmtudisc: copied from the inner, tunl0's default)")
+    opts.add_argument("--ignore-df", action=argparse.BooleanOptionalAction, default=None)
+    opts.add_argument("--workers", type=int, help="datapath workers: TUN queues and receive rings")
+    opts.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
+                      help="TUN GSO and checksum offloads (default on)")
 
     p = sub.add_parser("check-config", help="validate a config file; errors name the line")
     p.add_argument("path")
@@ -45,8 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from .config import ConfigError
         from .daemon import run
+        overrides = {k: v for k in ("ttl", "tos", "pmtudisc", "ignore_df", "workers", "offload")
+                     if (v := getattr(args, k)) is not None}
+        for k in ("ttl", "tos"):  # numbers stay numbers in the config's eyes
+            if k in overrides and overrides[k].isdigit():
+                overrides[k] = int(overrides[k])
         try:
-            return run(args.config, args.status_file)
+            return run(args.config, args.status_file, overrides)
         except ConfigError as e:
             print(e, file=sys.stderr)
             return 1

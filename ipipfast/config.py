@@ -82,14 +82,22 @@ class Config:
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
-def load_config(path: str | PathLike[str]) -> Config:
+def load_config(path: str | PathLike[str], tunnel: Mapping[str, Any] | None = None) -> Config:
+    """The config in the file at path; `tunnel` overrides keys of its tunnel
+    section (the command line's options), checked by the same rules after
+    the file itself is."""
     source = str(path)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(source, None, f"cannot read config: {e}") from None
-    return parse_config(text, source)
+    config = parse_config(text, source)
+    if not tunnel:
+        return config
+    d = yaml.load(text, Loader=_Loader)
+    d["tunnel"] = {**(d.get("tunnel") or {}), **tunnel}
+    return config_from_dict(d, f"{source} with {' '.join(f'--{k}' for k in tunnel)}")
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:

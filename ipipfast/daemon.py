@@ -51,9 +51,10 @@ class Plan:
 
 class Daemon:
     def __init__(self, config: Config, config_path: str | None = None,
-                 status_file: str | None = None) -> None:
+                 status_file: str | None = None, overrides: dict | None = None) -> None:
         self.config = config
         self.config_path = config_path
+        self.overrides = overrides or {}
         self.status_file = Path(status_file) if status_file else None
         self.kernel = Kernel()
         self.stopping = threading.Event()
@@ -161,7 +162,7 @@ class Daemon:
         if not self.config_path:
             return False
         try:
-            new = load_config(self.config_path)
+            new = load_config(self.config_path, self.overrides)
         except (ConfigError, OSError) as e:
             log.error("reload refused, keeping the running table: %s", e)
             return False
@@ -287,8 +288,9 @@ class Daemon:
             self._write_status()
 
 
-def run(config_path: str, status_file: str | None = None) -> int:
-    config = load_config(config_path)
+def run(config_path: str, status_file: str | None = None, overrides: dict | None = None) -> int:
+    """Runs the node in config_path; overrides: tunnel options from the command line."""
+    config = load_config(config_path, overrides)
     for w in config.warnings:
         log.warning("%s", w)
-    return Daemon(config, config_path, status_file).run_forever()
+    return Daemon(config, config_path, status_file, overrides).run_forever()

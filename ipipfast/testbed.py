@@ -19,10 +19,12 @@ Two underlays:
   never through the router). `router_mtu` is the router's forwarding MTU toward
   every subnet (a route MTU, so its interfaces still take full-size frames in):
   a larger DF packet gets ICMP "fragmentation needed" (3/4) with that next-hop
-  MTU. The router sends every ICMP error it should, unthrottled
-  (icmp_ratelimit=0, icmp_ratemask=0): TTL exceeded (11/0) for TTL 1 packets,
-  host unreachable (3/1) for destinations made unreachable by
-  `router_unreachable(cidr)`.
+  MTU. The router sends its ICMP errors unthrottled (icmp_ratelimit=0,
+  icmp_ratemask=0): fragmentation needed, TTL exceeded (11/0) for packets that
+  reach it with TTL 1, host unreachable (3/1) for destinations made
+  unreachable by `router_unreachable(cidr)`. (Only net unreachable, 3/0, for
+  addresses it has no route to, stays throttled by the kernel: 5 per sender,
+  then 1/s.) `add_plain_routes()` also teaches the router every pod CIDR.
 """
 
 from __future__ import annotations
@@ -311,8 +313,8 @@ class Testbed:
                     self._veth(rt, link, node.name, node.interface, self.underlay_mtu)
                 else:
                     self._veth(rt, f"{p}b{i}", node.name, node.interface, self.underlay_mtu)
-                    ipr.link("set", index=ipr.link_lookup(ifname=f"{p}b{i}")[0], master=ipr.link_lookup(ifname=link)[0],
-                             state="up")
+                    port, bridge = (ipr.link_lookup(ifname=n)[0] for n in (f"{p}b{i}", link))
+                    ipr.link("set", index=port, master=bridge, state="up")
                     ports.append(f"{p}b{i}")
             ports.append(link)
             idx = ipr.link_lookup(ifname=link)[0]

@@ -1,6 +1,6 @@
 """Traffic tools run inside namespaces, plus the root-side API that launches them.
 
-    python -m ipipfast.traffic ping --dst IP [--count N --interval S --size B --timeout T --df]
+    python -m ipipfast.traffic ping --dst IP [--count N --interval S --size B --timeout T --df --ttl N]
     python -m ipipfast.traffic tcp-sink --port P [--once]
     python -m ipipfast.traffic tcp-send --dst IP --port P --bytes N [--seed S]
     python -m ipipfast.traffic udp-echo --port P
@@ -89,6 +89,8 @@ def cmd_ping(a: argparse.Namespace) -> None:
     payload = bytes(next(pattern(a.size))) if a.size else b""
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO if a.df else _IP_PMTUDISC_DONT)
+    if a.ttl:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, a.ttl)
     sent_at: dict[int, float] = {}
     rtts: list[float] = []
     got: set[int] = set()
@@ -262,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=56, help="ICMP payload bytes")
     p.add_argument("--timeout", type=float, default=1.0, help="wait after the last request")
     p.add_argument("--df", action="store_true", help="set Don't Fragment")
+    p.add_argument("--ttl", type=int, default=0, help="IP TTL (default: the system's)")
     p.set_defaults(fn=cmd_ping)
     p = sub.add_parser("tcp-sink", help="receive TCP streams, report bytes and sha256")
     p.add_argument("--port", type=int, required=True)
@@ -342,10 +345,11 @@ def collect(proc: subprocess.Popen, timeout: float = 10) -> dict[str, Any]:
 
 
 def ping(tb: Testbed, src: NsRef, dst_ip: str, count: int = 5, interval: float = 0.05,
-         size: int = 56, timeout: float = 1.0, df: bool = False) -> dict[str, Any]:
+         size: int = 56, timeout: float = 1.0, df: bool = False, ttl: int = 0) -> dict[str, Any]:
     """ICMP echo from `src`: {sent, received, corrupt, duplicates, icmp_errors, send_errors, rtt_us}."""
     args = ["ping", "--dst", dst_ip, "--count", count, "--interval", interval, "--size", size, "--timeout", timeout]
-    return tool(tb, src, *args, *(["--df"] if df else []), timeout=count * interval + timeout + 30)
+    return tool(tb, src, *args, *(["--df"] if df else []), *(["--ttl", ttl] if ttl else []),
+                timeout=count * interval + timeout + 30)
 
 
 def tcp_transfer(tb: Testbed, src: NsRef, dst: Pod | Node, nbytes: int, port: int = 7001,

@@ -276,7 +276,8 @@ def test_routed_shared_subnet_wire_profile() -> None:
         assert probe(bed, n0, n1.ip)["ttl"] == 64  # direct, on the shared subnet
         assert probe(bed, n0, n2.ip)["ttl"] == 63  # through the router
         bed.add_plain_routes()
-        assert gateways(bed, n0) == {"198.19.1.0/24": (n1.ip, ROUTE_METRIC), "198.19.2.0/24": ("198.18.1.1", ROUTE_METRIC)}
+        assert gateways(bed, n0) == {"198.19.1.0/24": (n1.ip, ROUTE_METRIC),  # same subnet: direct
+                                     "198.19.2.0/24": ("198.18.1.1", ROUTE_METRIC)}  # via the router
         before = forwarded(bed)
         assert traffic.ping(bed, n0.pods[0], n1.pods[0].ip, count=5)["received"] == 5
         assert forwarded(bed) == before  # the router stayed out of it

@@ -1,0 +1,139 @@
+"""What tunl0 gets wrong, fixed: path MTU per peer, and ICMP errors about
+outer packets relayed to the inner sender. Nodes in two subnets behind a
+router whose hop toward them carries 1400 bytes."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ipipfast import traffic
+from ipipfast.icmp import IcmpErrors, PMTU_EXPIRES
+from ipipfast.testbed import Testbed
+from ipipfast.tunnels import TunnelProcess, start_tunnels
+
+pytestmark = [pytest.mark.netns,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces, TUN and AF_PACKET")]
+
+ROUTER_MTU = 1400
+BIG = 1480 - 28          # ICMP payload of a full pod-MTU packet: outer 1500 > 1400
+FITS = ROUTER_MTU - 20 - 28
+
+
+@pytest.fixture
+def routed() -> Iterator[tuple[Testbed, list[TunnelProcess]]]:
+    with Testbed(nodes=2, pods_per_node=2, underlay="routed", router_mtu=ROUTER_MTU) as tb:
+        tunnels = start_tunnels(tb)
+        try:
+            yield tb, tunnels
+        finally:
+            for t in tunnels:
+                t.stop()
+
+
+def wait_for(cond, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_path_mtu_is_learned_relayed_and_enforced(routed):
+    tb, (ta, _) = routed
+    n0, n1 = tb.nodes
+    a1, a2, b = n0.pods[0], n0.pods[1], n1.pods[0]
+    assert traffic.ping(tb, a1, b.ip, count=3, interval=0.01, size=FITS, df=True)["received"] == 3
+
+    # The router refuses the 1500-byte outer packet; its "fragmentation
+    # needed" reaches the node, which relays it to the pod with the MTU
+    # that fits inside the tunnel.
+    r = traffic.ping(tb, a1, b.ip, count=1, size=BIG, df=True)
+    assert r["received"] == 0 and r["icmp_errors"] == {"3/4": 1}, r
+    assert wait_for(lambda: ta.status()["path_mtu"] == {n1.ip: ROUTER_MTU}), ta.status()
+    c = ta.counters()
+    assert c["pmtu_updates"] >= 1 and c["icmp_relayed"] >= 1
+
+    # Another pod, which has learned nothing yet, is told by the datapath
+    # itself before anything leaves the node (once: its kernel then knows).
+    before = ta.counters()
+    r = traffic.ping(tb, a2, b.ip, count=1, size=BIG, df=True)
+    assert r["received"] == 0 and r["icmp_errors"] == {"3/4": 1}, r
+    after = ta.counters()
+    assert after["tx_drop_too_big"] - before["tx_drop_too_big"] == 1
+    assert after["icmp_sent"] - before["icmp_sent"] == 1
+
+    # Without DF the inner may be fragmented: it leaves whole with DF clear
+    # and the router fragments it (tunl0's nopmtudisc does the same).
+    assert traffic.ping(tb, a2, b.ip, count=2, interval=0.01, size=BIG)["received"] == 2
+
+
+def test_tcp_finds_the_path_mtu_through_the_tunnel(routed):
+    tb, _ = routed
+    a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+    r = traffic.tcp_transfer(tb, a, b, 4 << 20, timeout=60)
+    assert r["match"], r
+
+
+def test_unreachable_peer_is_relayed(routed):
+    tb, (ta, _) = routed
+    n0, n1 = tb.nodes
+    tb.router_unreachable(f"{n1.ip}/32")
+    try:
+        r = traffic.ping(tb, n0.pods[0], n1.pods[0].ip, count=3, interval=0.05)
+        assert r["received"] == 0 and r["icmp_errors"] == {"3/1": 3}, r
+    finally:
+        tb.router_unreachable(f"{n1.ip}/32", remove=True)
+    assert traffic.ping(tb, n0.pods[0], n1.pods[0].ip, count=2, interval=0.01)["received"] == 2
+
+
+def test_ttl_exceeded_on_the_underlay_is_relayed(routed):
+    # ttl inherit: the node forwards the pod's TTL 2 as 1 into the tunnel,
+    # the outer header inherits it, and the router cannot forward it on.
+    tb, _ = routed
+    r = traffic.ping(tb, tb.nodes[0].pods[0], tb.nodes[1].pods[0].ip, count=2, interval=0.05, ttl=2)
+    assert r["received"] == 0 and r["icmp_errors"] == {"11/0": 2}, r
+
+
+class FakeDatapath:
+    def __init__(self) -> None:
+        self.pmtu: dict[str, int] = {}
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def sink_fileno(self) -> int:
+        return self.sock.fileno()
+
+    def set_peer_pmtu(self, peer: str, mtu: int) -> bool:
+        self.pmtu[peer] = mtu
+        return True
+
+    def send_icmp_error(self, *args) -> bool:
+        return True
+
+
+def test_learned_mtu_expires(monkeypatch):
+    from ipaddress import IPv4Address
+    from scapy.layers.inet import IP, UDP
+    from scapy.packet import raw
+    node, peer = IPv4Address("198.18.1.10"), IPv4Address("198.18.2.10")
+    dp = FakeDatapath()
+    errors = IcmpErrors(dp, node)
+    try:
+        quote = raw(IP(src=str(node), dst=str(peer), proto=4) / IP(flags="DF") / UDP())
+        now = [1000.0]
+        monkeypatch.setattr(time, "monotonic", lambda: now[0])
+        errors.handle(3, 4, 1400, quote)
+        assert errors.pmtu(peer) == 1400 and dp.pmtu == {str(peer): 1400}
+        now[0] += PMTU_EXPIRES - 1
+        errors._expire()
+        assert dp.pmtu[str(peer)] == 1400
+        now[0] += 2
+        errors._expire()
+        assert errors.pmtu(peer) == 0 and dp.pmtu[str(peer)] == 0
+    finally:
+        errors.sock.close()
+        dp.sock.close()
