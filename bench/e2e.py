@@ -25,6 +25,7 @@ import platform
 import resource
 import select
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -267,7 +268,7 @@ def iperf(tb: Testbed, a: Pod, b: Pod, streams: int, seconds: int, pids: list[in
         _await_line(server, b"listening")
         before = _cpu(pids)
         client = tb.run(a, ["iperf3", "-c", b.ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-P", str(streams),
-                            "-J"], timeout=seconds + 30, check=False)
+                            "-J", "--connect-timeout", "3000"], timeout=seconds + 30, check=False)
         server.communicate(timeout=10)  # reaped, so its CPU time is in RUSAGE_CHILDREN now
         after = _cpu(pids)
     finally:
@@ -323,6 +324,9 @@ def measure(mode: str, profile: str, args: argparse.Namespace, binary: Path, tag
                 pids = running.pids + ([] if _irq_time_accounting() else _ksoftirqd())
                 step("verify", lambda: verify(tb, spec.wire), {}, "verified={verified} {underlay_frames}")
                 rec["verified"] = rec["details"].get("verify", {}).get("verified", False)
+                if not rec["details"].get("verify", {}).get("echoes"):
+                    rec["errors"]["figures"] = "not measured: no echo crossed the tunnel"
+                    return rec
                 step("rtt", lambda: rtt(tb, a, b, args.pings), {"rtt_p50_us": "rtt_p50_us", "rtt_p99_us": "rtt_p99_us"},
                      "p50 {rtt_p50_us:.0f} µs, p99 {rtt_p99_us:.0f} µs")
                 step("tcp1", lambda: iperf(tb, a, b, 1, args.duration, pids),
@@ -456,6 +460,8 @@ def chart(result: dict[str, Any], path: Path) -> str | None:
 # -- the run ---------------------------------------------------------------------
 
 def run(args: argparse.Namespace, command: str) -> int:
+    # Unwind on SIGTERM as on Ctrl-C, so the testbed in use is torn down and its processes killed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if args.quick:
         args.rounds, args.duration = 1, 2
     args.pings = 200 if args.quick else 1000

@@ -51,6 +51,25 @@ cdef uint32_t ip4(str addr) except? 0:
     return htonl(int(ipaddress.IPv4Address(addr)))
 
 
+cdef extern from "<time.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    enum:
+        CLOCK_MONOTONIC
+
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
+
+cdef inline uint64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
 cdef uint32_t pow2_at_least(uint32_t n):
     cdef uint32_t p = 1
     while p < n:
@@ -135,6 +154,7 @@ cdef class Datapath:
         uint32_t stopping
         int stop_fd, sink_fd, icmp_fd
         int ifindex, mtu, batch, ring_frames, fanout_id
+        uint64_t busy_poll_ns
         bint vnet
         ipf_ratelimit icmp_rl       # control-thread ICMP (relayed errors)
         list workers
@@ -146,14 +166,16 @@ cdef class Datapath:
 
     def __init__(self, int ifindex, str local_ip, bytes local_mac, *, int mtu=1500, ttl=None, tos=0,
                  bint pmtudisc=False, bint ignore_df=False, int batch=64, int ring_frames=4096,
-                 bint vnet_hdr=False):
+                 bint vnet_hdr=False, int busy_poll_us=0):
         """ifindex, local_ip, local_mac: the underlay interface; mtu: its
         MTU (the largest outer packet); vnet_hdr: the TUN queues carry a
-        virtio_net_hdr with offloads (tun.py)."""
+        virtio_net_hdr with offloads (tun.py); busy_poll_us: how long an
+        idle loop keeps looking for work before it sleeps in poll()."""
         if not 1 <= batch <= 1024:
             raise ValueError(f"batch {batch} out of range 1..1024")
         set_tunnel(&self.tn, local_ip, local_mac, mtu, ttl, tos, pmtudisc, ignore_df)
         self.ifindex, self.mtu, self.batch, self.ring_frames, self.vnet = ifindex, mtu, batch, ring_frames, vnet_hdr
+        self.busy_poll_ns = <uint64_t>busy_poll_us * 1000
         # The group that spreads received frames over the workers' rings by
         # flow; one per datapath in the namespace.
         self.fanout_id = hash((os.getpid(), id(self))) & 0xffff
@@ -161,6 +183,7 @@ cdef class Datapath:
         self.workers = []
         self.table = build_table((), (), 0)
         self.stop_fd = check(c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC), "eventfd")
+        memset(&self.icmp_rl, 0, sizeof(self.icmp_rl))
         self.icmp_rl.per_sec = 1000
         self.icmp_rl.burst = 50
         self.icmp_rl.tokens = 50
@@ -263,11 +286,13 @@ cdef class Datapath:
         cdef c.sockaddr_in dst
         cdef uint32_t n = ipf_icmp_error(buf, self.tn.src, <const uint8_t *><const char *>packet,
                                          len(packet), type, code, info)
-        if n == 0 or not ipf_ratelimit_allow(&self.icmp_rl):
+        if n == 0:
             return False
         memset(&dst, 0, sizeof(dst))
         dst.sin_family = c.AF_INET
         memcpy(&dst.sin_addr.s_addr, buf + 16, 4)
+        if not ipf_ratelimit_allow(&self.icmp_rl, dst.sin_addr.s_addr):
+            return False
         return c.sendto(self.icmp_fd, buf, n, 0, <c.sockaddr *>&dst, sizeof(dst)) == n
 
     def stop(self):
@@ -347,6 +372,7 @@ cdef class Worker:
         for i in range(MAX_MSGS):
             self.msgs[i].msg_hdr.msg_iov = &self.iovs[2 * i]
         # icmp_msgs_per_sec is the node's budget: each worker gets a share.
+        memset(&self.icmp_rl, 0, sizeof(self.icmp_rl))
         self.icmp_rl.per_sec = max(1, 1000 // (len(dp.workers) + 1))
         self.icmp_rl.burst = 50
         self.icmp_rl.tokens = 50
@@ -496,14 +522,27 @@ cdef class Worker:
         return ipf_load_u32(&self.dp.stopping) != 0
 
     cdef bint _wait(self, int fd, int which) noexcept nogil:
-        """Blocks until fd is readable; False when stopping or on an error."""
+        """Blocks until fd is readable; False when stopping or on an error.
+        With busy polling, first asks without sleeping until it expires: a
+        wake-up from poll() costs tens of microseconds of latency."""
         cdef c.pollfd fds[2]
+        cdef int timeout = -1, r
+        cdef uint64_t deadline = 0
         fds[0].fd = fd
         fds[0].events = c.POLLIN
         fds[1].fd = self.dp.stop_fd
         fds[1].events = c.POLLIN
+        if self.dp.busy_poll_ns:
+            deadline = now_ns() + self.dp.busy_poll_ns
+            timeout = 0
         while not self._stopping():
-            if c.poll(fds, 2, -1) >= 0:
+            if timeout == 0 and now_ns() >= deadline:
+                timeout = -1
+            r = c.poll(fds, 2, timeout)
+            if r == 0:
+                sched_yield()  # spinning must not starve what would bring the work
+                continue
+            if r > 0:
                 if fds[0].revents & c.POLLERR:
                     self.loop_errno[which] = 5  # EIO: the device went away
                     return False
@@ -520,12 +559,12 @@ cdef class Worker:
         cdef c.sockaddr_in dst
         if length == 0:
             return
-        if not ipf_ratelimit_allow(&self.icmp_rl):
-            self.txs.icmp_ratelimited += 1
-            return
         memset(&dst, 0, sizeof(dst))
         dst.sin_family = c.AF_INET
         memcpy(&dst.sin_addr.s_addr, self.icmp_buf + 16, 4)
+        if not ipf_ratelimit_allow(&self.icmp_rl, dst.sin_addr.s_addr):
+            self.txs.icmp_ratelimited += 1
+            return
         if c.sendto(self.dp.icmp_fd, self.icmp_buf, length, 0, <c.sockaddr *>&dst, sizeof(dst)) == length:
             self.txs.icmp_sent += 1
 

@@ -30,6 +30,7 @@ _TUNNEL_INTS: dict[str, tuple[int, int, object]] = {
     "tos": (0, 255, "inherit"),
     "workers": (1, 64, _UNSET),
     "batch": (1, 1024, _UNSET),
+    "busy_poll": (0, 100_000, _UNSET),
 }
 
 
@@ -65,6 +66,7 @@ class TunnelConfig:
     workers: int = 1
     batch: int = 64
     offload: bool = True  # TUN GSO/checksum offloads: segment and coalesce in userspace
+    busy_poll: int = 0  # microseconds a loop spins for work before it sleeps: latency for CPU
 
 
 @dataclass(frozen=True)

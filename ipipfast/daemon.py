@@ -87,7 +87,7 @@ class Daemon:
             self.underlay.index, str(cfg.node.ip.ip), self.underlay.mac,
             mtu=self.underlay.mtu, ttl=cfg.tunnel.ttl, tos=cfg.tunnel.tos,
             pmtudisc=cfg.tunnel.pmtudisc, ignore_df=cfg.tunnel.ignore_df, batch=cfg.tunnel.batch,
-            vnet_hdr=cfg.tunnel.offload)
+            vnet_hdr=cfg.tunnel.offload, busy_poll_us=cfg.tunnel.busy_poll)
         workers = [self.datapath.add_worker(fd) for fd in self.tun_fds]
         self.icmp = IcmpErrors(self.datapath, cfg.node.ip.ip)
         with self.lock:

@@ -223,6 +223,23 @@ def test_no_route_sends_net_unreachable(bed):
         tb.ipr(n0).route("del", dst="198.19.9.0", dst_len=24, oif=tun)
 
 
+def test_icmp_errors_are_rate_limited_per_destination(bed):
+    """As icmp_ratelimit: a burst of 6 to one destination, then one a second."""
+    tb, (ta, _) = bed
+    n0 = tb.nodes[0]
+    tun = tb.ipr(n0).link_lookup(ifname=ta.status()["tunnel"])[0]
+    tb.ipr(n0).route("add", dst="198.19.8.0", dst_len=24, oif=tun)
+    try:
+        before = ta.counters()
+        # From the node: a destination no other test has sent errors to.
+        r = traffic.ping(tb, n0, "198.19.8.5", count=10, interval=0.01)
+        assert r["icmp_errors"] == {"3/0": 6}, r
+        d = delta(before, ta.counters())
+        assert (d["icmp_sent"], d["icmp_ratelimited"]) == (6, 4), d
+    finally:
+        tb.ipr(n0).route("del", dst="198.19.8.0", dst_len=24, oif=tun)
+
+
 def test_reload_bad_config_keeps_table_then_good_config_applies():
     with Testbed(nodes=2, pods_per_node=1) as tb:
         ta, tb_ = start_tunnels(tb)
@@ -340,3 +357,15 @@ def test_two_workers():
         finally:
             for t in tunnels:
                 t.stop()
+
+
+def test_busy_polling():
+    with Testbed(nodes=2, pods_per_node=1) as tb:
+        tunnels = start_tunnels(tb, busy_poll=200)
+        try:
+            a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+            assert traffic.udp_roundtrip(tb, a, b, count=50, size=64)["received"] == 50
+            assert traffic.tcp_transfer(tb, a, b, 4 << 20)["match"]
+        finally:
+            for t in tunnels:
+                assert t.stop() == 0

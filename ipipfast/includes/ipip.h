@@ -379,20 +379,48 @@ static uint32_t ipf_icmp_error(uint8_t *out, uint32_t src, const uint8_t *pkt, u
     return total;
 }
 
-/* Token bucket like the kernel's icmp_global_allow (icmp_msgs_per_sec 1000,
- * icmp_msgs_burst 50). Touched by one thread only. */
+/* ICMP error rate limits as the kernel applies them (net/ipv4/icmp.c):
+ * a node-wide bucket (icmp_global_allow: icmp_msgs_per_sec 1000, burst
+ * icmp_msgs_burst 50) and, per destination, inet_peer_xrlim_allow with
+ * icmp_ratelimit 1000 ms: a burst of 6 (XRLIM_BURST_FACTOR), then one a
+ * second. Destinations share IPF_RL_SLOTS slots by hash; a collision only
+ * resets the newcomer's allowance. Touched by one thread only. */
+#define IPF_RL_SLOTS 256
+#define IPF_RL_INTERVAL_MS 1000u
+#define IPF_RL_BURST 6u
+
+typedef struct {
+    uint32_t ip;
+    uint32_t tokens_ms;
+    uint64_t last_ms;
+} ipf_rl_slot;
+
 typedef struct {
     uint64_t last_ns;
     uint32_t tokens;
     uint32_t per_sec;
     uint32_t burst;
+    ipf_rl_slot peers[IPF_RL_SLOTS];
 } ipf_ratelimit;
 
-static inline int ipf_ratelimit_allow(ipf_ratelimit *r)
+static inline int ipf_ratelimit_allow(ipf_ratelimit *r, uint32_t dst)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    uint64_t now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    uint64_t now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec, now_ms = now / 1000000u;
+    ipf_rl_slot *p = &r->peers[ipf_peer_slot(dst, 8)];
+    if (p->ip != dst) {
+        p->ip = dst;
+        p->tokens_ms = IPF_RL_BURST * IPF_RL_INTERVAL_MS;
+        p->last_ms = now_ms;
+    }
+    uint64_t t = p->tokens_ms + (now_ms - p->last_ms);
+    if (t > IPF_RL_BURST * IPF_RL_INTERVAL_MS)
+        t = IPF_RL_BURST * IPF_RL_INTERVAL_MS;
+    p->last_ms = now_ms;
+    p->tokens_ms = (uint32_t)t;
+    if (t < IPF_RL_INTERVAL_MS)
+        return 0;
     uint64_t add = (now - r->last_ns) * r->per_sec / 1000000000u;
     if (add) {
         r->tokens = (uint32_t)(r->tokens + add > r->burst ? r->burst : r->tokens + add);
@@ -401,6 +429,7 @@ static inline int ipf_ratelimit_allow(ipf_ratelimit *r)
     if (!r->tokens)
         return 0;
     r->tokens--;
+    p->tokens_ms -= IPF_RL_INTERVAL_MS;
     return 1;
 }
 

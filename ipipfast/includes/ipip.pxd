@@ -86,7 +86,7 @@ cdef extern from "ipip.h" nogil:
         uint32_t tokens
         uint32_t per_sec
         uint32_t burst
-    int ipf_ratelimit_allow(ipf_ratelimit *r)
+    int ipf_ratelimit_allow(ipf_ratelimit *r, uint32_t dst)
 
     ctypedef struct ipf_qsbr:
         uint64_t qs
