@@ -125,7 +125,8 @@ def _apt_install(packages: list[str]) -> str:
     if os.geteuid() != 0 or not os.path.exists("/usr/bin/apt-get"):
         return "not root, or no apt-get"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]):
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
+    for cmd in (["apt-get", "update", "-qq"], install):
         _say(f"provisioning: {' '.join(cmd)}")
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
@@ -189,6 +190,7 @@ def _cpu(pids: list[int]) -> tuple[float, float]:
 
 def _await_line(proc: subprocess.Popen, token: bytes, timeout: float = 10) -> None:
     """Wait until a server we started prints `token`, so the client never races it."""
+    assert proc.stdout is not None
     out, deadline = b"", time.monotonic() + timeout
     while token not in out and select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
         if not (byte := os.read(proc.stdout.fileno(), 1)):
@@ -197,7 +199,7 @@ def _await_line(proc: subprocess.Popen, token: bytes, timeout: float = 10) -> No
     if token not in out:
         proc.kill()
         _, err = proc.communicate()
-        raise RuntimeError(f"{proc.args[0]} did not start: {err.decode(errors='replace').strip() or out!r}")
+        raise RuntimeError(f"{proc.args!r} did not start: {err.decode(errors='replace').strip() or out!r}")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -302,7 +304,8 @@ def measure(mode: str, profile: str, args: argparse.Namespace, binary: Path, tag
     """One mode on a fresh testbed: every figure, each failure recorded, never raised."""
     spec = MODES[mode]
     rec: dict[str, Any] = {"mode": mode, "profile": profile, "pod_mtu": spec.pod_mtu, "verified": False,
-                           "figures": {}, "details": {}, "errors": {}}
+                           "figures": {}, "details": {}, "errors": {},
+                           "loadavg_1m": os.getloadavg()[0]}  # other load on the machine skews everything
     t0 = time.monotonic()
 
     def step(name: str, fn: Callable[[], dict[str, Any]], figures: dict[str, str], show: str) -> None:
@@ -324,18 +327,19 @@ def measure(mode: str, profile: str, args: argparse.Namespace, binary: Path, tag
                 pids = running.pids + ([] if _irq_time_accounting() else _ksoftirqd())
                 step("verify", lambda: verify(tb, spec.wire), {}, "verified={verified} {underlay_frames}")
                 rec["verified"] = rec["details"].get("verify", {}).get("verified", False)
-                if not rec["details"].get("verify", {}).get("echoes"):
+                if rec["details"].get("verify", {}).get("echoes"):
+                    step("rtt", lambda: rtt(tb, a, b, args.pings),
+                         {"rtt_p50_us": "rtt_p50_us", "rtt_p99_us": "rtt_p99_us"},
+                         "p50 {rtt_p50_us:.0f} µs, p99 {rtt_p99_us:.0f} µs")
+                    step("tcp1", lambda: iperf(tb, a, b, 1, args.duration, pids),
+                         {"tcp1_gbit_s": "gbit_s", "cpu_s_per_gb": "cpu_s_per_gb"},
+                         "{gbit_s:.2f} Gbit/s, {cpu_s_per_gb:.2f} CPU s/GB")
+                    step("tcp4", lambda: iperf(tb, a, b, 4, args.duration, pids), {"tcp4_gbit_s": "gbit_s"},
+                         "{gbit_s:.2f} Gbit/s")
+                    step("udp64", lambda: flood(tb, a, b, args.duration, binary), {"udp64_kpps": "kpps"},
+                         "{kpps:.0f} kpps received (sent {sent_kpps:.0f})")
+                else:  # dead: the other figures would only time out
                     rec["errors"]["figures"] = "not measured: no echo crossed the tunnel"
-                    return rec
-                step("rtt", lambda: rtt(tb, a, b, args.pings), {"rtt_p50_us": "rtt_p50_us", "rtt_p99_us": "rtt_p99_us"},
-                     "p50 {rtt_p50_us:.0f} µs, p99 {rtt_p99_us:.0f} µs")
-                step("tcp1", lambda: iperf(tb, a, b, 1, args.duration, pids),
-                     {"tcp1_gbit_s": "gbit_s", "cpu_s_per_gb": "cpu_s_per_gb"},
-                     "{gbit_s:.2f} Gbit/s, {cpu_s_per_gb:.2f} CPU s/GB")
-                step("tcp4", lambda: iperf(tb, a, b, 4, args.duration, pids), {"tcp4_gbit_s": "gbit_s"},
-                     "{gbit_s:.2f} Gbit/s")
-                step("udp64", lambda: flood(tb, a, b, args.duration, binary), {"udp64_kpps": "kpps"},
-                     "{kpps:.0f} kpps received (sent {sent_kpps:.0f})")
             finally:
                 running.stop()
     except Exception as e:  # setup failed: the mode is reported as failed for this round
@@ -351,7 +355,7 @@ def summarize(runs: list[dict[str, Any]], profiles: list[str], modes: list[str])
     """Per profile and mode: median/min/max per figure, and ratios to plain routing."""
     summary: dict[str, Any] = {}
     for profile in profiles:
-        rows = {}
+        rows: dict[str, dict[str, Any]] = {}
         for mode in modes:
             rs = [r for r in runs if (r["profile"], r["mode"]) == (profile, mode)]
             figures = {}
@@ -384,7 +388,9 @@ def _label(mode: str) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
-    lines = [f"`{meta['command']}` — {meta['started'][:10]}, Linux {meta['kernel']}, {meta['cpus']} CPUs; "
+    loads = [r["loadavg_1m"] for r in result["runs"]] or [0.0]
+    lines = [f"`{meta['command']}` — {meta['started'][:10]}, Linux {meta['kernel']}, {meta['cpus']} CPUs "
+             f"(1-min load average {min(loads):.1f}–{max(loads):.1f} during the run); "
              f"{meta['rounds']} interleaved round(s), {meta['duration']} s per throughput figure. "
              "Cells: median [min–max] over rounds, ×ratio to plain routing (pod MTU 1500) in the same run. "
              f"64 B UDP: {SMALL}-byte payloads from a sendmmsg generator, rate seen by the sink. "
@@ -477,7 +483,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     for i, (r, profile, mode) in enumerate(plan, 1):
         rec = measure(mode, profile, args, binary, f"[{i}/{len(plan)}] round {r + 1} {profile} {mode}")
         runs.append({"round": r + 1, **rec})
-    result = {
+    result: dict[str, Any] = {
         "meta": {"command": command, "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "kernel": platform.release(), "cpus": os.cpu_count(), "rounds": args.rounds,
                  "duration": args.duration, "profiles": args.profiles, "modes": args.modes,
@@ -492,10 +498,10 @@ def run(args: argparse.Namespace, command: str) -> int:
     table = markdown(result)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     stem.with_suffix(".md").write_text(table)
-    if why := chart(result, stem.with_suffix(".png")):
-        _say(why)
+    if no_chart := chart(result, stem.with_suffix(".png")):
+        _say(no_chart)
     sys.stdout.write(table)
-    _say(f"wrote {stem}.json, .md" + ("" if why else ", .png"))
+    _say(f"wrote {stem}.json, .md" + ("" if no_chart else ", .png"))
     ok = all(row["verified"] and len(row["figures"]) == len(FIGURES) and not row["errors"]
              for rows in result["summary"].values() for row in rows.values())
     return 0 if ok else 1
@@ -508,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("needs root: it builds network namespaces, tunnels and raw sockets")
-    return run(args, "python -m bench.e2e " + shlex.join(sys.argv[1:] if argv is None else argv))
+    return run(args, shlex.join(["python", "-m", "bench.e2e", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,17 @@ cdef extern from "<time.h>" nogil:
         CLOCK_MONOTONIC
 
 
+cdef extern from "<sys/prctl.h>" nogil:
+    int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4, unsigned long arg5)
+    enum:
+        PR_SET_NAME
+
+
+cdef void set_thread_name(str name):
+    cdef bytes b = name.encode()[:15]
+    prctl(PR_SET_NAME, <unsigned long><char *>b, 0, 0, 0)
+
+
 cdef extern from "<sched.h>" nogil:
     int sched_yield()
 
@@ -430,9 +441,15 @@ cdef class Worker:
         if <void *>self.ring == c.MAP_FAILED:
             self.ring = NULL
             check(-1, "mmap rx ring")
+        # ETH_P_ALL puts the ring among the taps that see a frame before tc
+        # ingress, where ingress.py drops it for the kernel's own IP stack.
+        # Our own sends are not wanted back.
+        v = 1
+        check(c.setsockopt(self.rx_fd, c.SOL_PACKET, c.PACKET_IGNORE_OUTGOING, &v, sizeof(v)),
+              "PACKET_IGNORE_OUTGOING")
         memset(&sll, 0, sizeof(sll))
         sll.sll_family = c.AF_PACKET
-        sll.sll_protocol = htons(c.ETH_P_IP)
+        sll.sll_protocol = htons(c.ETH_P_ALL)
         sll.sll_ifindex = ifindex
         check(c.bind(self.rx_fd, <c.sockaddr *>&sll, sizeof(sll)), "bind rx socket")
         # The fanout group spreads flows over the workers' rings (hash keeps
@@ -501,14 +518,17 @@ cdef class Worker:
 
     # ---- the loops ------------------------------------------------------------
 
-    def run_encap(self):
-        """TUN -> IPIP on the underlay, until the datapath stops. Call on its own thread."""
+    def run_encap(self, str name="ipf-encap"):
+        """TUN -> IPIP on the underlay, until the datapath stops. Call on its
+        own thread; name is what `top -H` and perf show for it."""
+        set_thread_name(name)
         with nogil:
             self._encap_loop()
         self._raise_loop_error(0, "encap")
 
-    def run_decap(self):
+    def run_decap(self, str name="ipf-decap"):
         """IPIP from the underlay -> TUN, until the datapath stops. Call on its own thread."""
+        set_thread_name(name)
         with nogil:
             self._decap_loop()
         self._raise_loop_error(1, "decap")

@@ -58,4 +58,4 @@ def run(args: argparse.Namespace) -> int:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from bench import e2e
-    return e2e.run(args, "ipipfast " + shlex.join(sys.argv[1:]))
+    return e2e.run(args, shlex.join(["ipipfast", *sys.argv[1:]]))

@@ -5,6 +5,8 @@ import argparse
 import logging
 import sys
 
+from . import benchcli
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ipipfast", description=__doc__)
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="two nodes and two pods in network namespaces, traffic through ipipfast")
     p.add_argument("--megabytes", type=int, default=8, help="TCP transfer size (default 8)")
     p.add_argument("--keep", action="store_true", help="leave the testbed up until Enter is pressed")
+
+    benchcli.add_parser(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(e, file=sys.stderr)
             return 1
+    if args.command == "bench":
+        return benchcli.run(args)
     if args.command == "demo":
         from .demo import demo
         return demo(megabytes=args.megabytes, keep=args.keep)

@@ -11,10 +11,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from . import _datapath
+from . import _datapath, ingress
 from .config import Config, ConfigError, load_config
 from .icmp import IcmpErrors
 from .kernel import Kernel, Link, NextHop
@@ -67,6 +68,7 @@ class Daemon:
         self.errors: list[BaseException] = []
         self.metrics: MetricsServer | None = None
         self.tun_fds: list[int] = []
+        self.ingress_attached = False
         self.datapath: _datapath.Datapath | None = None
 
     # ---- lifecycle ----------------------------------------------------------
@@ -90,12 +92,19 @@ class Daemon:
             vnet_hdr=cfg.tunnel.offload, busy_poll_us=cfg.tunnel.busy_poll)
         workers = [self.datapath.add_worker(fd) for fd in self.tun_fds]
         self.icmp = IcmpErrors(self.datapath, cfg.node.ip.ip)
+        try:
+            ingress.attach(self.underlay.index, cfg.node.ip.ip)
+            self.ingress_attached = True
+        except OSError as e:  # NetlinkError is an OSError too
+            log.warning("tc ingress drop not attached (%s): the kernel also processes every IPIP "
+                        "frame, which costs CPU but nothing else", e)
         with self.lock:
             self._apply(self.plan, previous=None)
         self._await_nexthops(timeout=2.0)
         loops: list[tuple[str, Callable[[], None]]] = []
         for i, w in enumerate(workers):
-            loops += [(f"encap{i}", w.run_encap), (f"decap{i}", w.run_decap)]
+            loops += [(f"encap{i}", partial(w.run_encap, f"ipf-encap{i}")),
+                      (f"decap{i}", partial(w.run_decap, f"ipf-decap{i}"))]
         loops += [("neighbours", self._neighbour_loop), ("status", self._status_loop),
                   ("icmp", lambda: self.icmp.run(self.stopping))]
         for name, target in loops:
@@ -191,7 +200,11 @@ class Daemon:
         self.kernel.replace_direct_routes([(r.cidr, r.via) for r in added], self.underlay.index)
 
     def _withdraw(self, plan: Plan) -> None:
-        # Routes into the TUN vanish with it; direct routes are ours to remove.
+        # Routes into the TUN vanish with it; direct routes and the tc drop
+        # are ours to remove (once we stop, nothing takes those frames).
+        if self.ingress_attached:
+            ingress.detach(self.underlay.index)
+            self.ingress_attached = False
         self.kernel.remove_direct_routes([r.cidr for r in plan.direct.routes], self.underlay.index)
 
     def _push_table(self) -> None:

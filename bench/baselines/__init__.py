@@ -50,7 +50,7 @@ def await_link(tb: Testbed, node: Node, ifname: str, proc: subprocess.Popen, tim
     deadline = time.monotonic() + timeout
     while not (found := tb.ipr(node).link_lookup(ifname=ifname)):
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited {proc.returncode} before creating {ifname}")
+            raise RuntimeError(f"{proc.args!r} exited {proc.returncode} before creating {ifname}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{ifname} did not appear in {node.name} within {timeout}s")
         time.sleep(0.05)

@@ -83,6 +83,7 @@ cdef extern from "<linux/if_packet.h>" nogil:
         PACKET_VERSION
         PACKET_RX_RING
         PACKET_STATISTICS
+        PACKET_IGNORE_OUTGOING
         PACKET_FANOUT
         PACKET_FANOUT_HASH
         PACKET_FANOUT_FLAG_DEFRAG
