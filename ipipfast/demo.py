@@ -8,7 +8,7 @@ import sys
 
 from . import traffic
 from .testbed import Testbed
-from .tunnels import start_tunnels
+from .tunnels import running_tunnels
 
 PINGS = 20
 
@@ -28,8 +28,7 @@ def demo(megabytes: int = 8, keep: bool = False) -> int:
         _say(f"testbed {tb.prefix}: underlay 198.18.0.0/24 on a veth pair")
         for n in tb.nodes:
             _say(f"  node {n.name}  {n.ip}  pods {n.pod_cidr}  pod {n.pods[0].ip}")
-        tunnels = start_tunnels(tb)
-        try:
+        with running_tunnels(tb) as tunnels:
             _say("ipipfast is up on both nodes; remote pod CIDRs route into its TUN "
                  "(blackhole at metric 4000 behind it)")
             before = [t.counters() for t in tunnels]
@@ -59,8 +58,5 @@ def demo(megabytes: int = 8, keep: bool = False) -> int:
             _say("the traffic crossed the tunnel both ways" if crossed else "the tunnel counters did not move")
             if keep:
                 input(f"testbed {tb.prefix} is up (ip netns list); press Enter to tear it down ")
-        finally:
-            for tun in tunnels:
-                tun.stop()
     _say("torn down")
     return 0 if ok else 1

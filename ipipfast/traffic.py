@@ -75,7 +75,8 @@ def _rate(nbytes: int, seconds: float) -> float:
 
 # -- ping --------------------------------------------------------------------
 
-def _icmp_checksum(data: bytes) -> int:
+def inet_checksum(data: bytes) -> int:
+    """RFC 1071, in plain Python (the tests' oracle for checksums too)."""
     if len(data) % 2:
         data += b"\0"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
@@ -104,7 +105,7 @@ def cmd_ping(a: argparse.Namespace) -> None:
         now = time.monotonic()
         if seq < a.count and now >= next_send:
             head = struct.pack("!BBHHH", _ICMP_ECHO, 0, 0, ident, seq)
-            packet = head[:2] + struct.pack("!H", _icmp_checksum(head + payload)) + head[4:] + payload
+            packet = head[:2] + struct.pack("!H", inet_checksum(head + payload)) + head[4:] + payload
             try:
                 sock.sendto(packet, (a.dst, 0))
                 sent_at[seq] = now
@@ -132,7 +133,7 @@ def cmd_ping(a: argparse.Namespace) -> None:
                 continue
             got.add(rseq)
             rtts.append((t - sent_at[rseq]) * 1e6)
-            corrupt += icmp[8:] != payload or _icmp_checksum(icmp) != 0
+            corrupt += icmp[8:] != payload or inet_checksum(icmp) != 0
         elif kind in _ICMP_ERRORS:
             # Ours if the quoted original is one of our echo requests.
             inner = icmp[8:]

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +92,14 @@ def start_tunnels(tb: Testbed, verbose: bool = False, **tunnel: Any) -> list[Tun
             p.stop()
         raise
     return procs
+
+
+@contextmanager
+def running_tunnels(tb: Testbed, **tunnel: Any) -> Iterator[list[TunnelProcess]]:
+    """start_tunnels for the length of a with block, stopped even on failure."""
+    procs = start_tunnels(tb, **tunnel)
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()

@@ -400,6 +400,74 @@ def test_outer_fragments_from_the_kernel_are_reassembled(lab: Lab) -> None:
     assert ipv4(at_pod[0])[20:BIG] == sent[20:], "payload changed"  # the header changed: two hops
 
 
+def _snmp_ip(vm) -> dict[str, int]:
+    lines = [line.split() for line in vm.run("cat /proc/net/snmp").splitlines() if line.startswith("Ip:")]
+    return dict(zip(lines[0][1:], map(int, lines[1][1:])))
+
+
+@pytest.mark.parametrize("pmtudisc", [False, True], ids=["nopmtudisc", "pmtudisc"])
+def test_df_clear_inner_over_the_learnt_path_mtu(lab: Lab, pmtudisc: bool) -> None:
+    """A DF-clear inner packet that no longer fits the learnt path MTU (nobody
+    may be told: no DF).  nopmtudisc - the kernel fragments the outer packet to
+    the PMTU (ip_finish_output -> ip_fragment, DF clear); ipipfast sends it
+    whole with DF clear and leaves fragmenting to the path (intended, ipip.h
+    ipf_encap_classify).  pmtudisc - the outer must carry DF: the kernel drops
+    it before the wire (ip_fragment: DF set -> IPSTATS FragFails, frag-needed to
+    itself; forwarded inners are not fragmented against the PMTU unless
+    ip_forward_use_pmtu); ipipfast sends it with DF, for the bottleneck router
+    to drop.  Either way it is lost."""
+    lab.vm_tunnel(pmtudisc=pmtudisc)
+    lab.start_daemon(**({"pmtudisc": True} if pmtudisc else {}))
+    try:
+        seen: dict[str, list[Outer]] = {}
+        for side, ns, src, dst, node, peer in (("kernel", lab.sw, VM_OTHER, IPF_POD, VM_NODE, IPF_NODE),
+                                               ("ipipfast", lab.pod.name, IPF_POD, VM_POD, IPF_NODE, VM_NODE)):
+            with lab.tap_sniffer() as sn:
+                first = unique_id()
+                send_ip(ns, echo(src, dst, ident=first, size=BIG, df=False, icmp_type=0))
+                got = sn.wait_for(tunnelled(node, peer, first))
+                assert got, describe([f for _, f in sn.frames])
+                send_ip(lab.sw, icmp_error(GATEWAY, node, 3, 4, ipv4(got[0])[:QUOTE], mtu=PATH_MTU))
+                time.sleep(0.3)
+                before = _snmp_ip(lab.vm)
+                second = unique_id()
+                send_ip(ns, echo(src, dst, ident=second, size=BIG, df=False, icmp_type=0))
+                sn.settle(0.5)
+                outers = [o for _, f in sn.frames if (o := parse_ipip(f)) is not None and o.src == node]
+                # the second packet: its first fragment (or whole) carries our ICMP id, plus any later fragments
+                seen[side] = [o for o in outers if o.frag_offset or icmp_id(o.inner) == second]
+                if side == "kernel" and pmtudisc:
+                    assert _snmp_ip(lab.vm)["FragFails"] - before["FragFails"] == 1
+        shape = {side: [(o.total_length, o.df, o.mf) for o in outers] for side, outers in seen.items()}
+        if pmtudisc:
+            assert shape == {"kernel": [], "ipipfast": [(BIG + 20, True, False)]}, shape
+        else:
+            assert shape == {"kernel": [(PATH_MTU, False, True), (BIG + 20 - PATH_MTU + 20, False, False)],
+                             "ipipfast": [(BIG + 20, False, False)]}, shape
+    finally:
+        lab.stop_daemon()
+        lab.tb.sysctl(lab.node, "net.ipv4.route.flush", "1")
+        lab.vm_tunnel()
+
+
+def test_ipip_from_an_unknown_node(lab: Lab) -> None:
+    """Intended difference: tunl0 (remote any) decapsulates IPIP from anyone;
+    ipipfast only from the nodes its routes name (rx_drop_unknown_peer)."""
+    stranger = "198.18.0.99"
+    id_k, id_f = unique_id(), unique_id()
+    before = lab.counters()
+    with lab.tap_sniffer() as sn, lab.pod_sniffer() as ps:
+        send_ip(lab.sw, raw(IP(src=stranger, dst=VM_NODE, proto=4, id=0x7001)
+                            / Raw(echo(VM_OTHER, IPF_POD, ident=id_k, icmp_type=0))))
+        send_ip(lab.sw, raw(IP(src=stranger, dst=IPF_NODE, proto=4, id=0x7002)
+                            / Raw(echo(VM_OTHER, IPF_POD, ident=id_f, icmp_type=0))))
+        kernel = sn.wait_for(tunnelled(VM_NODE, IPF_NODE, id_k))
+        ours = ps.wait_for(plain(id_f, IPF_POD), timeout=1.0)
+    assert kernel, "tunl0 did not decapsulate (and forward) the stranger's packet"
+    assert not ours
+    assert lab.counters()["rx_drop_unknown_peer"] - before["rx_drop_unknown_peer"] == 1
+
+
 def _outer_error(lab: Lab, sender_ns: str, src: str, dst: str, node: str, peer: str,
                  icmp_type: int, code: int) -> bytes | None:
     """A router answers `node`'s outer packet with an ICMP error; returns the

@@ -11,6 +11,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
 from ipipfast._datapath import Dropped, Tunnel, coalesce
+from ipipfast.traffic import inet_checksum
 
 LOCAL, PEER = "198.18.0.10", "198.18.0.11"
 LOCAL_MAC, PEER_MAC = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
@@ -104,15 +105,6 @@ def segment(i: int, *, mss: int = 1400, seq0: int = 1, ip_id0: int = 10, flags: 
     return bytes(b)
 
 
-def rfc1071(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xffff) + (s >> 16)
-    return ~s & 0xffff
-
-
 def check_merged(vnet: bytes, pkt: bytes, segs: list[bytes]) -> None:
     """pkt must be the segments as one TCP packet, its checksum left partial
     exactly as virtio_net_hdr says; the oracle is scapy's whole packet."""
@@ -129,7 +121,7 @@ def check_merged(vnet: bytes, pkt: bytes, segs: list[bytes]) -> None:
     want = IP(raw(want / Raw(body)))  # scapy recomputes lengths and checksums
     # Complete the partial checksum as the kernel would, then compare whole.
     done = bytearray(pkt)
-    done[36:38] = rfc1071(bytes(done[20:])).to_bytes(2, "big")
+    done[36:38] = inet_checksum(bytes(done[20:])).to_bytes(2, "big")
     assert bytes(done) == raw(want)
 
 

@@ -13,7 +13,7 @@ import pytest
 from ipipfast import traffic
 from ipipfast.icmp import IcmpErrors, PMTU_EXPIRES
 from ipipfast.testbed import Testbed
-from ipipfast.tunnels import TunnelProcess, start_tunnels
+from ipipfast.tunnels import TunnelProcess, running_tunnels
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces, TUN and AF_PACKET")]
@@ -25,13 +25,9 @@ FITS = ROUTER_MTU - 20 - 28
 
 @pytest.fixture
 def routed() -> Iterator[tuple[Testbed, list[TunnelProcess]]]:
-    with Testbed(nodes=2, pods_per_node=2, underlay="routed", router_mtu=ROUTER_MTU) as tb:
-        tunnels = start_tunnels(tb)
-        try:
-            yield tb, tunnels
-        finally:
-            for t in tunnels:
-                t.stop()
+    with Testbed(nodes=2, pods_per_node=2, underlay="routed", router_mtu=ROUTER_MTU) as tb, \
+            running_tunnels(tb) as tunnels:
+        yield tb, tunnels
 
 
 def wait_for(cond, timeout: float = 3.0) -> bool:

@@ -7,6 +7,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from scapy.utils import rdpcap
 
 from ipipfast import ingress, traffic
 from ipipfast.testbed import Node, Testbed
-from ipipfast.tunnels import TunnelProcess, start_tunnels
+from ipipfast.tunnels import TunnelProcess, running_tunnels
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces, TUN and AF_PACKET")]
@@ -25,13 +26,8 @@ pytestmark = [pytest.mark.netns,
 
 @pytest.fixture(scope="module")
 def bed() -> Iterator[tuple[Testbed, list[TunnelProcess]]]:
-    with Testbed(nodes=2, pods_per_node=1) as tb:
-        tunnels = start_tunnels(tb)
-        try:
-            yield tb, tunnels
-        finally:
-            for t in tunnels:
-                t.stop()
+    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb) as tunnels:
+        yield tb, tunnels
 
 
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -208,79 +204,71 @@ def test_no_icmp_protocol_unreachable_leaves_a_node(bed, tmp_path):
     assert not cap.icmp_errors()
 
 
+@contextmanager
+def route_into_tun_only(tb: Testbed, tunnel: TunnelProcess, cidr: str) -> Iterator[None]:
+    """A kernel route into the TUN that the datapath's table does not have."""
+    ipr = tb.ipr(tunnel.node)
+    tun = ipr.link_lookup(ifname=tunnel.status()["tunnel"])[0]
+    net, length = cidr.split("/")
+    ipr.route("add", dst=net, dst_len=int(length), oif=tun)
+    try:
+        yield
+    finally:
+        ipr.route("del", dst=net, dst_len=int(length), oif=tun)
+
+
 def test_no_route_sends_net_unreachable(bed):
     tb, (ta, _) = bed
-    n0 = tb.nodes[0]
-    tun = tb.ipr(n0).link_lookup(ifname=ta.status()["tunnel"])[0]
-    # A kernel route into the TUN that the datapath's table does not have.
-    tb.ipr(n0).route("add", dst="198.19.9.0", dst_len=24, oif=tun)
-    try:
+    with route_into_tun_only(tb, ta, "198.19.9.0/24"):
         before = ta.counters()
-        r = traffic.ping(tb, n0.pods[0], "198.19.9.5", count=3, interval=0.01)
+        r = traffic.ping(tb, tb.nodes[0].pods[0], "198.19.9.5", count=3, interval=0.01)
         assert r["received"] == 0 and r["icmp_errors"] == {"3/0": 3}, r
         assert delta(before, ta.counters()) == {"tx_drop_no_route": 3, "icmp_sent": 3}
-    finally:
-        tb.ipr(n0).route("del", dst="198.19.9.0", dst_len=24, oif=tun)
 
 
 def test_icmp_errors_are_rate_limited_per_destination(bed):
     """As icmp_ratelimit: a burst of 6 to one destination, then one a second."""
     tb, (ta, _) = bed
-    n0 = tb.nodes[0]
-    tun = tb.ipr(n0).link_lookup(ifname=ta.status()["tunnel"])[0]
-    tb.ipr(n0).route("add", dst="198.19.8.0", dst_len=24, oif=tun)
-    try:
+    with route_into_tun_only(tb, ta, "198.19.8.0/24"):
         before = ta.counters()
         # From the node: a destination no other test has sent errors to.
-        r = traffic.ping(tb, n0, "198.19.8.5", count=10, interval=0.01)
+        r = traffic.ping(tb, tb.nodes[0], "198.19.8.5", count=10, interval=0.01)
         assert r["icmp_errors"] == {"3/0": 6}, r
         d = delta(before, ta.counters())
         assert (d["icmp_sent"], d["icmp_ratelimited"]) == (6, 4), d
-    finally:
-        tb.ipr(n0).route("del", dst="198.19.8.0", dst_len=24, oif=tun)
 
 
 def test_reload_bad_config_keeps_table_then_good_config_applies():
-    with Testbed(nodes=2, pods_per_node=1) as tb:
-        ta, tb_ = start_tunnels(tb)
-        try:
-            a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
-            good = tb.node_config(tb.nodes[0])
-            ta.reload("node: {ip: 198.18.0.10/24, interface: x}\nroutes:\n  - {cidr: 198.19.1.0/33, via: 198.18.0.11}\n")
-            deadline = time.monotonic() + 5
-            while "reload refused" not in ta.log() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert "reload refused" in ta.log() and ":3:" in ta.log()  # the line of the bad CIDR
-            assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
+    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb) as (ta, _):
+        a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+        good = tb.node_config(tb.nodes[0])
+        ta.reload("node: {ip: 198.18.0.10/24, interface: x}\nroutes:\n  - {cidr: 198.19.1.0/33, via: 198.18.0.11}\n")
+        deadline = time.monotonic() + 5
+        while "reload refused" not in ta.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "reload refused" in ta.log() and ":3:" in ta.log()  # the line of the bad CIDR
+        assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
 
-            ta.reload({**good, "routes": []})  # n1's pods withdrawn: the blackhole takes them
-            time.sleep(0.5)
-            assert traffic.ping(tb, a, b.ip, count=3, interval=0.01, timeout=0.3)["received"] == 0
-            ta.reload(good)
-            time.sleep(0.5)
-            assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
-        finally:
-            ta.stop()
-            tb_.stop()
+        ta.reload({**good, "routes": []})  # n1's pods withdrawn: the blackhole takes them
+        time.sleep(0.5)
+        assert traffic.ping(tb, a, b.ip, count=3, interval=0.01, timeout=0.3)["received"] == 0
+        ta.reload(good)
+        time.sleep(0.5)
+        assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
 
 
 def test_stopped_tunnel_leaves_the_blackhole_not_plain_routing():
-    with Testbed(nodes=2, pods_per_node=1) as tb:
-        ta, tb_ = start_tunnels(tb)
-        try:
-            a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
-            assert traffic.ping(tb, a, b.ip, count=2, interval=0.01)["received"] == 2
-            assert ta.stop() == 0
-            routes = [r for r in tb.ipr(tb.nodes[0]).get_routes()
-                      if r.get_attr("RTA_DST") == "198.19.1.0" and r["dst_len"] == 24]
-            assert [r["type"] for r in routes] == [6]  # RTN_BLACKHOLE alone: TUN and its route are gone
-            idx = tb.ipr(tb.nodes[0]).link_lookup(ifname=tb.nodes[0].interface)[0]
-            assert not [f for f in tb.ipr(tb.nodes[0]).get_filters(index=idx, parent=ingress.INGRESS)
-                        if f.get_attr("TCA_KIND")], "the tc drop outlived the tunnel"
-            assert traffic.ping(tb, a, b.ip, count=2, interval=0.01, timeout=0.3)["received"] == 0
-        finally:
-            ta.stop()
-            tb_.stop()
+    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb) as (ta, _):
+        n0 = tb.nodes[0]
+        a, b = n0.pods[0], tb.nodes[1].pods[0]
+        assert traffic.ping(tb, a, b.ip, count=2, interval=0.01)["received"] == 2
+        assert ta.stop() == 0
+        routes = [r for r in tb.ipr(n0).get_routes() if r.get_attr("RTA_DST") == "198.19.1.0" and r["dst_len"] == 24]
+        assert [r["type"] for r in routes] == [6]  # RTN_BLACKHOLE alone: TUN and its route are gone
+        idx = tb.ipr(n0).link_lookup(ifname=n0.interface)[0]
+        assert not [f for f in tb.ipr(n0).get_filters(index=idx, parent=ingress.INGRESS)
+                    if f.get_attr("TCA_KIND")], "the tc drop outlived the tunnel"
+        assert traffic.ping(tb, a, b.ip, count=2, interval=0.01, timeout=0.3)["received"] == 0
 
 
 def test_tcp_takes_the_offload_paths(bed):
@@ -328,50 +316,36 @@ def test_udp_gso_from_a_pod_is_segmented(bed):
 
 
 def test_without_offloads():
-    with Testbed(nodes=2, pods_per_node=1) as tb:
-        tunnels = start_tunnels(tb, offload=False)
-        try:
-            a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
-            assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
-            assert traffic.tcp_transfer(tb, a, b, 8 << 20)["match"]
-            assert all(t.counters()["tx_gso"] == t.counters()["rx_gro"] == 0 for t in tunnels)
-        finally:
-            for t in tunnels:
-                t.stop()
+    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb, offload=False) as tunnels:
+        a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+        assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
+        assert traffic.tcp_transfer(tb, a, b, 8 << 20)["match"]
+        assert all(t.counters()["tx_gso"] == t.counters()["rx_gro"] == 0 for t in tunnels)
 
 
 def test_two_workers():
     """Two TUN queues and two rings in one fanout group: flows spread over
     both workers, and a table swap reaches every one of them."""
-    with Testbed(nodes=2, pods_per_node=1) as tb:
-        tunnels = start_tunnels(tb, workers=2)
-        try:
-            a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
-            for port in range(7100, 7108):  # several flows: the queue is picked per flow
-                assert traffic.tcp_transfer(tb, a, b, 1 << 20, port=port)["match"]
-            assert traffic.ping(tb, b, a.ip, count=5, interval=0.01)["received"] == 5
-            ta = tunnels[0]
-            workers = ta.status()["workers"]
-            assert len(workers) == 2 and all(w["tx_packets"] > 0 for w in workers), workers
-            ta.reload({**tb.node_config(tb.nodes[0]), "routes": []})
-            time.sleep(0.5)
-            assert traffic.ping(tb, a, b.ip, count=2, interval=0.01, timeout=0.3)["received"] == 0
-            assert "ring_full" not in {k for t in tunnels for k, v in t.counters().items() if v and "drop" in k}
-        finally:
-            for t in tunnels:
-                t.stop()
+    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb, workers=2) as tunnels:
+        a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+        for port in range(7100, 7108):  # several flows: the queue is picked per flow
+            assert traffic.tcp_transfer(tb, a, b, 1 << 20, port=port)["match"]
+        assert traffic.ping(tb, b, a.ip, count=5, interval=0.01)["received"] == 5
+        ta = tunnels[0]
+        workers = ta.status()["workers"]
+        assert len(workers) == 2 and all(w["tx_packets"] > 0 for w in workers), workers
+        ta.reload({**tb.node_config(tb.nodes[0]), "routes": []})
+        time.sleep(0.5)
+        assert traffic.ping(tb, a, b.ip, count=2, interval=0.01, timeout=0.3)["received"] == 0
+        assert "ring_full" not in {k for t in tunnels for k, v in t.counters().items() if v and "drop" in k}
 
 
 def test_busy_polling():
-    with Testbed(nodes=2, pods_per_node=1) as tb:
-        tunnels = start_tunnels(tb, busy_poll=200)
-        try:
-            a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
-            assert traffic.udp_roundtrip(tb, a, b, count=50, size=64)["received"] == 50
-            assert traffic.tcp_transfer(tb, a, b, 4 << 20)["match"]
-        finally:
-            for t in tunnels:
-                assert t.stop() == 0
+    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb, busy_poll=200) as tunnels:
+        a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+        assert traffic.udp_roundtrip(tb, a, b, count=50, size=64)["received"] == 50
+        assert traffic.tcp_transfer(tb, a, b, 4 << 20)["match"]
+        assert [t.stop() for t in tunnels] == [0, 0]
 
 
 SCRAPE = """
@@ -406,8 +380,7 @@ def ip_in_receives(tb: Testbed, node: Node) -> int:
 
 
 def test_kernel_ip_stack_never_sees_the_ipip_frames():
-    with Testbed(nodes=2, pods_per_node=1) as tb:
-        tunnels = start_tunnels(tb)
+    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb):
         n1 = tb.nodes[1]
         idx = tb.ipr(n1).link_lookup(ifname=n1.interface)[0]
         a, b = tb.nodes[0].pods[0], n1.pods[0]
@@ -417,16 +390,11 @@ def test_kernel_ip_stack_never_sees_the_ipip_frames():
             assert traffic.udp_roundtrip(tb, a, b, count=200, size=64)["received"] == 200
             return ip_in_receives(tb, n1) - before
 
-        try:
-            # 200 requests out of the TUN and 200 replies from the pod: the
-            # 200 outer frames never reach ip_rcv...
-            with_drop = ip_packets_for_200_requests()
-            assert 400 <= with_drop < 440, with_drop
-            # ...until the tc drop is gone (the tunnel still works, slower).
-            tb.in_netns(n1, ingress.detach, idx)
-            without = ip_packets_for_200_requests()
-            assert without - with_drop >= 190, (with_drop, without)
-        finally:
-            for t in tunnels:
-                t.stop()
-        assert not [f for f in tb.ipr(n1).get_filters(index=idx, parent=ingress.INGRESS) if f.get_attr("TCA_KIND")]
+        # 200 requests out of the TUN and 200 replies from the pod: the 200
+        # outer frames never reach ip_rcv...
+        with_drop = ip_packets_for_200_requests()
+        assert 400 <= with_drop < 440, with_drop
+        # ...until the tc drop is gone (the tunnel still works, slower).
+        tb.in_netns(n1, ingress.detach, idx)
+        without = ip_packets_for_200_requests()
+        assert without - with_drop >= 190, (with_drop, without)
