@@ -93,8 +93,8 @@ def _plain(tb: Testbed) -> Running:
     return Running()
 
 
-def _ipipfast(tb: Testbed) -> Running:
-    tunnels = start_tunnels(tb)
+def _ipipfast(tb: Testbed, workers: int = 1) -> Running:
+    tunnels = start_tunnels(tb, workers=workers)
 
     def stop() -> None:
         for t in tunnels:
@@ -110,6 +110,7 @@ MODES = {
     "wireguard-go": Mode(wireguard.POD_MTU, "wireguard", wireguard.start, lambda: wireguard.REQUIRES),
     "naive": Mode(naive.POD_MTU, "ipip", naive.start),
     "ipipfast": Mode(1480, "ipip", _ipipfast),
+    "ipipfast-2w": Mode(1480, "ipip", lambda tb: _ipipfast(tb, workers=2)),  # multi-queue scaling
 }
 assert tuple(MODES) == benchcli.MODES, "the CLI's mode names and these must agree"
 
@@ -448,7 +449,7 @@ def chart(result: dict[str, Any], path: Path) -> str | None:
             med = [g["median"] for g in figs]
             ax.barh([_label(m) for m in names], med,
                     xerr=[[g["median"] - g["min"] for g in figs], [g["max"] - g["median"] for g in figs]],
-                    color=["tab:orange" if m == "ipipfast" else "tab:gray" if m.startswith("plain") else "tab:blue"
+                    color=["tab:orange" if m.startswith("ipipfast") else "tab:gray" if m.startswith("plain") else "tab:blue"
                            for m in names], capsize=3)
             ax.invert_yaxis()
             ax.tick_params(labelsize=8)

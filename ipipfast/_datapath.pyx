@@ -36,6 +36,8 @@ cdef enum:
     # many (a 64 KB TCP packet at MSS 1440 is 46 segments).
     MAX_MSGS = 2048
     GSO_MAX = 65536
+    # Outer IP IDs a worker takes from the datapath's counter at a time.
+    ID_BLOCK = 64
     STATS_ALIGN = 64
     # Where a classic BPF program's "ld [k]" reads the outer IPv4 fields.
     OFF_ETHERTYPE = 12
@@ -163,6 +165,7 @@ cdef class Datapath:
         ipf_table *table
         uint64_t generation
         uint32_t stopping
+        uint32_t ip_id              # the next block of outer IP IDs (see Worker._next_id)
         int stop_fd, sink_fd, icmp_fd
         int ifindex, mtu, batch, ring_frames, fanout_id
         uint64_t busy_poll_ns
@@ -340,7 +343,7 @@ cdef class Worker:
         uint64_t ring_full
         ipf_ratelimit icmp_rl
         uint8_t icmp_buf[IPF_ICMP_MAX]
-        uint16_t ip_id
+        uint32_t ip_id, ip_id_end
         bint vnet
         uint32_t batch, buf_size
         uint8_t *bufs
@@ -572,6 +575,17 @@ cdef class Worker:
                 return False
         return False
 
+    cdef inline uint16_t _next_id(self) noexcept nogil:
+        """The next outer IP ID. Workers take blocks from one counter, so
+        that no two frames toward a peer share an ID (RFC 6864: a repeated
+        ID lets fragments of two packets be joined) without an atomic per
+        frame."""
+        if self.ip_id == self.ip_id_end:
+            self.ip_id = ipf_fetch_add_u32(&self.dp.ip_id, ID_BLOCK)
+            self.ip_id_end = self.ip_id + ID_BLOCK
+        self.ip_id += 1
+        return <uint16_t>(self.ip_id - 1)
+
     cdef void _icmp(self, const uint8_t *pkt, uint32_t n, uint8_t type, uint8_t code,
                     uint32_t info) noexcept nogil:
         """Sends an ICMP error about pkt to its source (encap loop only)."""
@@ -661,8 +675,7 @@ cdef class Worker:
             if nmsg == MAX_MSGS:
                 self._send(nmsg)
                 nmsg = 0
-            ipf_encap_write(&self.tn, peer, pkt, length, self.ip_id)
-            self.ip_id += 1
+            ipf_encap_write(&self.tn, peer, pkt, length, self._next_id())
             self.iovs[2 * nmsg].iov_base = pkt - IPF_ENCAP_HLEN
             self.iovs[2 * nmsg].iov_len = length + IPF_ENCAP_HLEN
             self.msgs[nmsg].msg_hdr.msg_iovlen = 1
@@ -672,9 +685,8 @@ cdef class Worker:
             nmsg = 0
         self.txs.gso += 1
         for s in range(plan.nseg):
-            ipf_gso_segment(&self.tn, peer, pkt, length, &plan, s, self.ip_id,
+            ipf_gso_segment(&self.tn, peer, pkt, length, &plan, s, self._next_id(),
                             self.seg_slots + <size_t>nmsg * IPF_SEG_SLOT, &self.iovs[2 * nmsg])
-            self.ip_id += 1
             self.msgs[nmsg].msg_hdr.msg_iovlen = 2
             nmsg += 1
         return nmsg

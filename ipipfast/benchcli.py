@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("plain", "plain-1480", "vxlan", "kernel-ipip", "wireguard-go", "naive", "ipipfast")
+MODES = ("plain", "plain-1480", "vxlan", "kernel-ipip", "wireguard-go", "naive", "ipipfast", "ipipfast-2w")
 PROFILES = ("wire", "veth")
 
 

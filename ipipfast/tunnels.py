@@ -3,6 +3,7 @@ integration tests and the benchmarks."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ class TunnelProcess:
         argv = [sys.executable, "-m", "ipipfast", *(["-v"] if verbose else []), "run",
                 "--config", str(self.config_path), "--status-file", str(self.status_path)]
         self._log = open(self.log_path, "wb")
+        self._final_log: str | None = None
         self.proc = tb.popen(node, argv, stdout=self._log, stderr=subprocess.STDOUT)
 
     def write_config(self, config: dict[str, Any]) -> None:
@@ -66,6 +68,8 @@ class TunnelProcess:
         self.proc.send_signal(signal.SIGHUP)
 
     def log(self) -> str:
+        if self._final_log is not None:
+            return self._final_log
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 10) -> int:
@@ -76,7 +80,10 @@ class TunnelProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        if self._final_log is None:
+            self._log.close()
+            self._final_log = self.log()  # kept for the caller; the directory goes
+            shutil.rmtree(self.dir, ignore_errors=True)
         return self.proc.returncode
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import select
+import shutil
 import socket
 import struct
 import sys
@@ -33,11 +34,11 @@ from typing import Any
 from pyroute2 import netns
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernelvm  # noqa: E402
-from kernelvm import KernelVM  # noqa: E402
+import kernelvm
+from kernelvm import KernelVM
 
-from ipipfast.testbed import Node, Pod, Testbed  # noqa: E402
-from ipipfast.tunnels import TunnelProcess  # noqa: E402
+from ipipfast.testbed import BLACKHOLE_METRIC, Node, Pod, Testbed
+from ipipfast.tunnels import TunnelProcess
 
 GATEWAY = "198.18.0.1"        # the switch namespace's bridge: router and injector
 IPF_NODE = "198.18.0.10"      # Testbed node n0
@@ -50,7 +51,6 @@ VM_OTHER = "198.19.1.77"      # not local anywhere: source of packets injected a
 PREFIXLEN = 24
 
 ETH_P_ALL = 0x0003
-PACKET_OUTGOING = 4
 IPPROTO_IPIP = 4
 IP_MTU_DISCOVER, IP_PMTUDISC_PROBE = 10, 3
 
@@ -204,7 +204,7 @@ class Sniffer:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> Sniffer:
+    def __enter__(self) -> Sniffer:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -253,12 +253,22 @@ def unique_id() -> int:
     return secrets.randbelow(0xFFFE) + 1
 
 
-# ---------------------------------------------------------------- the VM's counters
+# ---------------------------------------------------------------- the VM
+
+
+def vm_run(vm: KernelVM, cmd: str, timeout: float = 60) -> str:
+    """vm.run for idempotent commands, tried twice: under heavy host CPU
+    contention (load 9 on 2 cores) one command has been seen to get no answer
+    within the 45 s the channel waits, while the next one ran normally."""
+    try:
+        return vm.run(cmd, timeout=timeout)
+    except TimeoutError:
+        return vm.run(cmd, timeout=timeout)
 
 
 def vm_ipext(vm: KernelVM) -> dict[str, int]:
     """IpExt counters of the VM (/proc/net/netstat): InNoECTPkts, InECT0Pkts, ..."""
-    out = vm.run("cat /proc/net/netstat")
+    out = vm_run(vm, "cat /proc/net/netstat")
     lines = [line.split() for line in out.splitlines() if line.startswith("IpExt:")]
     names, values = lines[0][1:], lines[1][1:]
     return dict(zip(names, map(int, values)))
@@ -268,7 +278,7 @@ IPEXT_ECN = {NOT_ECT: "InNoECTPkts", ECT1: "InECT1Pkts", ECT0: "InECT0Pkts", CE:
 
 
 def vm_dev_stats(vm: KernelVM, dev: str) -> dict[str, int]:
-    out = vm.run(f"cd /sys/class/net/{dev}/statistics && for f in *; do echo $f $(cat $f); done")
+    out = vm_run(vm, f"cd /sys/class/net/{dev}/statistics && for f in *; do echo $f $(cat $f); done")
     return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
 
 
@@ -288,6 +298,7 @@ class Lab:
     node_mac: str
     daemon: TunnelProcess | None = None
     tunnel_opts: dict[str, Any] = dataclasses.field(default_factory=dict)
+    _vm_state: tuple | None = None  # the last vm_tunnel() options, None when unknown
 
     def start_daemon(self, **tunnel: Any) -> TunnelProcess:
         """(Re)start ipipfast on n0 with these tunnel options (restart only when
@@ -310,9 +321,12 @@ class Lab:
         return d
 
     def stop_daemon(self) -> None:
+        """Stop ipipfast; its directory (config, status, log) is removed when it
+        exited cleanly and kept for a post-mortem otherwise."""
         if self.daemon is not None:
-            self.daemon.stop()
-            self.daemon = None
+            d, self.daemon = self.daemon, None
+            if d.stop() == 0:
+                shutil.rmtree(d.dir, ignore_errors=True)
 
     def counters(self) -> dict[str, int]:
         assert self.daemon is not None
@@ -320,10 +334,20 @@ class Lab:
 
     def vm_tunnel(self, *, ttl: int = 0, tos: int | str = 0, pmtudisc: bool = False) -> None:
         """Set the options of the VM's tunl0 (ioctl SIOCCHGTUNNEL on the fallback
-        device) and forget cached PMTUs.  ttl 0 is "inherit": iproute2's `ip
-        tunnel change ... ttl inherit` leaves the old TTL in place."""
+        device) and forget cached PMTUs; nothing to do when they are already set
+        and nothing was learnt since.  ttl 0 is "inherit": iproute2's `ip tunnel
+        change ... ttl inherit` leaves the old TTL in place."""
+        state = (ttl, str(tos), pmtudisc)
+        if state == self._vm_state:
+            return
+        self._vm_state = None
         disc = "pmtudisc" if pmtudisc else "nopmtudisc"
-        self.vm.run(f"ip tunnel change tunl0 mode ipip ttl {ttl} tos {tos} {disc} && ip route flush cache")
+        vm_run(self.vm, f"ip tunnel change tunl0 mode ipip ttl {ttl} tos {tos} {disc} && ip route flush cache")
+        self._vm_state = state
+
+    def vm_dirty(self) -> None:
+        """The VM may have learnt something (a PMTU): the next vm_tunnel() flushes."""
+        self._vm_state = None
 
     def uplink_sniffer(self) -> Sniffer:
         """Frames to and from the ipipfast node."""
@@ -338,14 +362,11 @@ class Lab:
 
 
 def _setup_vm(vm: KernelVM) -> None:
-    vm.run("\n".join([
-        "set -e",
-        # Only IPv4 in 198.18.0.0/15 on the segment.
-        "for k in all default eth0; do sysctl -qw net.ipv6.conf.$k.disable_ipv6=1; done",
-    ]))
+    # Only IPv4 in 198.18.0.0/15 on the segment (the TAP is still down).
+    vm_run(vm, "for k in all default eth0; do sysctl -qw net.ipv6.conf.$k.disable_ipv6=1 || exit 1; done")
     vm.setup_ipip(pod_ip=VM_POD)
     # Calico puts the tunnel address on tunl0 for source selection; a route src does the same.
-    vm.run(f"ip route replace {IPF_POD_CIDR} via {IPF_NODE} dev tunl0 onlink src {VM_POD}")
+    vm_run(vm, f"ip route replace {IPF_POD_CIDR} via {IPF_NODE} dev tunl0 onlink src {VM_POD}")
 
 
 @contextmanager
@@ -387,9 +408,10 @@ def open_lab(artifacts: kernelvm.Artifacts) -> Iterator[Lab]:
             _setup_vm(vm)
             ipr.link("set", index=tapi, state="up")
 
+            # The Testbed's blackhole for n1's pod CIDR is the VM's; add it if that ever changes.
             routes = tb.ipr(n0).get_routes(type="blackhole")
             if not any(r.get_attr("RTA_DST") == VM_POD_CIDR.split("/")[0] and r["dst_len"] == 24 for r in routes):
-                tb.ipr(n0).route("add", type="blackhole", dst=VM_POD_CIDR, priority=4000)
+                tb.ipr(n0).route("add", type="blackhole", dst=VM_POD_CIDR, priority=BLACKHOLE_METRIC)
             link = tb.ipr(n0).get_links(ifname=n0.interface)[0]
             lab = Lab(tb=tb, node=n0, pod=n0.pods[0], sw=sw, br=br, tap=tap, uplink=uplink, vm=vm,
                       node_mac=link.get_attr("IFLA_ADDRESS"))

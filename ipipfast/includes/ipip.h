@@ -480,6 +480,7 @@ static inline uint64_t ipf_qsbr_snapshot(ipf_qsbr *q)
     return __atomic_load_n(&q->qs, __ATOMIC_SEQ_CST);
 }
 
+static inline uint32_t ipf_fetch_add_u32(uint32_t *p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 static inline uint32_t ipf_load_u32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void ipf_store_u32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 static inline uint32_t ipf_load_status(volatile uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }

@@ -97,6 +97,7 @@ cdef extern from "ipip.h" nogil:
     ipf_table *ipf_table_publish(ipf_table **slot, ipf_table *t)
     int ipf_qsbr_passed(ipf_qsbr *q, uint64_t qs_seen)
     uint64_t ipf_qsbr_snapshot(ipf_qsbr *q)
+    uint32_t ipf_fetch_add_u32(uint32_t *p, uint32_t v)
     uint32_t ipf_load_u32(const uint32_t *p)
     void ipf_store_u32(uint32_t *p, uint32_t v)
     uint32_t ipf_load_status(volatile uint32_t *p)
