@@ -463,7 +463,7 @@ class Testbed:
     def node_config(self, node: Node, *, name: str | None = None, mode: str = "Always", **tunnel: Any) -> dict:
         """The ipipfast daemon config for `node`: tunnel to every other node."""
         return {
-            "node": {"ip": node.ip, "interface": node.interface},
+            "node": {"ip": f"{node.ip}/{node.prefixlen}", "interface": node.interface},
             "tunnel": {"name": name or f"{self.prefix}t{node.index}", "mode": mode, **tunnel},
             "routes": [{"cidr": o.pod_cidr, "via": o.ip} for o in self.nodes if o is not node],
         }

@@ -38,6 +38,7 @@ import kernelvm
 from kernelvm import KernelVM
 
 from ipipfast.testbed import BLACKHOLE_METRIC, Node, Pod, Testbed
+from ipipfast.traffic import inet_checksum
 from ipipfast.tunnels import TunnelProcess
 
 GATEWAY = "198.18.0.1"        # the switch namespace's bridge: router and injector
@@ -84,15 +85,6 @@ def ecn_decap(outer: int, inner: int) -> int | None:
 
 
 # ---------------------------------------------------------------- checksums, headers
-
-
-def inet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 @dataclasses.dataclass(frozen=True)

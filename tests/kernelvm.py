@@ -664,6 +664,32 @@ class KernelVM:
         self.sh(f"kill -{sig} {pid}")
 
     # -- conveniences
+    def receive_tcp(self, ns: str, dst: str, port: int, data: bytes) -> tuple[int, str]:
+        """Sends data from namespace ns to a busybox nc listening in the VM
+        on dst:port; returns (bytes received, their md5) as the VM saw them."""
+        pid = self.spawn(f"nc -l -p {port} > /tmp/rx")
+        deadline = time.monotonic() + 15
+        while True:
+            s = netns_socket(ns, socket.AF_INET, socket.SOCK_STREAM)
+            s.settimeout(15)
+            try:
+                s.connect((dst, port))
+                break
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        with s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        rc, out = self.sh(f"while kill -0 {pid} 2>/dev/null; do sleep 0.1; done; wc -c < /tmp/rx; "
+                          "md5sum /tmp/rx; rm -f /tmp/rx", timeout=30)
+        if rc != 0:
+            raise KernelVMError(f"receiving in the VM failed: {out}")
+        size, digest = out.split()[:2]
+        return int(size), digest
+
     def ping(self, dst: str, count: int = 1, src: str | None = None, wait: int = 2) -> bool:
         """busybox ping from the VM; True when at least one reply came back."""
         opt = f"-I {src} " if src else ""

@@ -228,27 +228,8 @@ def test_blackhole_keeps_vm_pods_off_plain_routing(lab: Lab) -> None:
 def test_tcp_pod_to_vm_pod(lab: Lab) -> None:
     vm, port, nbytes = lab.vm, 5001, 2 << 20
     data = b"".join(bytes(c) for c in traffic.pattern(nbytes, seed=7))
-    pid = vm.spawn(f"nc -l -p {port} > /tmp/rx")
-    deadline = time.monotonic() + 15
-    while True:
-        s = kernelvm.netns_socket(lab.pod.name, socket.AF_INET, socket.SOCK_STREAM)
-        s.settimeout(15)
-        try:
-            s.connect((VM_POD, port))
-            break
-        except OSError:
-            s.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-    with s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-    rc, out = vm.sh(f"while kill -0 {pid} 2>/dev/null; do sleep 0.1; done; wc -c < /tmp/rx; md5sum /tmp/rx; "
-                    "rm -f /tmp/rx", timeout=30)
-    assert rc == 0, out
-    size, digest = out.split()[:2]
-    assert (int(size), digest) == (nbytes, hashlib.md5(data).hexdigest()), lab.counters()
+    size, digest = vm.receive_tcp(lab.pod.name, VM_POD, port, data)
+    assert (size, digest) == (nbytes, hashlib.md5(data).hexdigest()), lab.counters()
 
 
 def test_tcp_vm_pod_to_pod(lab: Lab) -> None:

@@ -133,3 +133,24 @@ def test_learned_mtu_expires(monkeypatch):
     finally:
         errors.sock.close()
         dp.sock.close()
+
+
+def test_cross_subnet_routes_same_subnet_peers_directly(tmp_path):
+    """Calico's CrossSubnet: nodes 0 and 1 share a subnet and talk plainly;
+    node 2 sits behind the router and is reached through the tunnel."""
+    from ipipfast.tunnels import running_tunnels as running
+    from test_tunnel import Capture
+    with Testbed(nodes=3, pods_per_node=1, underlay="routed", subnets=[1, 1, 2]) as tb, \
+            running(tb, mode="CrossSubnet") as (t0, _, _):
+        n0, n1, n2 = tb.nodes
+        assert t0.status()["routes_encapsulated"] == 1 and t0.status()["routes_direct"] == 1
+        before = t0.counters()
+        with Capture(tb, n0, tmp_path) as cap:
+            assert traffic.ping(tb, n0.pods[0], n1.pods[0].ip, count=5, interval=0.01)["received"] == 5
+            assert traffic.ping(tb, n0.pods[0], n2.pods[0].ip, count=5, interval=0.01)["received"] == 5
+        after = t0.counters()
+        assert after["tx_packets"] - before["tx_packets"] == 5  # only node 2's pings took the tunnel
+        ipip_peers = {f["IP"].dst for f in cap.ipip() if f["IP"].src == n0.ip}
+        assert ipip_peers == {n2.ip}
+        plain = [f for f in cap.frames if f.haslayer("ICMP") and f["IP"].dst == n1.pods[0].ip]
+        assert len(plain) == 5  # to node 1's pod: on the wire as they are

@@ -49,7 +49,7 @@ def test_topology_and_node_config(tb: Testbed) -> None:
     assert [p.ip for p in tb.pods] == ["198.19.0.2", "198.19.0.3", "198.19.1.2", "198.19.1.3"]
     assert all(p.host_veth.startswith("cali") and len(p.host_veth) <= 15 for p in tb.pods)
     assert tb.node_config(n1, mtu=1440) == {
-        "node": {"ip": "198.18.0.11", "interface": n1.interface},
+        "node": {"ip": "198.18.0.11/24", "interface": n1.interface},  # the prefix: CrossSubnet needs it
         "tunnel": {"name": f"{tb.prefix}t1", "mode": "Always", "mtu": 1440},
         "routes": [{"cidr": "198.19.0.0/24", "via": "198.18.0.10"}],
     }
