@@ -14,7 +14,6 @@ from ipaddress import IPv4Address
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
 from ipipfast._datapath import Lpm, Tunnel, checksum, coalesce_rounds

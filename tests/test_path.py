@@ -14,6 +14,7 @@ from ipipfast import traffic
 from ipipfast.icmp import IcmpErrors, PMTU_EXPIRES
 from ipipfast.testbed import Testbed
 from ipipfast.tunnels import TunnelProcess, running_tunnels
+from netns_helpers import Capture
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces, TUN and AF_PACKET")]
@@ -138,10 +139,8 @@ def test_learned_mtu_expires(monkeypatch):
 def test_cross_subnet_routes_same_subnet_peers_directly(tmp_path):
     """Calico's CrossSubnet: nodes 0 and 1 share a subnet and talk plainly;
     node 2 sits behind the router and is reached through the tunnel."""
-    from ipipfast.tunnels import running_tunnels as running
-    from test_tunnel import Capture
     with Testbed(nodes=3, pods_per_node=1, underlay="routed", subnets=[1, 1, 2]) as tb, \
-            running(tb, mode="CrossSubnet") as (t0, _, _):
+            running_tunnels(tb, mode="CrossSubnet") as (t0, _, _):
         n0, n1, n2 = tb.nodes
         assert t0.status()["routes_encapsulated"] == 1 and t0.status()["routes_direct"] == 1
         before = t0.counters()

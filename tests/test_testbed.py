@@ -216,7 +216,7 @@ def test_routed_topology(routed: Testbed) -> None:
 
 
 def test_routed_plain_routes_via_the_router(routed: Testbed) -> None:
-    (n0, n1), src, dst = routed.nodes, routed.nodes[0].pods[0], routed.nodes[1].pods[0]
+    (n0, _), src, dst = routed.nodes, routed.nodes[0].pods[0], routed.nodes[1].pods[0]
     assert traffic.ping(routed, src, dst.ip, count=2, timeout=0.3)["received"] == 0
     routed.add_plain_routes()
     try:

@@ -3,22 +3,20 @@ network namespaces; frames on the underlay parsed by scapy."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP, fragment
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
-from scapy.utils import rdpcap
 
 from ipipfast import ingress, traffic
 from ipipfast.testbed import Node, Testbed
 from ipipfast.tunnels import TunnelProcess, running_tunnels
+from netns_helpers import Capture, delta, inject, node_mac
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces, TUN and AF_PACKET")]
@@ -28,49 +26,6 @@ pytestmark = [pytest.mark.netns,
 def bed() -> Iterator[tuple[Testbed, list[TunnelProcess]]]:
     with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb) as tunnels:
         yield tb, tunnels
-
-
-def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
-
-
-def node_mac(tb: Testbed, node: Node) -> bytes:
-    link = tb.ipr(node).get_links(ifname=node.interface)[0]
-    return bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
-
-
-def inject(tb: Testbed, node: Node, frames: list[bytes]) -> None:
-    """Sends raw frames out of node's underlay interface."""
-    def send() -> None:
-        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
-            s.bind((node.interface, 0))
-            for f in frames:
-                s.send(f)
-    tb.in_netns(node, send)
-
-
-class Capture:
-    """Frames on a node's underlay interface while the block runs."""
-
-    def __init__(self, tb: Testbed, node: Node, tmp: Path) -> None:
-        self.tb, self.node, self.path = tb, node, tmp / f"{node.name}.pcap"
-
-    def __enter__(self) -> Capture:
-        self.proc = traffic.serve(self.tb, self.node, "capture", "--iface", self.node.interface,
-                                  "--out", self.path)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        time.sleep(0.2)
-        self.proc.terminate()
-        traffic.collect(self.proc)
-        self.frames = [Ether(raw(p)) for p in rdpcap(str(self.path))]
-
-    def ipip(self) -> list[Ether]:
-        return [f for f in self.frames if IP in f and f[IP].proto == 4]
-
-    def icmp_errors(self) -> list[Ether]:
-        return [f for f in self.frames if IP in f and f[IP].proto == 1 and f[ICMP].type == 3]
 
 
 def test_ping_both_ways(bed):
@@ -328,8 +283,9 @@ def test_two_workers():
     both workers, and a table swap reaches every one of them."""
     with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb, workers=2) as tunnels:
         a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
-        for port in range(7100, 7108):  # several flows: the queue is picked per flow
-            assert traffic.tcp_transfer(tb, a, b, 1 << 20, port=port)["match"]
+        # 16 flows: the queue is picked per flow, so all on one is a 1 in 2^15 chance
+        for port in range(7100, 7116):
+            assert traffic.tcp_transfer(tb, a, b, 256 << 10, port=port)["match"]
         assert traffic.ping(tb, b, a.ip, count=5, interval=0.01)["received"] == 5
         ta = tunnels[0]
         workers = ta.status()["workers"]

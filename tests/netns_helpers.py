@@ -1,0 +1,57 @@
+"""Helpers of the netns tests: counters, frames on the underlay, injection."""
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+from scapy.layers.inet import ICMP, IP
+from scapy.layers.l2 import Ether
+from scapy.packet import raw
+from scapy.utils import rdpcap
+
+from ipipfast import traffic
+from ipipfast.testbed import Node, Testbed
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def node_mac(tb: Testbed, node: Node) -> bytes:
+    link = tb.ipr(node).get_links(ifname=node.interface)[0]
+    return bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
+
+
+def inject(tb: Testbed, node: Node, frames: list[bytes]) -> None:
+    """Sends raw frames out of node's underlay interface."""
+    def send() -> None:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+            s.bind((node.interface, 0))
+            for f in frames:
+                s.send(f)
+    tb.in_netns(node, send)
+
+
+class Capture:
+    """Frames on a node's underlay interface while the block runs."""
+
+    def __init__(self, tb: Testbed, node: Node, tmp: Path) -> None:
+        self.tb, self.node, self.path = tb, node, tmp / f"{node.name}.pcap"
+
+    def __enter__(self) -> Capture:
+        self.proc = traffic.serve(self.tb, self.node, "capture", "--iface", self.node.interface,
+                                  "--out", self.path)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.2)
+        self.proc.terminate()
+        traffic.collect(self.proc)
+        self.frames = [Ether(raw(p)) for p in rdpcap(str(self.path))]
+
+    def ipip(self) -> list[Ether]:
+        return [f for f in self.frames if IP in f and f[IP].proto == 4]
+
+    def icmp_errors(self) -> list[Ether]:
+        return [f for f in self.frames if IP in f and f[IP].proto == 1 and f[ICMP].type == 3]
