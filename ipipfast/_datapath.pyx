@@ -43,6 +43,8 @@ cdef enum:
     OFF_ETHERTYPE = 12
     OFF_PROTO = 23
     OFF_DADDR = 30
+    # PACKET_FANOUT's flag, in the uapi since 2024: older headers lack it.
+    FANOUT_FLAG_IGNORE_OUTGOING = 0x4000
 
 TX_REASONS = tuple(ipf_tx_reason_names[i].decode() for i in range(1, IPF_TX_NREASONS))
 RX_REASONS = tuple(ipf_rx_reason_names[i].decode() for i in range(1, IPF_RX_NREASONS))
@@ -169,7 +171,7 @@ cdef class Datapath:
         int stop_fd, sink_fd, icmp_fd
         int ifindex, mtu, batch, ring_frames, fanout_id
         uint64_t busy_poll_ns
-        bint vnet
+        bint vnet, tx_partial
         ipf_ratelimit icmp_rl       # control-thread ICMP (relayed errors)
         list workers
         object lock
@@ -180,15 +182,19 @@ cdef class Datapath:
 
     def __init__(self, int ifindex, str local_ip, bytes local_mac, *, int mtu=1500, ttl=None, tos=0,
                  bint pmtudisc=False, bint ignore_df=False, int batch=64, int ring_frames=4096,
-                 bint vnet_hdr=False, int busy_poll_us=0):
+                 bint vnet_hdr=False, bint csum_offload=False, int busy_poll_us=0):
         """ifindex, local_ip, local_mac: the underlay interface; mtu: its
         MTU (the largest outer packet); vnet_hdr: the TUN queues carry a
-        virtio_net_hdr with offloads (tun.py); busy_poll_us: how long an
+        virtio_net_hdr with offloads (tun.py); csum_offload: the underlay
+        device completes any L4 checksum at the offset it is given
+        (NETIF_F_HW_CSUM), so frames leave with their inner TCP/UDP
+        checksum partial (with vnet_hdr only); busy_poll_us: how long an
         idle loop keeps looking for work before it sleeps in poll()."""
         if not 1 <= batch <= 1024:
             raise ValueError(f"batch {batch} out of range 1..1024")
         set_tunnel(&self.tn, local_ip, local_mac, mtu, ttl, tos, pmtudisc, ignore_df)
         self.ifindex, self.mtu, self.batch, self.ring_frames, self.vnet = ifindex, mtu, batch, ring_frames, vnet_hdr
+        self.tx_partial = vnet_hdr and csum_offload
         self.busy_poll_ns = <uint64_t>busy_poll_us * 1000
         # The group that spreads received frames over the workers' rings by
         # flow; one per datapath in the namespace.
@@ -235,12 +241,19 @@ cdef class Datapath:
         check(c.setsockopt(self.sink_fd, c.IPPROTO_IP, c.IP_HDRINCL, &one, sizeof(one)), "IP_HDRINCL")
         return 0
 
-    def add_worker(self, int tun_fd):
-        """A worker on one TUN queue (an fd from tun.open_tun), with its own
-        send socket and receive ring in the fanout group."""
-        w = Worker(self, tun_fd)
-        self.workers.append(w)
-        return w
+    def add_workers(self, tun_fds):
+        """One worker per TUN queue (fds from tun.open_tun), each with its
+        own send socket and receive ring in the fanout group. Called once:
+        how the group spreads frames depends on how many join it."""
+        if self.workers:
+            raise RuntimeError("the workers are already added")
+        if not tun_fds:
+            raise ValueError("no TUN queue for a worker")
+        # One ring needs no flow hash (a flow dissection per frame): any
+        # spread keeps a single member's frames in order.
+        cdef int mode = c.PACKET_FANOUT_HASH if len(tun_fds) > 1 else c.PACKET_FANOUT_CPU
+        self.workers = [Worker(self, fd, mode) for fd in tun_fds]
+        return list(self.workers)
 
     def __dealloc__(self):
         if self.sink_fd >= 0:
@@ -344,12 +357,13 @@ cdef class Worker:
         ipf_ratelimit icmp_rl
         uint8_t icmp_buf[IPF_ICMP_MAX]
         uint32_t ip_id, ip_id_end
-        bint vnet
+        bint vnet, tx_partial, rx_vnet
         uint32_t batch, buf_size
         uint8_t *bufs
         uint8_t *seg_slots          # per message: headers of a segment (offload.h)
         c.mmsghdr *msgs
-        c.iovec *iovs               # two per message: headers, payload
+        c.iovec *iovs               # three per message: virtio_net_hdr (tx_partial), headers, payload
+        virtio_net_hdr *txvh        # per message
         ipf_gro *gro
         uint32_t gro_slots[IPF_GRO_MAX_SEGS]
         uint8_t *ring
@@ -360,11 +374,12 @@ cdef class Worker:
     def __cinit__(self):
         self.tun_fd = self.tx_fd = self.rx_fd = -1
 
-    def __init__(self, Datapath dp not None, int tun_fd):
+    def __init__(self, Datapath dp not None, int tun_fd, int fanout_mode):
         cdef uint32_t i
         self.dp = dp
         self.tn = dp.tn
         self.vnet = dp.vnet
+        self.tx_partial = dp.tx_partial
         self.batch = dp.batch
         self.tun_fd = tun_fd
         check(c.fcntl(tun_fd, c.F_SETFL, c.fcntl(tun_fd, c.F_GETFL) | c.O_NONBLOCK), "tun O_NONBLOCK")
@@ -375,45 +390,54 @@ cdef class Worker:
         self.bufs = <uint8_t *>aligned_alloc(STATS_ALIGN, <size_t>self.batch * self.buf_size)
         self.seg_slots = <uint8_t *>aligned_alloc(STATS_ALIGN, <size_t>MAX_MSGS * IPF_SEG_SLOT)
         self.msgs = <c.mmsghdr *>calloc(MAX_MSGS, sizeof(c.mmsghdr))
-        self.iovs = <c.iovec *>calloc(2 * MAX_MSGS, sizeof(c.iovec))
+        self.iovs = <c.iovec *>calloc(3 * MAX_MSGS, sizeof(c.iovec))
+        self.txvh = <virtio_net_hdr *>calloc(MAX_MSGS, sizeof(virtio_net_hdr))
         self.gro = <ipf_gro *>calloc(1, sizeof(ipf_gro))
         if not (self.qsbr and self.txs and self.rxs and self.bufs and self.seg_slots and self.msgs
-                and self.iovs and self.gro):
+                and self.iovs and self.txvh and self.gro):
             raise MemoryError()
         memset(self.qsbr, 0, 2 * sizeof(ipf_qsbr))
         memset(self.txs, 0, sizeof(ipf_tx_stats))
         memset(self.rxs, 0, sizeof(ipf_rx_stats))
         for i in range(MAX_MSGS):
-            self.msgs[i].msg_hdr.msg_iov = &self.iovs[2 * i]
+            self.iovs[3 * i].iov_base = &self.txvh[i]
+            self.iovs[3 * i].iov_len = IPF_VNET_HLEN
+            self.msgs[i].msg_hdr.msg_iov = &self.iovs[3 * i + (0 if self.tx_partial else 1)]
         # icmp_msgs_per_sec is the node's budget: each worker gets a share.
         memset(&self.icmp_rl, 0, sizeof(self.icmp_rl))
         self.icmp_rl.per_sec = max(1, 1000 // (len(dp.workers) + 1))
         self.icmp_rl.burst = 50
         self.icmp_rl.tokens = 50
         self._open_tx(dp.ifindex)
-        self._open_rx(dp.ifindex, dp.mtu, dp.ring_frames, dp.fanout_id)
+        self._open_rx(dp.ifindex, dp.mtu, dp.ring_frames, dp.fanout_id | (fanout_mode << 16))
 
     cdef int _open_tx(self, int ifindex) except -1:
         # Protocol 0: this socket only sends; the kernel takes the frame's
         # protocol from its Ethernet header (packet_parse_headers).
         cdef c.sockaddr_ll sll
         cdef int size = 4 << 20
+        cdef int one = 1
         self.tx_fd = check(c.socket(c.AF_PACKET, c.SOCK_RAW | c.SOCK_CLOEXEC, 0), "AF_PACKET socket")
         c.setsockopt(self.tx_fd, c.SOL_SOCKET, c.SO_SNDBUF, &size, sizeof(size))
+        if self.tx_partial:
+            # Each message starts with a virtio_net_hdr saying where the
+            # device completes the inner L4 checksum.
+            check(c.setsockopt(self.tx_fd, c.SOL_PACKET, c.PACKET_VNET_HDR, &one, sizeof(one)),
+                  "PACKET_VNET_HDR")
         memset(&sll, 0, sizeof(sll))
         sll.sll_family = c.AF_PACKET
         sll.sll_ifindex = ifindex
         check(c.bind(self.tx_fd, <c.sockaddr *>&sll, sizeof(sll)), "bind tx socket")
         return 0
 
-    cdef int _open_rx(self, int ifindex, int mtu, int ring_frames, int fanout_id) except -1:
+    cdef int _open_rx(self, int ifindex, int mtu, int ring_frames, int fanout) except -1:
         # The socket filter keeps everything but IPv4 protocol 4 to this node
         # in the kernel, so the ring only ever holds tunnel traffic.
         cdef c.sock_filter prog[8]
         cdef c.sock_fprog fprog
         cdef c.tpacket_req req
         cdef c.sockaddr_ll sll
-        cdef int v
+        cdef int v, r
         # jf counts instructions to skip: every failed test lands on prog[7].
         prog[0] = c.sock_filter(0x28, 0, 0, OFF_ETHERTYPE)       # ldh [12]
         prog[1] = c.sock_filter(0x15, 0, 5, 0x0800)              # jeq #IPv4
@@ -430,6 +454,11 @@ cdef class Worker:
               "SO_ATTACH_FILTER")
         v = c.TPACKET_V2
         check(c.setsockopt(self.rx_fd, c.SOL_PACKET, c.PACKET_VERSION, &v, sizeof(v)), "PACKET_VERSION")
+        # A virtio_net_hdr before each frame in the ring tells how its inner
+        # checksum stands: left partial by a local sender (CHECKSUM_PARTIAL,
+        # as ours with csum_offload, over veth), or verified by the NIC.
+        v = 1
+        self.rx_vnet = c.setsockopt(self.rx_fd, c.SOL_PACKET, c.PACKET_VNET_HDR, &v, sizeof(v)) == 0
         # Contiguous power-of-two slots: slot i is at ring + i * frame_size.
         self.frame_size = pow2_at_least(RING_MAC_ROOM + mtu + 18)
         req.tp_frame_size = self.frame_size
@@ -446,10 +475,6 @@ cdef class Worker:
             check(-1, "mmap rx ring")
         # ETH_P_ALL puts the ring among the taps that see a frame before tc
         # ingress, where ingress.py drops it for the kernel's own IP stack.
-        # Our own sends are not wanted back.
-        v = 1
-        check(c.setsockopt(self.rx_fd, c.SOL_PACKET, c.PACKET_IGNORE_OUTGOING, &v, sizeof(v)),
-              "PACKET_IGNORE_OUTGOING")
         memset(&sll, 0, sizeof(sll))
         sll.sll_family = c.AF_PACKET
         sll.sll_protocol = htons(c.ETH_P_ALL)
@@ -459,8 +484,17 @@ cdef class Worker:
         # a flow on one worker, so in order). DEFRAG makes the kernel
         # reassemble outer fragments first, as ipip_rcv's caller does, with
         # its own bounds on memory and time (ipfrag_high_thresh, ipfrag_time).
-        v = fanout_id | ((c.PACKET_FANOUT_HASH | c.PACKET_FANOUT_FLAG_DEFRAG) << 16)
-        check(c.setsockopt(self.rx_fd, c.SOL_PACKET, c.PACKET_FANOUT, &v, sizeof(v)), "PACKET_FANOUT")
+        # Our own sends are not wanted back: in a fanout group the socket's
+        # PACKET_IGNORE_OUTGOING no longer applies (the group's hook replaces
+        # the socket's), and without the group's flag every frame we send is
+        # cloned and hashed into the tap, only for the filter to drop it.
+        # An older kernel refuses the flag (EINVAL); the filter still drops them.
+        v = fanout | ((c.PACKET_FANOUT_FLAG_DEFRAG | FANOUT_FLAG_IGNORE_OUTGOING) << 16)
+        r = c.setsockopt(self.rx_fd, c.SOL_PACKET, c.PACKET_FANOUT, &v, sizeof(v))
+        if r < 0 and c.errno == c.EINVAL:
+            v = fanout | (c.PACKET_FANOUT_FLAG_DEFRAG << 16)
+            r = c.setsockopt(self.rx_fd, c.SOL_PACKET, c.PACKET_FANOUT, &v, sizeof(v))
+        check(r, "PACKET_FANOUT")
         return 0
 
     def __dealloc__(self):
@@ -477,6 +511,7 @@ cdef class Worker:
         free(self.seg_slots)
         free(self.msgs)
         free(self.iovs)
+        free(self.txvh)
         free(self.gro)
 
     cdef void wait_quiescent(self) noexcept nogil:
@@ -653,11 +688,15 @@ cdef class Worker:
         cdef ipf_gso_plan plan
         cdef uint32_t length, s
         cdef bint gso = vh.gso_type != VIRTIO_NET_HDR_GSO_NONE
+        cdef bint partial = not gso and vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM
         cdef int reason
-        if not gso and vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
-            if ipf_csum_complete(pkt, n, vh.csum_start, vh.csum_offset) < 0:
+        cdef c.iovec *iov
+        if partial:
+            if <uint32_t>vh.csum_start + vh.csum_offset + 2 > n:
                 self.txs.drops[IPF_TX_BAD_HEADER] += 1
                 return nmsg
+            if not self.tx_partial:
+                ipf_csum_complete(pkt, n, vh.csum_start, vh.csum_offset)
         reason = ipf_encap_classify(t, &self.tn, pkt, n, gso, &length, &peer)
         if reason == IPF_TX_OK and gso:
             reason = ipf_gso_plan_of(vh, pkt, length, ipf_peer_mtu(&self.tn, peer), &plan)
@@ -676,35 +715,49 @@ cdef class Worker:
                 self._send(nmsg)
                 nmsg = 0
             ipf_encap_write(&self.tn, peer, pkt, length, self._next_id())
-            self.iovs[2 * nmsg].iov_base = pkt - IPF_ENCAP_HLEN
-            self.iovs[2 * nmsg].iov_len = length + IPF_ENCAP_HLEN
-            self.msgs[nmsg].msg_hdr.msg_iovlen = 1
+            iov = &self.iovs[3 * nmsg + 1]
+            iov[0].iov_base = pkt - IPF_ENCAP_HLEN
+            iov[0].iov_len = length + IPF_ENCAP_HLEN
+            self.msgs[nmsg].msg_hdr.msg_iovlen = 1 + self.tx_partial
+            if self.tx_partial:
+                memset(&self.txvh[nmsg], 0, sizeof(virtio_net_hdr))
+                if partial:
+                    ipf_vnet_partial(&self.txvh[nmsg], vh.csum_start + IPF_ENCAP_HLEN, vh.csum_offset)
             return nmsg + 1
         if nmsg + plan.nseg > MAX_MSGS:
             self._send(nmsg)
             nmsg = 0
         self.txs.gso += 1
         for s in range(plan.nseg):
-            ipf_gso_segment(&self.tn, peer, pkt, length, &plan, s, self._next_id(),
-                            self.seg_slots + <size_t>nmsg * IPF_SEG_SLOT, &self.iovs[2 * nmsg])
-            self.msgs[nmsg].msg_hdr.msg_iovlen = 2
+            ipf_gso_segment(&self.tn, peer, pkt, length, &plan, s, self._next_id(), self.tx_partial,
+                            self.seg_slots + <size_t>nmsg * IPF_SEG_SLOT, &self.iovs[3 * nmsg + 1])
+            self.msgs[nmsg].msg_hdr.msg_iovlen = 2 + self.tx_partial
+            if self.tx_partial:
+                memset(&self.txvh[nmsg], 0, sizeof(virtio_net_hdr))
+                ipf_vnet_partial(&self.txvh[nmsg], IPF_ENCAP_HLEN + (pkt[0] & 0x0f) * 4,
+                                 ipf_l4_csum_offset(plan.proto))
             nmsg += 1
         return nmsg
 
     cdef void _send(self, uint32_t n) noexcept nogil:
         cdef uint32_t done = 0, k
         cdef int r
+        cdef c.iovec *iov
         while done < n:
             r = c.sendmmsg(self.tx_fd, self.msgs + done, n - done, 0)
             if r < 0:
                 if c.errno == c.EINTR:
                     continue
-                self.txs.drops[IPF_TX_SEND_FAILED] += n - done
-                return
+                # sendmmsg stops at the message it could not send: that one
+                # is dropped, the rest of the batch still goes.
+                self.txs.drops[IPF_TX_SEND_FAILED] += 1
+                done += 1
+                continue
             for k in range(done, done + <uint32_t>r):
-                self.txs.bytes += self.iovs[2 * k].iov_len - IPF_ENCAP_HLEN
-                if self.msgs[k].msg_hdr.msg_iovlen == 2:
-                    self.txs.bytes += self.iovs[2 * k + 1].iov_len
+                iov = &self.iovs[3 * k + 1]
+                self.txs.bytes += iov[0].iov_len - IPF_ENCAP_HLEN
+                if self.msgs[k].msg_hdr.msg_iovlen - self.tx_partial == 2:
+                    self.txs.bytes += iov[1].iov_len
             self.txs.packets += <uint32_t>r
             done += <uint32_t>r
 
@@ -736,8 +789,12 @@ cdef class Worker:
         cdef ipf_qsbr *q = &self.qsbr[1]
         cdef const ipf_table *t
         cdef c.tpacket2_hdr *h
+        cdef const virtio_net_hdr *rvh
+        cdef uint8_t *frame
         cdef uint8_t *inner
         cdef uint32_t inner_len, got, slot
+        cdef uint16_t cstart, coff
+        cdef bint partial, trusted
         cdef int reason
         while not self._stopping():
             t = ipf_qsbr_enter(q, &self.dp.table)
@@ -749,23 +806,35 @@ cdef class Worker:
                     break
                 self.rx_idx = (slot + 1) & (self.n_frames - 1)
                 got += 1
+                frame = <uint8_t *>h + h.tp_mac
+                partial = trusted = False
+                cstart = coff = 0
                 if h.tp_snaplen < h.tp_len:
                     reason = IPF_RX_TRUNCATED  # larger than a ring slot (e.g. GRO on the underlay)
                 else:
-                    reason = ipf_decap(t, self.tn.src, <uint8_t *>h + h.tp_mac, h.tp_snaplen,
-                                       &inner, &inner_len)
-                if reason == IPF_RX_OK and self.vnet and ipf_gro_eligible(inner, inner_len):
+                    reason = ipf_decap(t, self.tn.src, frame, h.tp_snaplen, &inner, &inner_len)
+                if reason == IPF_RX_OK and self.rx_vnet:
+                    rvh = <const virtio_net_hdr *>(frame - IPF_VNET_HLEN)
+                    if rvh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+                        if ipf_rx_partial(rvh, <uint32_t>(inner - frame), inner, inner_len, &cstart) < 0:
+                            reason = IPF_RX_INNER_BAD
+                        partial = True
+                        coff = rvh.csum_offset
+                        trusted = cstart == 20 and coff == 16  # the TCP checksum GRO would check
+                    else:
+                        trusted = rvh.flags & VIRTIO_NET_HDR_F_DATA_VALID
+                if reason == IPF_RX_OK and self.vnet and ipf_gro_eligible(inner, inner_len, trusted):
                     # Keep the slot: the train is written from the ring.
                     if self.gro.nseg and ipf_gro_append(self.gro, inner, inner_len):
                         self.gro_slots[self.gro.nseg - 1] = slot
                         continue
                     self._gro_flush()
-                    ipf_gro_start(self.gro, inner, inner_len)
+                    ipf_gro_start(self.gro, inner, inner_len, partial)
                     self.gro_slots[0] = slot
                     continue
                 self._gro_flush()
                 if reason == IPF_RX_OK:
-                    reason = self._write_inner(inner, inner_len)
+                    reason = self._write_inner(inner, inner_len, partial, cstart, coff)
                 if reason != IPF_RX_OK:
                     self.rxs.drops[reason] += 1
                 self._release_slot(slot)
@@ -778,12 +847,20 @@ cdef class Worker:
                 return
         ipf_qsbr_leave(q)
 
-    cdef int _write_inner(self, uint8_t *inner, uint32_t inner_len) noexcept nogil:
+    cdef int _write_inner(self, uint8_t *inner, uint32_t inner_len, bint partial, uint16_t cstart,
+                          uint16_t coff) noexcept nogil:
+        """Writes one inner packet to the TUN. partial: its L4 checksum at
+        cstart + coff holds only the pseudo-header sum; the TUN's stack takes
+        it as it is (CHECKSUM_PARTIAL), or it is completed here."""
         cdef uint32_t hdr = IPF_VNET_HLEN if self.vnet else 0
         if hdr:
-            # The outer headers before inner are spent: the empty
-            # virtio_net_hdr goes there, and one write() takes both.
+            # The outer headers before inner are spent: the virtio_net_hdr
+            # goes there, and one write() takes both.
             memset(inner - hdr, 0, hdr)
+            if partial:
+                ipf_vnet_partial(<virtio_net_hdr *>(inner - hdr), cstart, coff)
+        elif partial:
+            ipf_csum_complete(inner, inner_len, cstart, coff)
         if c.write(self.tun_fd, inner - hdr, inner_len + hdr) != inner_len + hdr:
             return IPF_RX_WRITE_FAILED
         self.rxs.packets += 1

@@ -78,9 +78,12 @@ cdef class Tunnel:
         finally:
             free(buf)
 
-    def segment(self, bytes packet not None, int gso_type, int gso_size, uint16_t ip_id=0):
+    def segment(self, bytes packet not None, int gso_type, int gso_size, uint16_t ip_id=0,
+                bint partial=False):
         """The frames a GSO super-packet (as the TUN hands it over, with this
-        virtio_net_hdr gso_type and gso_size) leaves as, or Dropped(reason)."""
+        virtio_net_hdr gso_type and gso_size) leaves as, or Dropped(reason).
+        partial: as with csum_offload, the L4 checksums are left for the
+        device (they hold the pseudo-header sum)."""
         cdef uint32_t n = len(packet), length, k
         cdef const ipf_peer *peer
         cdef ipf_gso_plan plan
@@ -99,12 +102,13 @@ cdef class Tunnel:
         frames = []
         for k in range(plan.nseg):
             ipf_gso_segment(&self.tn, peer, <const uint8_t *><const char *>packet, length, &plan, k,
-                            <uint16_t>(ip_id + k), slot, iov)
+                            <uint16_t>(ip_id + k), partial, slot, iov)
             frames.append(PyBytes_FromStringAndSize(<char *>iov[0].iov_base, iov[0].iov_len)
                           + PyBytes_FromStringAndSize(<char *>iov[1].iov_base, iov[1].iov_len))
         return frames
 
-    def segment_rounds(self, bytes packet not None, int gso_type, int gso_size, int rounds=1):
+    def segment_rounds(self, bytes packet not None, int gso_type, int gso_size, int rounds=1,
+                       bint partial=False):
         """Segments packet `rounds` times over in C (for benchmarks);
         returns the number of segments made."""
         cdef uint32_t n = len(packet), length, k
@@ -128,7 +132,7 @@ cdef class Tunnel:
         with nogil:
             for r in range(rounds):
                 for k in range(plan.nseg):
-                    made += ipf_gso_segment(&self.tn, peer, pkt, length, &plan, k, <uint16_t>k,
+                    made += ipf_gso_segment(&self.tn, peer, pkt, length, &plan, k, <uint16_t>k, partial,
                                             slots + <size_t>k * IPF_SEG_SLOT, iov) != 0
         free(slots)
         return made
@@ -207,9 +211,11 @@ cdef tuple gro_take(ipf_gro *g):
     return parts[0], b"".join(parts[1:])
 
 
-def coalesce(list packets not None):
+def coalesce(list packets not None, bint partial=False):
     """What the decap loop writes to the TUN for these decapsulated inner
-    packets, in order: (virtio_net_hdr as bytes, packet bytes) per write."""
+    packets, in order: (virtio_net_hdr as bytes, packet bytes) per write.
+    partial: they arrived with their TCP checksum left partial (the
+    pseudo-header sum), which is trusted, not verified."""
     cdef ipf_gro *g = <ipf_gro *>calloc(1, sizeof(ipf_gro))
     cdef list bufs = [bytearray(pkt) for pkt in packets]  # GRO rewrites the first header in place
     cdef bytearray b
@@ -220,12 +226,12 @@ def coalesce(list packets not None):
     try:
         for b in bufs:
             p = <uint8_t *>(<char *>b)
-            if ipf_gro_eligible(p, len(b)):
+            if ipf_gro_eligible(p, len(b), partial):
                 if g.nseg and ipf_gro_append(g, p, len(b)):
                     continue
                 if g.nseg:
                     out.append(gro_take(g))
-                ipf_gro_start(g, p, len(b))
+                ipf_gro_start(g, p, len(b), partial)
                 continue
             if g.nseg:
                 out.append(gro_take(g))
@@ -263,13 +269,13 @@ def coalesce_rounds(list packets not None, int rounds=1):
                 g.nseg = 0
                 for i in range(count):
                     p = bufs + i * stride
-                    if ipf_gro_eligible(p, lens[i]):
+                    if ipf_gro_eligible(p, lens[i], 0):
                         if g.nseg and ipf_gro_append(g, p, lens[i]):
                             continue
                         if g.nseg:
                             ipf_gro_finish(g)
                             trains += 1
-                        ipf_gro_start(g, p, lens[i])
+                        ipf_gro_start(g, p, lens[i], 0)
                 if g.nseg:
                     ipf_gro_finish(g)
                     trains += 1

@@ -70,6 +70,7 @@ class Daemon:
         self.tun_fds: list[int] = []
         self.ingress_attached = False
         self.datapath: _datapath.Datapath | None = None
+        self.csum_offload = False
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -85,12 +86,15 @@ class Daemon:
                               f"{self.underlay.mtu} of {self.underlay.name}")
         self.tun_fds = open_tun(cfg.tunnel.name, offload=cfg.tunnel.offload, queues=cfg.tunnel.workers)
         self.tun = self.kernel.setup_tun(cfg.tunnel.name, mtu)
+        # Segments and partial checksums from the TUN leave with their inner
+        # checksum for the underlay device to fill in, where it can.
+        self.csum_offload = cfg.tunnel.offload and self.kernel.completes_any_checksum(self.underlay.name)
         self.datapath = _datapath.Datapath(
             self.underlay.index, str(cfg.node.ip.ip), self.underlay.mac,
             mtu=self.underlay.mtu, ttl=cfg.tunnel.ttl, tos=cfg.tunnel.tos,
             pmtudisc=cfg.tunnel.pmtudisc, ignore_df=cfg.tunnel.ignore_df, batch=cfg.tunnel.batch,
-            vnet_hdr=cfg.tunnel.offload, busy_poll_us=cfg.tunnel.busy_poll)
-        workers = [self.datapath.add_worker(fd) for fd in self.tun_fds]
+            vnet_hdr=cfg.tunnel.offload, csum_offload=self.csum_offload, busy_poll_us=cfg.tunnel.busy_poll)
+        workers = self.datapath.add_workers(self.tun_fds)
         self.icmp = IcmpErrors(self.datapath, cfg.node.ip.ip)
         try:
             ingress.attach(self.underlay.index, cfg.node.ip.ip)
@@ -116,9 +120,10 @@ class Daemon:
             host, port = self.metrics.start(*cfg.stats.listen, self.counters)
             log.info("metrics on http://%s:%d/metrics", host, port)
         self._write_status()  # its appearance tells a supervisor that the tunnel is up
-        log.info("ready: %s on %s (%s), mtu %d, mode %s, %d routes encapsulated, %d direct",
-                 cfg.tunnel.name, self.underlay.name, cfg.node.ip.ip, mtu, cfg.tunnel.mode.value,
-                 len(self.plan.encapsulated.routes), len(self.plan.direct.routes))
+        log.info("ready: %s on %s (%s), mtu %d, mode %s, %d routes encapsulated, %d direct, "
+                 "inner checksums %s", cfg.tunnel.name, self.underlay.name, cfg.node.ip.ip, mtu,
+                 cfg.tunnel.mode.value, len(self.plan.encapsulated.routes), len(self.plan.direct.routes),
+                 "left to the underlay device" if self.csum_offload else "computed here")
 
     def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
@@ -280,6 +285,7 @@ class Daemon:
         return {
             "pid": os.getpid(),
             "tunnel": self.config.tunnel.name,
+            "csum_offload": self.csum_offload,
             "routes_encapsulated": len(self.plan.encapsulated.routes),
             "routes_direct": len(self.plan.direct.routes),
             "next_hops": {str(p): (m.hex(":") if m else None) for p, m in self.macs.items()},

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from pyroute2 import IPRoute
+from pyroute2.ethtool import Ethtool
 from pyroute2.netlink.exceptions import NetlinkError
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,16 @@ class Kernel:
         msg = self.ipr.get_links(found[0])[0]
         mac = msg.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00"
         return Link(msg["index"], name, bytes.fromhex(mac.replace(":", "")), msg.get_attr("IFLA_MTU"))
+
+    @staticmethod
+    def completes_any_checksum(name: str) -> bool:
+        """Whether the device completes an L4 checksum wherever a frame says
+        it lies (NETIF_F_HW_CSUM, ethtool's tx-checksum-ip-generic), as veth
+        and virtio do. A device that only knows TCP/UDP right after the IP
+        header (tx-checksum-ipv4) may look for it behind the outer header."""
+        with Ethtool() as ethtool:
+            feature = ethtool.get_features(name).features.get("tx-checksum-ip-generic")
+        return bool(feature and feature.enable)
 
     def setup_tun(self, name: str, mtu: int) -> Link:
         """Sets the TUN's MTU, keeps IPv6 off it (the datapath carries IPv4

@@ -33,6 +33,7 @@ cdef extern from "ipip.h" nogil:
     enum:
         IPF_RX_OK
         IPF_RX_TRUNCATED
+        IPF_RX_INNER_BAD
         IPF_RX_WRITE_FAILED
         IPF_RX_RING_FULL
         IPF_RX_NREASONS
@@ -113,6 +114,7 @@ cdef extern from "<linux/virtio_net.h>" nogil:
         uint16_t csum_offset
     enum:
         VIRTIO_NET_HDR_F_NEEDS_CSUM
+        VIRTIO_NET_HDR_F_DATA_VALID
         VIRTIO_NET_HDR_GSO_NONE
 
 cdef extern from "offload.h" nogil:
@@ -124,6 +126,7 @@ cdef extern from "offload.h" nogil:
         uint32_t hlen
         uint32_t mss
         uint32_t nseg
+        uint8_t proto
     ctypedef struct ipf_gro:
         uint32_t nseg
         uint32_t total
@@ -133,10 +136,14 @@ cdef extern from "offload.h" nogil:
     int ipf_csum_complete(uint8_t *pkt, uint32_t len, uint16_t start, uint16_t offset)
     int ipf_gso_plan_of(const virtio_net_hdr *vh, const uint8_t *pkt, uint32_t n, uint32_t mtu,
                         ipf_gso_plan *plan)
+    uint16_t ipf_l4_csum_offset(uint8_t proto)
+    void ipf_vnet_partial(virtio_net_hdr *vh, uint16_t start, uint16_t offset)
     uint32_t ipf_gso_segment(const ipf_tunnel *tn, const ipf_peer *peer, const uint8_t *pkt, uint32_t n,
-                             const ipf_gso_plan *plan, uint32_t i, uint16_t outer_id, uint8_t *slot,
-                             c_iovec *iov)
-    int ipf_gro_eligible(const uint8_t *inner, uint32_t len)
-    void ipf_gro_start(ipf_gro *g, uint8_t *inner, uint32_t len)
+                             const ipf_gso_plan *plan, uint32_t i, uint16_t outer_id, int partial,
+                             uint8_t *slot, c_iovec *iov)
+    int ipf_rx_partial(const virtio_net_hdr *vh, uint32_t inner_off, const uint8_t *inner, uint32_t len,
+                       uint16_t *start)
+    int ipf_gro_eligible(const uint8_t *inner, uint32_t len, int trusted)
+    void ipf_gro_start(ipf_gro *g, uint8_t *inner, uint32_t len, int partial)
     int ipf_gro_append(ipf_gro *g, uint8_t *inner, uint32_t len)
     uint32_t ipf_gro_finish(ipf_gro *g)

@@ -96,11 +96,28 @@ static inline int ipf_gso_plan_of(const struct virtio_net_hdr *vh, const uint8_t
     return IPF_TX_OK;
 }
 
+/* The checksum field's offset in an L4 header, 0 for other protocols. */
+static inline uint16_t ipf_l4_csum_offset(uint8_t proto)
+{
+    return proto == IPF_PROTO_TCP ? 16 : proto == IPF_PROTO_UDP ? 6 : 0;
+}
+
+/* Leaves a frame's L4 checksum to the device (CHECKSUM_PARTIAL): the field
+ * must hold the pseudo-header sum; start counts from the frame's first byte. */
+static inline void ipf_vnet_partial(struct virtio_net_hdr *vh, uint16_t start, uint16_t offset)
+{
+    vh->flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    vh->csum_start = start;
+    vh->csum_offset = offset;
+}
+
 /* Writes segment i of pkt into slot (headers, encapsulated) and points iov
- * at it and its payload slice; returns the segment's inner length. */
+ * at it and its payload slice; returns the segment's inner length. With
+ * partial, the L4 checksum holds the pseudo-header sum only, for the device
+ * to complete (ipf_vnet_partial); otherwise it is computed here. */
 static inline uint32_t ipf_gso_segment(const ipf_tunnel *tn, const ipf_peer *peer, const uint8_t *pkt,
                                        uint32_t n, const ipf_gso_plan *plan, uint32_t i, uint16_t outer_id,
-                                       uint8_t *slot, struct iovec *iov)
+                                       int partial, uint8_t *slot, struct iovec *iov)
 {
     uint32_t ihl = (uint32_t)(pkt[0] & 0x0f) * 4, off = plan->hlen + i * plan->mss;
     uint32_t seg = n - off < plan->mss ? n - off : plan->mss, l4_len = plan->hlen - ihl + seg;
@@ -120,27 +137,46 @@ static inline uint32_t ipf_gso_segment(const ipf_tunnel *tn, const ipf_peer *pee
             l4[13] &= (uint8_t)~(IPF_TCP_FIN | IPF_TCP_PSH);
         if (i > 0)
             l4[13] &= (uint8_t)~IPF_TCP_CWR;
-        l4[16] = l4[17] = 0;
-        uint32_t sum = ipf_pseudo_sum(in, IPF_PROTO_TCP, l4_len);
-        sum = ipf_csum_add(sum, l4, plan->hlen - ihl);
-        c = ipf_csum_fold(ipf_csum_add(sum, pkt + off, seg));
-        memcpy(l4 + 16, &c, 2);
     } else {
         ipf_put16(l4 + 4, (uint16_t)l4_len);
-        l4[6] = l4[7] = 0;
-        uint32_t sum = ipf_pseudo_sum(in, IPF_PROTO_UDP, l4_len);
-        sum = ipf_csum_add(sum, l4, 8);
-        c = ipf_csum_fold(ipf_csum_add(sum, pkt + off, seg));
-        if (c == 0)
-            c = 0xffff;
-        memcpy(l4 + 6, &c, 2);
     }
+    uint16_t at = ipf_l4_csum_offset(plan->proto);
+    l4[at] = l4[at + 1] = 0;
+    uint32_t sum = ipf_pseudo_sum(in, plan->proto, l4_len);
+    if (partial) {
+        c = (uint16_t)~ipf_csum_fold(sum);
+    } else {
+        sum = ipf_csum_add(sum, l4, plan->hlen - ihl);
+        c = ipf_csum_fold(ipf_csum_add(sum, pkt + off, seg));
+        if (c == 0 && plan->proto == IPF_PROTO_UDP)
+            c = 0xffff;  /* UDP sends a computed zero as all ones */
+    }
+    memcpy(l4 + at, &c, 2);
     ipf_encap_write(tn, peer, in, plan->hlen + seg, outer_id);
     iov[0].iov_base = slot;
     iov[0].iov_len = IPF_ENCAP_HLEN + plan->hlen;
     iov[1].iov_base = (void *)(pkt + off);
     iov[1].iov_len = seg;
     return plan->hlen + seg;
+}
+
+/* ---- checksums of received frames ---------------------------------------- */
+
+/* Where the checksum that a received frame left partial (its sender handed
+ * it to a device that completes it, as a local sender or veth does) lies in
+ * the inner packet that starts inner_off bytes into the frame: 0 and *start
+ * (from the inner's first byte), or -1 when it lies outside the inner L4. */
+static inline int ipf_rx_partial(const struct virtio_net_hdr *vh, uint32_t inner_off, const uint8_t *in,
+                                 uint32_t len, uint16_t *start)
+{
+    uint32_t ihl = (uint32_t)(in[0] & 0x0f) * 4;
+    if (vh->csum_start < inner_off + ihl)
+        return -1;
+    uint32_t s = vh->csum_start - inner_off;
+    if (s + vh->csum_offset + 2u > len)
+        return -1;
+    *start = (uint16_t)s;
+    return 0;
 }
 
 /* ---- coalescing (decap side) -------------------------------------------- */
@@ -155,14 +191,17 @@ typedef struct {
     uint32_t niov;
     uint8_t id_step;       /* 1: IDs count up; 0: fixed (only with DF), as the kernel accepts */
     uint8_t closed;        /* a short or PSH segment ends the train */
+    uint8_t partial;       /* the first segment's checksum is left to the receiver (CHECKSUM_PARTIAL) */
     struct virtio_net_hdr vh;
     struct iovec iov[IPF_GRO_MAX_SEGS + 2];
 } ipf_gro;
 
 /* TCP over IPv4 without IP options, not a fragment, checksum right, no
  * flag but ACK/PSH/ECE, with payload: the segments GRO can merge (CWR
- * flushes in the kernel's GRO too). */
-static inline int ipf_gro_eligible(const uint8_t *in, uint32_t len)
+ * flushes in the kernel's GRO too). trusted: the kernel vouches for the
+ * checksum (the sender's device completes it, or the NIC verified it), so
+ * it is not summed here. */
+static inline int ipf_gro_eligible(const uint8_t *in, uint32_t len, int trusted)
 {
     if (in[0] != 0x45 || in[9] != IPF_PROTO_TCP || len < 40 || (ipf_get16(in + 6) & (IPF_IP_MF | IPF_IP_OFFMASK)))
         return 0;
@@ -170,11 +209,14 @@ static inline int ipf_gro_eligible(const uint8_t *in, uint32_t len)
     uint32_t thl = (uint32_t)(th[12] >> 4) * 4;
     if (thl < 20 || 20 + thl >= len || (th[13] & (IPF_TCP_FIN | IPF_TCP_SYN | IPF_TCP_RST | IPF_TCP_URG | IPF_TCP_CWR)))
         return 0;
+    if (trusted)
+        return 1;
     uint32_t sum = ipf_pseudo_sum(in, IPF_PROTO_TCP, len - 20);
     return ipf_csum_fold(ipf_csum_add(sum, th, len - 20)) == 0;  /* verified, as GRO does */
 }
 
-static inline void ipf_gro_start(ipf_gro *g, uint8_t *in, uint32_t len)
+/* partial: in's TCP checksum holds only the pseudo-header sum. */
+static inline void ipf_gro_start(ipf_gro *g, uint8_t *in, uint32_t len, int partial)
 {
     uint32_t thl = (uint32_t)(in[32] >> 4) * 4;
     uint32_t seq;
@@ -186,6 +228,7 @@ static inline void ipf_gro_start(ipf_gro *g, uint8_t *in, uint32_t len)
     g->next_seq = ntohl(seq) + g->mss;
     g->nseg = 1;
     g->closed = (in[33] & IPF_TCP_PSH) != 0;
+    g->partial = partial != 0;
     g->iov[1].iov_base = in;
     g->iov[1].iov_len = len;
     g->niov = 2;
@@ -249,6 +292,8 @@ static inline uint32_t ipf_gro_finish(ipf_gro *g)
         g->vh.gso_size = (uint16_t)g->mss;
         g->vh.csum_start = 20;
         g->vh.csum_offset = 16;
+    } else if (g->partial) {
+        ipf_vnet_partial(&g->vh, 20, 16);
     }
     g->iov[0].iov_base = &g->vh;
     g->iov[0].iov_len = IPF_VNET_HLEN;

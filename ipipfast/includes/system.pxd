@@ -83,9 +83,10 @@ cdef extern from "<linux/if_packet.h>" nogil:
         PACKET_VERSION
         PACKET_RX_RING
         PACKET_STATISTICS
-        PACKET_IGNORE_OUTGOING
+        PACKET_VNET_HDR
         PACKET_FANOUT
         PACKET_FANOUT_HASH
+        PACKET_FANOUT_CPU
         PACKET_FANOUT_FLAG_DEFRAG
         TPACKET_V2
         TP_STATUS_KERNEL
@@ -151,3 +152,4 @@ cdef extern from "<errno.h>" nogil:
     enum:
         EAGAIN
         EINTR
+        EINVAL
