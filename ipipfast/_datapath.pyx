@@ -171,7 +171,7 @@ cdef class Datapath:
         int stop_fd, sink_fd, icmp_fd
         int ifindex, mtu, batch, ring_frames, fanout_id
         uint64_t busy_poll_ns
-        bint vnet, tx_partial
+        bint vnet, tx_partial, udp_gro
         ipf_ratelimit icmp_rl       # control-thread ICMP (relayed errors)
         list workers
         object lock
@@ -182,19 +182,22 @@ cdef class Datapath:
 
     def __init__(self, int ifindex, str local_ip, bytes local_mac, *, int mtu=1500, ttl=None, tos=0,
                  bint pmtudisc=False, bint ignore_df=False, int batch=64, int ring_frames=4096,
-                 bint vnet_hdr=False, bint csum_offload=False, int busy_poll_us=0):
+                 bint vnet_hdr=False, bint csum_offload=False, bint udp_gso=False, int busy_poll_us=0):
         """ifindex, local_ip, local_mac: the underlay interface; mtu: its
         MTU (the largest outer packet); vnet_hdr: the TUN queues carry a
         virtio_net_hdr with offloads (tun.py); csum_offload: the underlay
         device completes any L4 checksum at the offset it is given
         (NETIF_F_HW_CSUM), so frames leave with their inner TCP/UDP
-        checksum partial (with vnet_hdr only); busy_poll_us: how long an
+        checksum partial (with vnet_hdr only); udp_gso: the TUN takes UDP
+        GSO packets too (USO), so UDP datagrams of a flow are coalesced as
+        TCP segments are; busy_poll_us: how long an
         idle loop keeps looking for work before it sleeps in poll()."""
         if not 1 <= batch <= 1024:
             raise ValueError(f"batch {batch} out of range 1..1024")
         set_tunnel(&self.tn, local_ip, local_mac, mtu, ttl, tos, pmtudisc, ignore_df)
         self.ifindex, self.mtu, self.batch, self.ring_frames, self.vnet = ifindex, mtu, batch, ring_frames, vnet_hdr
         self.tx_partial = vnet_hdr and csum_offload
+        self.udp_gro = vnet_hdr and udp_gso
         self.busy_poll_ns = <uint64_t>busy_poll_us * 1000
         # The group that spreads received frames over the workers' rings by
         # flow; one per datapath in the namespace.
@@ -357,7 +360,7 @@ cdef class Worker:
         ipf_ratelimit icmp_rl
         uint8_t icmp_buf[IPF_ICMP_MAX]
         uint32_t ip_id, ip_id_end
-        bint vnet, tx_partial, rx_vnet
+        bint vnet, tx_partial, rx_vnet, udp_gro
         uint32_t batch, buf_size
         uint8_t *bufs
         uint8_t *seg_slots          # per message: headers of a segment (offload.h)
@@ -380,6 +383,7 @@ cdef class Worker:
         self.tn = dp.tn
         self.vnet = dp.vnet
         self.tx_partial = dp.tx_partial
+        self.udp_gro = dp.udp_gro
         self.batch = dp.batch
         self.tun_fd = tun_fd
         check(c.fcntl(tun_fd, c.F_SETFL, c.fcntl(tun_fd, c.F_GETFL) | c.O_NONBLOCK), "tun O_NONBLOCK")
@@ -794,6 +798,7 @@ cdef class Worker:
         cdef uint8_t *inner
         cdef uint32_t inner_len, got, slot
         cdef uint16_t cstart, coff
+        cdef uint8_t proto
         cdef bint partial, trusted
         cdef int reason
         while not self._stopping():
@@ -820,16 +825,19 @@ cdef class Worker:
                             reason = IPF_RX_INNER_BAD
                         partial = True
                         coff = rvh.csum_offset
-                        trusted = cstart == 20 and coff == 16  # the TCP checksum GRO would check
+                        trusted = cstart == 20 and coff == ipf_l4_csum_offset(inner[9])  # the one GRO checks
                     else:
                         trusted = rvh.flags & VIRTIO_NET_HDR_F_DATA_VALID
-                if reason == IPF_RX_OK and self.vnet and ipf_gro_eligible(inner, inner_len, trusted):
+                proto = 0
+                if reason == IPF_RX_OK and self.vnet:
+                    proto = ipf_gro_eligible(inner, inner_len, trusted, self.udp_gro)
+                if proto:
                     # Keep the slot: the train is written from the ring.
                     if self.gro.nseg and ipf_gro_append(self.gro, inner, inner_len):
                         self.gro_slots[self.gro.nseg - 1] = slot
                         continue
                     self._gro_flush()
-                    ipf_gro_start(self.gro, inner, inner_len, partial)
+                    ipf_gro_start(self.gro, inner, inner_len, proto, partial)
                     self.gro_slots[0] = slot
                     continue
                 self._gro_flush()

@@ -211,27 +211,30 @@ cdef tuple gro_take(ipf_gro *g):
     return parts[0], b"".join(parts[1:])
 
 
-def coalesce(list packets not None, bint partial=False):
+def coalesce(list packets not None, bint partial=False, bint udp=True):
     """What the decap loop writes to the TUN for these decapsulated inner
     packets, in order: (virtio_net_hdr as bytes, packet bytes) per write.
-    partial: they arrived with their TCP checksum left partial (the
-    pseudo-header sum), which is trusted, not verified."""
+    partial: they arrived with their L4 checksum left partial (the
+    pseudo-header sum), which is trusted, not verified; udp: the TUN takes
+    UDP GSO packets."""
     cdef ipf_gro *g = <ipf_gro *>calloc(1, sizeof(ipf_gro))
     cdef list bufs = [bytearray(pkt) for pkt in packets]  # GRO rewrites the first header in place
     cdef bytearray b
     cdef uint8_t *p
+    cdef uint8_t proto
     out = []
     if g == NULL:
         raise MemoryError()
     try:
         for b in bufs:
             p = <uint8_t *>(<char *>b)
-            if ipf_gro_eligible(p, len(b), partial):
+            proto = ipf_gro_eligible(p, len(b), partial, udp)
+            if proto:
                 if g.nseg and ipf_gro_append(g, p, len(b)):
                     continue
                 if g.nseg:
                     out.append(gro_take(g))
-                ipf_gro_start(g, p, len(b), partial)
+                ipf_gro_start(g, p, len(b), proto, partial)
                 continue
             if g.nseg:
                 out.append(gro_take(g))
@@ -255,6 +258,7 @@ def coalesce_rounds(list packets not None, int rounds=1):
     cdef uint64_t trains = 0
     cdef int r
     cdef uint8_t *p
+    cdef uint8_t proto
     try:
         if bufs == NULL or lens == NULL or g == NULL:
             raise MemoryError()
@@ -269,13 +273,14 @@ def coalesce_rounds(list packets not None, int rounds=1):
                 g.nseg = 0
                 for i in range(count):
                     p = bufs + i * stride
-                    if ipf_gro_eligible(p, lens[i], 0):
+                    proto = ipf_gro_eligible(p, lens[i], 0, 1)
+                    if proto:
                         if g.nseg and ipf_gro_append(g, p, lens[i]):
                             continue
                         if g.nseg:
                             ipf_gro_finish(g)
                             trains += 1
-                        ipf_gro_start(g, p, lens[i], 0)
+                        ipf_gro_start(g, p, lens[i], proto, 0)
                 if g.nseg:
                     ipf_gro_finish(g)
                     trains += 1

@@ -84,7 +84,8 @@ class Daemon:
         if mtu + 20 > self.underlay.mtu:
             raise ConfigError("<config>", None, f"tunnel.mtu {mtu} + 20 exceeds the underlay MTU "
                               f"{self.underlay.mtu} of {self.underlay.name}")
-        self.tun_fds = open_tun(cfg.tunnel.name, offload=cfg.tunnel.offload, queues=cfg.tunnel.workers)
+        tun = open_tun(cfg.tunnel.name, offload=cfg.tunnel.offload, queues=cfg.tunnel.workers)
+        self.tun_fds = tun.fds
         self.tun = self.kernel.setup_tun(cfg.tunnel.name, mtu)
         # Segments and partial checksums from the TUN leave with their inner
         # checksum for the underlay device to fill in, where it can.
@@ -93,7 +94,8 @@ class Daemon:
             self.underlay.index, str(cfg.node.ip.ip), self.underlay.mac,
             mtu=self.underlay.mtu, ttl=cfg.tunnel.ttl, tos=cfg.tunnel.tos,
             pmtudisc=cfg.tunnel.pmtudisc, ignore_df=cfg.tunnel.ignore_df, batch=cfg.tunnel.batch,
-            vnet_hdr=cfg.tunnel.offload, csum_offload=self.csum_offload, busy_poll_us=cfg.tunnel.busy_poll)
+            vnet_hdr=cfg.tunnel.offload, csum_offload=self.csum_offload, udp_gso=tun.uso,
+            busy_poll_us=cfg.tunnel.busy_poll)
         workers = self.datapath.add_workers(self.tun_fds)
         self.icmp = IcmpErrors(self.datapath, cfg.node.ip.ip)
         try:

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 # are unassigned in rt_protos; Calico's bird routes use "proto bird" (12).
 RTPROT_IPIPFAST = 0xBF
 RT_SCOPE_LINK = 253
+TUN_TXQUEUELEN = 1000
 NTF_USE = 0x01      # neighbour flag: ask the kernel to resolve it now
 NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE PERMANENT NOARP
 
@@ -67,15 +68,17 @@ class Kernel:
         return bool(feature and feature.enable)
 
     def setup_tun(self, name: str, mtu: int) -> Link:
-        """Sets the TUN's MTU, keeps IPv6 off it (the datapath carries IPv4
-        only: router solicitations would only be counted as drops) and
-        brings it up."""
+        """Sets the TUN's MTU and queue, keeps IPv6 off it (the datapath
+        carries IPv4 only: router solicitations would only be counted as
+        drops) and brings it up."""
         link = self.link(name)
         disable_v6 = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
         if os.path.exists(disable_v6):
             with open(disable_v6, "w") as f:
                 f.write("1")
-        self.ipr.link("set", index=link.index, mtu=mtu, state="up")
+        # A TUN queues 500 packets (an Ethernet device 1000): a burst that
+        # arrives while the encap loop waits for a CPU is dropped beyond it.
+        self.ipr.link("set", index=link.index, mtu=mtu, txqlen=TUN_TXQUEUELEN, state="up")
         return self.link(name)
 
     def replace_routes(self, ifindex: int, cidrs: list[IPv4Network], src: IPv4Address | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+from dataclasses import dataclass
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -28,7 +29,15 @@ OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
 UDP_OFFLOADS = TUN_F_USO4 | TUN_F_USO6  # since Linux 6.2
 
 
-def open_tun(name: str, offload: bool = False, queues: int = 1) -> list[int]:
+@dataclass
+class Tun:
+    """The open queues of a TUN device; uso: the kernel took the UDP
+    offloads too, so UDP GSO packets pass both ways."""
+    fds: list[int]
+    uso: bool = False
+
+
+def open_tun(name: str, offload: bool = False, queues: int = 1) -> Tun:
     """`queues` fds for the TUN device `name` (IFF_TUN|IFF_NO_PI), created if
     absent; with more than one, IFF_MULTI_QUEUE, and the kernel spreads
     flows over them (each flow stays on one queue).
@@ -43,28 +52,33 @@ def open_tun(name: str, offload: bool = False, queues: int = 1) -> list[int]:
     if not 0 < len(name.encode()) < IFNAMSIZ:
         raise ValueError(f"bad interface name {name!r}")
     flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0) | (IFF_MULTI_QUEUE if queues > 1 else 0)
-    fds: list[int] = []
+    tun = Tun([], uso=offload)
     try:
         for _ in range(queues):
-            fds.append(_open_queue(name, flags, offload))
+            fd, uso = _open_queue(name, flags, offload)
+            tun.fds.append(fd)
+            tun.uso = tun.uso and uso
     except OSError:
-        for fd in fds:
+        for fd in tun.fds:
             os.close(fd)
         raise
-    return fds
+    return tun
 
 
-def _open_queue(name: str, flags: int, offload: bool) -> int:
+def _open_queue(name: str, flags: int, offload: bool) -> tuple[int, bool]:
+    """An fd for one queue, and whether the UDP offloads were taken."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    uso = False
     try:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
         if offload:
             fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
             try:
                 fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOADS | UDP_OFFLOADS)
+                uso = True
             except OSError:
                 fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOADS)
     except OSError:
         os.close(fd)
         raise
-    return fd
+    return fd, uso

@@ -228,3 +228,67 @@ def test_a_lone_partial_segment_keeps_needs_csum():
     done = bytearray(pkt)
     done[36:38] = inet_checksum(bytes(done[20:])).to_bytes(2, "big")
     assert bytes(done) == seg
+
+
+# ---- UDP coalescing (the TUN takes UDP GSO packets) ---------------------------
+
+def datagram(i: int, size: int = 500, *, ip_id0: int = 30, df: bool = True, sport: int = 4000,
+             zero_checksum: bool = False) -> bytes:
+    p = IP(src=DST, dst=SRC, id=ip_id0 + i, flags="DF" if df else 0, ttl=61, tos=0x10) / UDP(
+        sport=sport, dport=53) / Raw(bytes([i & 0xFF]) * size)
+    if zero_checksum:
+        p[UDP].chksum = 0
+    return raw(p)
+
+
+def split_udp(vnet: bytes, pkt: bytes) -> list[bytes]:
+    """What the kernel's UDP segmentation (__udp_gso_segment) makes of a
+    write: one datagram per gso_size of payload, rebuilt by scapy."""
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = struct.unpack("=BBHHHH", vnet)
+    assert (flags, gso_type, hdr_len, csum_start, csum_offset) == (NEEDS_CSUM, GSO_UDP_L4, 28, 20, 6)
+    first = IP(pkt)
+    body = pkt[28:]
+    out = []
+    for i in range(0, len(body), gso_size):
+        d = first.copy()
+        del d.len, d.chksum, d[UDP].len, d[UDP].chksum
+        d.id = (first.id + i // gso_size) & 0xFFFF
+        d[UDP].remove_payload()
+        out.append(raw(d / Raw(body[i:i + gso_size])))
+    return out
+
+
+def test_a_udp_flow_becomes_one_udp_gso_packet():
+    grams = [datagram(i) for i in range(6)] + [datagram(6, size=120)]  # a shorter last one may join
+    [(vnet, pkt)] = coalesce(grams)
+    assert split_udp(vnet, pkt) == grams
+    # Its checksum is the pseudo-header sum over the whole, as segmentation expects.
+    assert struct.unpack("!H", pkt[24:26])[0] == len(pkt) - 20
+
+
+UDP_BREAKS = [
+    ("larger than the first", [datagram(0, 300), datagram(1, 500)], [1, 1]),
+    ("after a shorter one", [datagram(0), datagram(1, 100), datagram(2)], [2, 1]),
+    ("other flow between", [datagram(0), datagram(1, sport=9), datagram(1)], [1, 1, 1]),
+    ("id gap", [datagram(0), datagram(2)], [1, 1]),
+    ("no checksum never merges", [datagram(0, zero_checksum=True), datagram(1, zero_checksum=True)], [1, 1]),
+    ("tcp after udp", [datagram(0), segment(0)], [1, 1]),
+]
+
+
+@pytest.mark.parametrize("name,grams,trains", UDP_BREAKS, ids=[b[0] for b in UDP_BREAKS])
+def test_what_breaks_a_udp_train(name, grams, trains):
+    writes = coalesce(grams)
+    assert len(writes) == len(trains)
+    i = 0
+    for (vnet, pkt), n in zip(writes, trains):
+        if n == 1:
+            assert (vnet, pkt) == (bytes(10), grams[i])
+        else:
+            assert split_udp(vnet, pkt) == grams[i:i + n]
+        i += n
+
+
+def test_udp_is_not_coalesced_where_the_tun_takes_no_udp_gso():
+    grams = [datagram(i) for i in range(3)]
+    assert coalesce(grams, udp=False) == [(bytes(10), g) for g in grams]

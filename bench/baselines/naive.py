@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         cidr, peer = spec.split("=")
         net = IPv4Network(cidr)
         routes.append((int(net.network_address), int(net.netmask), socket.inet_aton(peer)))
-    [tun] = open_tun(a.tun)  # one queue, no offloads: naive
+    [tun] = open_tun(a.tun).fds  # one queue, no offloads: naive
     tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # implies IP_HDRINCL
     rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_IPIP)
     threading.Thread(target=decap, args=(rx, tun, {socket.inet_ntoa(p) for *_, p in routes}), daemon=True).start()

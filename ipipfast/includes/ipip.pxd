@@ -143,7 +143,7 @@ cdef extern from "offload.h" nogil:
                              uint8_t *slot, c_iovec *iov)
     int ipf_rx_partial(const virtio_net_hdr *vh, uint32_t inner_off, const uint8_t *inner, uint32_t len,
                        uint16_t *start)
-    int ipf_gro_eligible(const uint8_t *inner, uint32_t len, int trusted)
-    void ipf_gro_start(ipf_gro *g, uint8_t *inner, uint32_t len, int partial)
+    uint8_t ipf_gro_eligible(const uint8_t *inner, uint32_t len, int trusted, int udp)
+    void ipf_gro_start(ipf_gro *g, uint8_t *inner, uint32_t len, uint8_t proto, int partial)
     int ipf_gro_append(ipf_gro *g, uint8_t *inner, uint32_t len)
     uint32_t ipf_gro_finish(ipf_gro *g)

@@ -183,12 +183,13 @@ static inline int ipf_rx_partial(const struct virtio_net_hdr *vh, uint32_t inner
 
 typedef struct {
     uint8_t *first;        /* the first segment: its headers become the super-packet's */
-    uint32_t hlen;         /* its IPv4 + TCP header bytes */
+    uint32_t hlen;         /* its IPv4 + TCP/UDP header bytes */
     uint32_t mss;          /* payload of the first segment: the others must match it */
     uint32_t total;        /* IPv4 total length so far */
-    uint32_t next_seq;
+    uint32_t next_seq;     /* TCP */
     uint32_t nseg;
     uint32_t niov;
+    uint8_t proto;         /* IPF_PROTO_TCP or IPF_PROTO_UDP */
     uint8_t id_step;       /* 1: IDs count up; 0: fixed (only with DF), as the kernel accepts */
     uint8_t closed;        /* a short or PSH segment ends the train */
     uint8_t partial;       /* the first segment's checksum is left to the receiver (CHECKSUM_PARTIAL) */
@@ -196,77 +197,103 @@ typedef struct {
     struct iovec iov[IPF_GRO_MAX_SEGS + 2];
 } ipf_gro;
 
-/* TCP over IPv4 without IP options, not a fragment, checksum right, no
- * flag but ACK/PSH/ECE, with payload: the segments GRO can merge (CWR
- * flushes in the kernel's GRO too). trusted: the kernel vouches for the
- * checksum (the sender's device completes it, or the NIC verified it), so
- * it is not summed here. */
-static inline int ipf_gro_eligible(const uint8_t *in, uint32_t len, int trusted)
+/* The protocol in which GRO can merge this inner packet, or 0. Over IPv4
+ * without options, not a fragment, with payload: TCP with no flag but
+ * ACK/PSH/ECE (CWR flushes in the kernel's GRO too), and, where the TUN
+ * takes UDP GSO packets (udp), UDP with a checksum (a missing one would be
+ * made on the way out). The checksum must be right; trusted: the kernel
+ * vouches for it (the sender's device completes it, or the NIC verified
+ * it), so it is not summed here. */
+static inline uint8_t ipf_gro_eligible(const uint8_t *in, uint32_t len, int trusted, int udp)
 {
-    if (in[0] != 0x45 || in[9] != IPF_PROTO_TCP || len < 40 || (ipf_get16(in + 6) & (IPF_IP_MF | IPF_IP_OFFMASK)))
+    if (in[0] != 0x45 || len < 29 || (ipf_get16(in + 6) & (IPF_IP_MF | IPF_IP_OFFMASK)))
         return 0;
-    const uint8_t *th = in + 20;
-    uint32_t thl = (uint32_t)(th[12] >> 4) * 4;
-    if (thl < 20 || 20 + thl >= len || (th[13] & (IPF_TCP_FIN | IPF_TCP_SYN | IPF_TCP_RST | IPF_TCP_URG | IPF_TCP_CWR)))
+    const uint8_t *l4 = in + 20;
+    if (in[9] == IPF_PROTO_TCP) {
+        uint32_t thl = (uint32_t)(l4[12] >> 4) * 4;
+        if (thl < 20 || 20 + thl >= len ||
+            (l4[13] & (IPF_TCP_FIN | IPF_TCP_SYN | IPF_TCP_RST | IPF_TCP_URG | IPF_TCP_CWR)))
+            return 0;
+    } else if (in[9] == IPF_PROTO_UDP && udp) {
+        if (ipf_get16(l4 + 4) != len - 20 || ipf_get16(l4 + 6) == 0)
+            return 0;
+    } else {
         return 0;
-    if (trusted)
-        return 1;
-    uint32_t sum = ipf_pseudo_sum(in, IPF_PROTO_TCP, len - 20);
-    return ipf_csum_fold(ipf_csum_add(sum, th, len - 20)) == 0;  /* verified, as GRO does */
+    }
+    if (!trusted) {
+        uint32_t sum = ipf_pseudo_sum(in, in[9], len - 20);
+        if (ipf_csum_fold(ipf_csum_add(sum, l4, len - 20)) != 0)
+            return 0;  /* verified, as GRO does: a bad one goes on alone, for the stack to drop */
+    }
+    return in[9];
 }
 
-/* partial: in's TCP checksum holds only the pseudo-header sum. */
-static inline void ipf_gro_start(ipf_gro *g, uint8_t *in, uint32_t len, int partial)
+/* Starts a train with in, of protocol proto (from ipf_gro_eligible);
+ * partial: its checksum holds only the pseudo-header sum. */
+static inline void ipf_gro_start(ipf_gro *g, uint8_t *in, uint32_t len, uint8_t proto, int partial)
 {
-    uint32_t thl = (uint32_t)(in[32] >> 4) * 4;
-    uint32_t seq;
-    memcpy(&seq, in + 24, 4);
     g->first = in;
-    g->hlen = 20 + thl;
+    g->proto = proto;
+    g->hlen = proto == IPF_PROTO_TCP ? 20 + (uint32_t)(in[32] >> 4) * 4 : 28;
     g->mss = len - g->hlen;
     g->total = len;
-    g->next_seq = ntohl(seq) + g->mss;
+    if (proto == IPF_PROTO_TCP) {
+        uint32_t seq;
+        memcpy(&seq, in + 24, 4);
+        g->next_seq = ntohl(seq) + g->mss;
+        g->closed = (in[33] & IPF_TCP_PSH) != 0;
+    } else {
+        g->closed = 0;
+    }
     g->nseg = 1;
-    g->closed = (in[33] & IPF_TCP_PSH) != 0;
     g->partial = partial != 0;
     g->iov[1].iov_base = in;
     g->iov[1].iov_len = len;
     g->niov = 2;
 }
 
-/* Appends in to the train when it continues it exactly (same flow and
- * header fields, next sequence number, same ACK and options, size no larger
- * than the first): 1, else 0. */
+/* Appends in to the train when it continues it exactly: the same flow and
+ * header fields, the next IP ID (or a fixed one with DF), no larger than
+ * the first; for TCP also the next sequence number, the same ACK, flags and
+ * options (tcp_gro_receive's flush rules), for UDP the same size, which
+ * the GSO packet's segments must all have but the last (as
+ * udp_gro_receive_segment). 1, else 0. */
 static inline int ipf_gro_append(ipf_gro *g, uint8_t *in, uint32_t len)
 {
     const uint8_t *f = g->first;
-    uint32_t thl = (uint32_t)(in[32] >> 4) * 4, seg = len - 20 - thl, seq;
-    if (g->closed || g->nseg >= IPF_GRO_MAX_SEGS || 20 + thl != g->hlen || seg > g->mss ||
-        g->total + seg > IPF_GRO_MAX_LEN)
+    if (g->closed || g->nseg >= IPF_GRO_MAX_SEGS || in[9] != g->proto)
         return 0;
-    /* tos, DF, ttl, protocol, addresses, ports, ack, flags, window-less
-     * options: all as in the first (tcp_gro_receive's flush rules). */
-    if (in[1] != f[1] || ((in[6] ^ f[6]) & 0x40) || in[8] != f[8] || memcmp(in + 12, f + 12, 8) ||
-        memcmp(in + 20, f + 20, 4) || memcmp(in + 28, f + 28, 4) ||
-        ((in[33] ^ f[33]) & ~IPF_TCP_PSH) || memcmp(in + 40, f + 40, thl - 20))
+    /* in is eligible (ipf_gro_eligible): its headers are all there */
+    uint32_t hlen = g->proto == IPF_PROTO_TCP ? 20 + (uint32_t)(in[32] >> 4) * 4 : 28;
+    uint32_t seg = len - hlen, seq;
+    if (hlen != g->hlen || seg > g->mss || g->total + seg > IPF_GRO_MAX_LEN)
         return 0;
-    memcpy(&seq, in + 24, 4);
-    if (ntohl(seq) != g->next_seq)
+    /* tos, DF, ttl, addresses, ports: all as in the first */
+    if (in[1] != f[1] || ((in[6] ^ f[6]) & 0x40) || in[8] != f[8] || memcmp(in + 12, f + 12, 12))
         return 0;
+    if (g->proto == IPF_PROTO_TCP) {
+        if (memcmp(in + 28, f + 28, 4) || ((in[33] ^ f[33]) & ~IPF_TCP_PSH) ||
+            memcmp(in + 40, f + 40, hlen - 40))
+            return 0;
+        memcpy(&seq, in + 24, 4);
+        if (ntohl(seq) != g->next_seq)
+            return 0;
+    }
     uint16_t id = ipf_get16(in + 4), first_id = ipf_get16(f + 4);
     if (g->nseg == 1)
         g->id_step = id != first_id;
     if (id != (uint16_t)(first_id + g->id_step * g->nseg) || (!g->id_step && !(f[6] & 0x40)))
         return 0;
-    g->iov[g->niov].iov_base = in + 20 + thl;
+    g->iov[g->niov].iov_base = in + hlen;
     g->iov[g->niov].iov_len = seg;
     g->niov++;
     g->nseg++;
     g->total += seg;
     g->next_seq += seg;
-    if (seg < g->mss || (in[33] & IPF_TCP_PSH)) {
+    if (seg < g->mss || (g->proto == IPF_PROTO_TCP && (in[33] & IPF_TCP_PSH))) {
         g->closed = 1;
-        ((uint8_t *)f)[33] |= in[33] & IPF_TCP_PSH;
+        if (g->proto == IPF_PROTO_TCP)
+            ((uint8_t *)f)[33] |= in[33] & IPF_TCP_PSH;
     }
     return 1;
 }
@@ -276,24 +303,25 @@ static inline int ipf_gro_append(ipf_gro *g, uint8_t *in, uint32_t len)
 static inline uint32_t ipf_gro_finish(ipf_gro *g)
 {
     uint8_t *f = g->first;
+    uint16_t at = ipf_l4_csum_offset(g->proto);
     memset(&g->vh, 0, sizeof(g->vh));
     if (g->nseg > 1) {
         ipf_put16(f + 2, (uint16_t)g->total);
         f[10] = f[11] = 0;
         uint16_t c = ipf_csum(f, 20);
         memcpy(f + 10, &c, 2);
+        if (g->proto == IPF_PROTO_UDP)
+            ipf_put16(f + 24, (uint16_t)(g->total - 20));  /* segmentation scales it back per datagram */
         /* Partial checksum: the pseudo-header sum, completed by whoever
          * segments or delivers it (every segment was verified above). */
-        uint16_t pseudo = (uint16_t)~ipf_csum_fold(ipf_pseudo_sum(f, IPF_PROTO_TCP, g->total - 20));
-        memcpy(f + 36, &pseudo, 2);
-        g->vh.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-        g->vh.gso_type = VIRTIO_NET_HDR_GSO_TCPV4;
+        uint16_t pseudo = (uint16_t)~ipf_csum_fold(ipf_pseudo_sum(f, g->proto, g->total - 20));
+        memcpy(f + 20 + at, &pseudo, 2);
+        ipf_vnet_partial(&g->vh, 20, at);
+        g->vh.gso_type = g->proto == IPF_PROTO_TCP ? VIRTIO_NET_HDR_GSO_TCPV4 : VIRTIO_NET_HDR_GSO_UDP_L4;
         g->vh.hdr_len = (uint16_t)g->hlen;
         g->vh.gso_size = (uint16_t)g->mss;
-        g->vh.csum_start = 20;
-        g->vh.csum_offset = 16;
     } else if (g->partial) {
-        ipf_vnet_partial(&g->vh, 20, 16);
+        ipf_vnet_partial(&g->vh, 20, at);
     }
     g->iov[0].iov_base = &g->vh;
     g->iov[0].iov_len = IPF_VNET_HLEN;
