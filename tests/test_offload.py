@@ -184,17 +184,24 @@ BREAKS = [
 ]
 
 
-@pytest.mark.parametrize("name,segs,trains", BREAKS, ids=[b[0] for b in BREAKS])
-def test_what_breaks_a_train(name, segs, trains):
-    writes = coalesce(segs)
+def check_writes(packets: list[bytes], trains: list[int], check_train) -> None:
+    """coalesce(packets) makes one write per train, each of `trains`
+    packets in order: a lone one as it came, the others as check_train
+    accepts them."""
+    writes = coalesce(packets)
     assert len(writes) == len(trains)
     i = 0
     for (vnet, pkt), n in zip(writes, trains):
         if n == 1:
-            assert (vnet, pkt) == (bytes(10), segs[i])
+            assert (vnet, pkt) == (bytes(10), packets[i])
         else:
-            check_merged(vnet, pkt, segs[i:i + n])
+            check_train(vnet, pkt, packets[i:i + n])
         i += n
+
+
+@pytest.mark.parametrize("name,segs,trains", BREAKS, ids=[b[0] for b in BREAKS])
+def test_what_breaks_a_train(name, segs, trains):
+    check_writes(segs, trains, check_merged)
 
 
 def test_train_stops_below_64k():
@@ -276,17 +283,13 @@ UDP_BREAKS = [
 ]
 
 
+def check_udp_train(vnet: bytes, pkt: bytes, grams: list[bytes]) -> None:
+    assert split_udp(vnet, pkt) == grams
+
+
 @pytest.mark.parametrize("name,grams,trains", UDP_BREAKS, ids=[b[0] for b in UDP_BREAKS])
 def test_what_breaks_a_udp_train(name, grams, trains):
-    writes = coalesce(grams)
-    assert len(writes) == len(trains)
-    i = 0
-    for (vnet, pkt), n in zip(writes, trains):
-        if n == 1:
-            assert (vnet, pkt) == (bytes(10), grams[i])
-        else:
-            assert split_udp(vnet, pkt) == grams[i:i + n]
-        i += n
+    check_writes(grams, trains, check_udp_train)
 
 
 def test_udp_is_not_coalesced_where_the_tun_takes_no_udp_gso():
