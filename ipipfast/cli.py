@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     opts.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                       help="TUN GSO and checksum offloads (default on)")
     opts.add_argument("--busy-poll", type=int, metavar="US", help="spin this long for work before sleeping")
+    opts.add_argument("--coalesce-us", type=int, metavar="US",
+                      help="under load, nap this long between batches instead of being woken (0: off)")
 
     p = sub.add_parser("check-config", help="validate a config file; errors name the line")
     p.add_argument("path")
@@ -59,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from .config import ConfigError
         from .daemon import run
-        overrides = {k: v for k in ("ttl", "tos", "pmtudisc", "ignore_df", "workers", "offload", "busy_poll")
-                     if (v := getattr(args, k)) is not None}
+        overrides = {k: v for k in ("ttl", "tos", "pmtudisc", "ignore_df", "workers", "offload", "busy_poll",
+                                    "coalesce_us") if (v := getattr(args, k)) is not None}
         for k in ("ttl", "tos"):  # numbers stay numbers in the config's eyes
             if k in overrides and overrides[k].isdigit():
                 overrides[k] = int(overrides[k])

@@ -95,7 +95,7 @@ class Daemon:
             mtu=self.underlay.mtu, ttl=cfg.tunnel.ttl, tos=cfg.tunnel.tos,
             pmtudisc=cfg.tunnel.pmtudisc, ignore_df=cfg.tunnel.ignore_df, batch=cfg.tunnel.batch,
             vnet_hdr=cfg.tunnel.offload, csum_offload=self.csum_offload, udp_gso=tun.uso,
-            busy_poll_us=cfg.tunnel.busy_poll)
+            coalesce_us=cfg.tunnel.coalesce_us, busy_poll_us=cfg.tunnel.busy_poll)
         workers = self.datapath.add_workers(self.tun_fds)
         self.icmp = IcmpErrors(self.datapath, cfg.node.ip.ip)
         try:

@@ -55,6 +55,7 @@ OVERRIDES = [
     ("tos inherit", {"tos": "inherit"}, {"tos": None}),
     ("workers and offload", {"workers": 2, "offload": False}, {"workers": 2, "offload": False}),
     ("ignore_df", {"ignore_df": True}, {"ignore_df": True}),
+    ("coalescing off", {"coalesce_us": 0}, {"coalesce_us": 0}),
 ]
 
 

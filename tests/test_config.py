@@ -133,6 +133,8 @@ BAD = [
     ("ignore-df-vs-pmtudisc", NODE + "tunnel:\n  ignore_df: true\n  pmtudisc: true\n", 5, "set by pmtudisc: true"),
     ("workers-high", NODE + "tunnel:\n  workers: 65\n", 5, "tunnel.workers: 65 is out of range 1..64"),
     ("batch-zero", NODE + "tunnel:\n  batch: 0\n", 5, "tunnel.batch: 0 is out of range 1..1024"),
+    ("coalesce-too-long", NODE + "tunnel:\n  coalesce_us: 20000\n", 5,
+     "tunnel.coalesce_us: 20000 is out of range 0..10000"),
     ("listen-int", NODE + "stats:\n  listen: 9100\n", 5, 'expected "host:port"'),
     ("listen-no-port", NODE + "stats:\n  listen: localhost\n", 5, 'expected "host:port"'),
     ("listen-port-high", NODE + "stats:\n  listen: 'localhost:65536'\n", 5, 'expected "host:port"'),

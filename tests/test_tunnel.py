@@ -343,8 +343,10 @@ def test_two_workers():
         assert "ring_full" not in {k for t in tunnels for k, v in t.counters().items() if v and "drop" in k}
 
 
-def test_busy_polling():
-    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb, busy_poll=200) as tunnels:
+@pytest.mark.parametrize("coalesce_us", [0, 100], ids=["sleeps until woken", "naps under load"])
+def test_busy_polling(coalesce_us):
+    with Testbed(nodes=2, pods_per_node=1) as tb, \
+            running_tunnels(tb, busy_poll=200, coalesce_us=coalesce_us) as tunnels:
         a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
         assert traffic.udp_roundtrip(tb, a, b, count=50, size=64)["received"] == 50
         assert traffic.tcp_transfer(tb, a, b, 4 << 20)["match"]
