@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 
 import pytest
+from pyroute2.ethtool import Ethtool
 from scapy.layers.inet import IP, TCP
 
 from ipipfast import traffic
@@ -40,6 +41,14 @@ CASES = [
 ]
 
 
+def generic_csum_off(ifname: str) -> None:
+    """ethtool -K ifname tx-checksum-ip-generic off (run inside the node's namespace)."""
+    with Ethtool() as eth:
+        feats = eth.get_features(ifname)
+        feats.features["tx-checksum-ip-generic"].enable = False
+        eth.set_features(ifname, feats)
+
+
 def tcp_state(inner: IP) -> str:
     """'complete', 'partial' (the pseudo-header sum alone) or 'wrong'."""
     seg = bytes(inner[TCP])
@@ -57,7 +66,7 @@ def test_inner_checksums(case: Case, tmp_path) -> None:
         n0, n1 = tb.nodes
         if not case.generic_csum:
             for n in tb.nodes:
-                tb.run(n, ["ethtool", "-K", n.interface, "tx-checksum-ip-generic", "off"])
+                tb.in_netns(n, generic_csum_off, n.interface)
         procs = [TunnelProcess(tb, n0, tb.node_config(n0)),
                  TunnelProcess(tb, n1, tb.node_config(n1, offload=case.receiver_offload))]
         try:
