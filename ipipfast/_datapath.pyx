@@ -724,7 +724,7 @@ cdef class Worker:
         cdef int reason
         cdef c.iovec *iov
         if partial:
-            if <uint32_t>vh.csum_start + vh.csum_offset + 2 > n:
+            if not ipf_csum_fits(n, vh.csum_start, vh.csum_offset):
                 self.txs.drops[IPF_TX_BAD_HEADER] += 1
                 return nmsg
             if not self.tx_partial:
@@ -750,11 +750,7 @@ cdef class Worker:
             iov = &self.iovs[3 * nmsg + 1]
             iov[0].iov_base = pkt - IPF_ENCAP_HLEN
             iov[0].iov_len = length + IPF_ENCAP_HLEN
-            self.msgs[nmsg].msg_hdr.msg_iovlen = 1 + self.tx_partial
-            if self.tx_partial:
-                memset(&self.txvh[nmsg], 0, sizeof(virtio_net_hdr))
-                if partial:
-                    ipf_vnet_partial(&self.txvh[nmsg], vh.csum_start + IPF_ENCAP_HLEN, vh.csum_offset)
+            self._frame_iovs(nmsg, 1, partial, vh.csum_start + IPF_ENCAP_HLEN, vh.csum_offset)
             return nmsg + 1
         if nmsg + plan.nseg > MAX_MSGS:
             self._send(nmsg)
@@ -763,13 +759,21 @@ cdef class Worker:
         for s in range(plan.nseg):
             ipf_gso_segment(&self.tn, peer, pkt, length, &plan, s, self._next_id(), self.tx_partial,
                             self.seg_slots + <size_t>nmsg * IPF_SEG_SLOT, &self.iovs[3 * nmsg + 1])
-            self.msgs[nmsg].msg_hdr.msg_iovlen = 2 + self.tx_partial
-            if self.tx_partial:
-                memset(&self.txvh[nmsg], 0, sizeof(virtio_net_hdr))
-                ipf_vnet_partial(&self.txvh[nmsg], IPF_ENCAP_HLEN + (pkt[0] & 0x0f) * 4,
-                                 ipf_l4_csum_offset(plan.proto))
+            self._frame_iovs(nmsg, 2, True, IPF_ENCAP_HLEN + (pkt[0] & 0x0f) * 4,
+                             ipf_l4_csum_offset(plan.proto))
             nmsg += 1
         return nmsg
+
+    cdef inline void _frame_iovs(self, uint32_t m, uint32_t niov, bint partial, uint16_t cstart,
+                                 uint16_t coff) noexcept nogil:
+        """Message m carries its frame in niov iovecs. With tx_partial, its
+        virtio_net_hdr goes first, saying whether the device completes the
+        inner checksum at cstart + coff (partial) or nothing is left to do."""
+        self.msgs[m].msg_hdr.msg_iovlen = niov + self.tx_partial
+        if self.tx_partial:
+            memset(&self.txvh[m], 0, sizeof(virtio_net_hdr))
+            if partial:
+                ipf_vnet_partial(&self.txvh[m], cstart, coff)
 
     cdef void _send(self, uint32_t n) noexcept nogil:
         cdef uint32_t done = 0, k

@@ -133,7 +133,8 @@ cdef extern from "offload.h" nogil:
         uint32_t hlen
         virtio_net_hdr vh
         c_iovec iov[1]
-    int ipf_csum_complete(uint8_t *pkt, uint32_t len, uint16_t start, uint16_t offset)
+    int ipf_csum_fits(uint32_t len, uint32_t start, uint32_t offset)
+    void ipf_csum_complete(uint8_t *pkt, uint32_t len, uint16_t start, uint16_t offset)
     int ipf_gso_plan_of(const virtio_net_hdr *vh, const uint8_t *pkt, uint32_t n, uint32_t mtu,
                         ipf_gso_plan *plan)
     uint16_t ipf_l4_csum_offset(uint8_t proto)

@@ -42,17 +42,28 @@ static inline uint32_t ipf_pseudo_sum(const uint8_t *ip, uint8_t proto, uint32_t
     return ipf_csum_add(sum, w, 4);
 }
 
-/* Completes a checksum the sender left partial (VIRTIO_NET_HDR_F_NEEDS_CSUM,
- * as skb_checksum_help): the field holds the pseudo-header sum already. */
-static inline int ipf_csum_complete(uint8_t *pkt, uint32_t len, uint16_t start, uint16_t offset)
+/* What the checksum field holds while the checksum is left partial
+ * (CHECKSUM_PARTIAL): the folded pseudo-header sum, not complemented. */
+static inline uint16_t ipf_partial_csum(uint32_t pseudo_sum)
 {
-    if ((uint32_t)start + offset + 2 > len)
-        return -1;
+    return (uint16_t)~ipf_csum_fold(pseudo_sum);
+}
+
+/* Whether a partial checksum at start + offset (its 2 bytes) lies within len. */
+static inline int ipf_csum_fits(uint32_t len, uint32_t start, uint32_t offset)
+{
+    return start + offset + 2 <= len;
+}
+
+/* Completes a checksum the sender left partial (VIRTIO_NET_HDR_F_NEEDS_CSUM,
+ * as skb_checksum_help): the field holds the pseudo-header sum already.
+ * The caller has checked ipf_csum_fits. */
+static inline void ipf_csum_complete(uint8_t *pkt, uint32_t len, uint16_t start, uint16_t offset)
+{
     uint16_t c = ipf_csum(pkt + start, len - start);
     if (c == 0 && pkt[9] == IPF_PROTO_UDP)
         c = 0xffff;  /* UDP sends a computed zero as all ones */
     memcpy(pkt + start + offset, &c, 2);
-    return 0;
 }
 
 /* ---- segmentation (encap side) ----------------------------------------- */
@@ -144,7 +155,7 @@ static inline uint32_t ipf_gso_segment(const ipf_tunnel *tn, const ipf_peer *pee
     l4[at] = l4[at + 1] = 0;
     uint32_t sum = ipf_pseudo_sum(in, plan->proto, l4_len);
     if (partial) {
-        c = (uint16_t)~ipf_csum_fold(sum);
+        c = ipf_partial_csum(sum);
     } else {
         sum = ipf_csum_add(sum, l4, plan->hlen - ihl);
         c = ipf_csum_fold(ipf_csum_add(sum, pkt + off, seg));
@@ -173,7 +184,7 @@ static inline int ipf_rx_partial(const struct virtio_net_hdr *vh, uint32_t inner
     if (vh->csum_start < inner_off + ihl)
         return -1;
     uint32_t s = vh->csum_start - inner_off;
-    if (s + vh->csum_offset + 2u > len)
+    if (!ipf_csum_fits(len, s, vh->csum_offset))
         return -1;
     *start = (uint16_t)s;
     return 0;
@@ -228,13 +239,19 @@ static inline uint8_t ipf_gro_eligible(const uint8_t *in, uint32_t len, int trus
     return in[9];
 }
 
+/* IPv4 + L4 header bytes of an eligible packet of protocol proto. */
+static inline uint32_t ipf_gro_hlen(const uint8_t *in, uint8_t proto)
+{
+    return proto == IPF_PROTO_TCP ? 20 + (uint32_t)(in[32] >> 4) * 4 : 28;
+}
+
 /* Starts a train with in, of protocol proto (from ipf_gro_eligible);
  * partial: its checksum holds only the pseudo-header sum. */
 static inline void ipf_gro_start(ipf_gro *g, uint8_t *in, uint32_t len, uint8_t proto, int partial)
 {
     g->first = in;
     g->proto = proto;
-    g->hlen = proto == IPF_PROTO_TCP ? 20 + (uint32_t)(in[32] >> 4) * 4 : 28;
+    g->hlen = ipf_gro_hlen(in, proto);
     g->mss = len - g->hlen;
     g->total = len;
     if (proto == IPF_PROTO_TCP) {
@@ -264,7 +281,7 @@ static inline int ipf_gro_append(ipf_gro *g, uint8_t *in, uint32_t len)
     if (g->closed || g->nseg >= IPF_GRO_MAX_SEGS || in[9] != g->proto)
         return 0;
     /* in is eligible (ipf_gro_eligible): its headers are all there */
-    uint32_t hlen = g->proto == IPF_PROTO_TCP ? 20 + (uint32_t)(in[32] >> 4) * 4 : 28;
+    uint32_t hlen = ipf_gro_hlen(in, g->proto);
     uint32_t seg = len - hlen, seq;
     if (hlen != g->hlen || seg > g->mss || g->total + seg > IPF_GRO_MAX_LEN)
         return 0;
@@ -314,7 +331,7 @@ static inline uint32_t ipf_gro_finish(ipf_gro *g)
             ipf_put16(f + 24, (uint16_t)(g->total - 20));  /* segmentation scales it back per datagram */
         /* Partial checksum: the pseudo-header sum, completed by whoever
          * segments or delivers it (every segment was verified above). */
-        uint16_t pseudo = (uint16_t)~ipf_csum_fold(ipf_pseudo_sum(f, g->proto, g->total - 20));
+        uint16_t pseudo = ipf_partial_csum(ipf_pseudo_sum(f, g->proto, g->total - 20));
         memcpy(f + 20 + at, &pseudo, 2);
         ipf_vnet_partial(&g->vh, 20, at);
         g->vh.gso_type = g->proto == IPF_PROTO_TCP ? VIRTIO_NET_HDR_GSO_TCPV4 : VIRTIO_NET_HDR_GSO_UDP_L4;
