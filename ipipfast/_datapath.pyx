@@ -540,6 +540,11 @@ cdef class Worker:
         while not (ipf_qsbr_passed(&self.qsbr[0], seen0) and ipf_qsbr_passed(&self.qsbr[1], seen1)):
             c.usleep(50)
 
+    @property
+    def ring_frames(self):
+        """Frames in the receive ring, as requested rounded up to a power of two."""
+        return self.n_frames
+
     @staticmethod
     def zero_counters():
         out = {"tx_packets": 0, "tx_bytes": 0, "icmp_sent": 0, "icmp_ratelimited": 0, "tx_gso": 0,

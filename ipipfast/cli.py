@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     opts.add_argument("--busy-poll", type=int, metavar="US", help="spin this long for work before sleeping")
     opts.add_argument("--coalesce-us", type=int, metavar="US",
                       help="under load, nap this long between batches instead of being woken (0: off)")
+    opts.add_argument("--ring-frames", type=int, metavar="N",
+                      help="frames in each worker's receive ring (rounded up to a power of two)")
 
     p = sub.add_parser("check-config", help="validate a config file; errors name the line")
     p.add_argument("path")
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         from .config import ConfigError
         from .daemon import run
         overrides = {k: v for k in ("ttl", "tos", "pmtudisc", "ignore_df", "workers", "offload", "busy_poll",
-                                    "coalesce_us") if (v := getattr(args, k)) is not None}
+                                    "coalesce_us", "ring_frames") if (v := getattr(args, k)) is not None}
         for k in ("ttl", "tos"):  # numbers stay numbers in the config's eyes
             if k in overrides and overrides[k].isdigit():
                 overrides[k] = int(overrides[k])

@@ -32,6 +32,7 @@ _TUNNEL_INTS: dict[str, tuple[int, int, object]] = {
     "batch": (1, 1024, _UNSET),
     "busy_poll": (0, 100_000, _UNSET),
     "coalesce_us": (0, 10_000, _UNSET),
+    "ring_frames": (64, 65_536, _UNSET),
 }
 
 
@@ -71,6 +72,9 @@ class TunnelConfig:
     # Microseconds the decap loop naps under load before it looks at its ring again, instead
     # of sleeping until woken (as a NIC's rx-usecs): fewer wake-ups under load; 0: off.
     coalesce_us: int = 100
+    # Frames in each worker's receive ring (a NIC's rx ring size, ethtool -G), rounded up to a
+    # power of two: room for bursts while the decap loop waits for a CPU.
+    ring_frames: int = 4096
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ class Daemon:
         self.ingress_attached = False
         self.datapath: _datapath.Datapath | None = None
         self.csum_offload = False
+        self.ring_frames = 0
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -95,8 +96,10 @@ class Daemon:
             mtu=self.underlay.mtu, ttl=cfg.tunnel.ttl, tos=cfg.tunnel.tos,
             pmtudisc=cfg.tunnel.pmtudisc, ignore_df=cfg.tunnel.ignore_df, batch=cfg.tunnel.batch,
             vnet_hdr=cfg.tunnel.offload, csum_offload=self.csum_offload, udp_gso=tun.uso,
-            coalesce_us=cfg.tunnel.coalesce_us, busy_poll_us=cfg.tunnel.busy_poll)
+            coalesce_us=cfg.tunnel.coalesce_us, busy_poll_us=cfg.tunnel.busy_poll,
+            ring_frames=cfg.tunnel.ring_frames)
         workers = self.datapath.add_workers(self.tun_fds)
+        self.ring_frames = workers[0].ring_frames
         self.icmp = IcmpErrors(self.datapath, cfg.node.ip.ip)
         try:
             ingress.attach(self.underlay.index, cfg.node.ip.ip)
@@ -288,6 +291,7 @@ class Daemon:
             "pid": os.getpid(),
             "tunnel": self.config.tunnel.name,
             "csum_offload": self.csum_offload,
+            "ring_frames": self.ring_frames,
             "routes_encapsulated": len(self.plan.encapsulated.routes),
             "routes_direct": len(self.plan.direct.routes),
             "next_hops": {str(p): (m.hex(":") if m else None) for p, m in self.macs.items()},

@@ -56,6 +56,7 @@ OVERRIDES = [
     ("workers and offload", {"workers": 2, "offload": False}, {"workers": 2, "offload": False}),
     ("ignore_df", {"ignore_df": True}, {"ignore_df": True}),
     ("coalescing off", {"coalesce_us": 0}, {"coalesce_us": 0}),
+    ("a bigger receive ring", {"ring_frames": 16384}, {"ring_frames": 16384}),
 ]
 
 

@@ -135,6 +135,7 @@ BAD = [
     ("batch-zero", NODE + "tunnel:\n  batch: 0\n", 5, "tunnel.batch: 0 is out of range 1..1024"),
     ("coalesce-too-long", NODE + "tunnel:\n  coalesce_us: 20000\n", 5,
      "tunnel.coalesce_us: 20000 is out of range 0..10000"),
+    ("ring-too-small", NODE + "tunnel:\n  ring_frames: 8\n", 5, "tunnel.ring_frames: 8 is out of range 64..65536"),
     ("listen-int", NODE + "stats:\n  listen: 9100\n", 5, 'expected "host:port"'),
     ("listen-no-port", NODE + "stats:\n  listen: localhost\n", 5, 'expected "host:port"'),
     ("listen-port-high", NODE + "stats:\n  listen: 'localhost:65536'\n", 5, 'expected "host:port"'),

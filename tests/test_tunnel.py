@@ -343,6 +343,16 @@ def test_two_workers():
         assert "ring_full" not in {k for t in tunnels for k, v in t.counters().items() if v and "drop" in k}
 
 
+def test_receive_ring_size_is_configurable():
+    """ring_frames sizes each worker's ring, rounded up to a power of two as
+    the kernel lays it out; a small ring still carries a transfer."""
+    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb, ring_frames=100) as tunnels:
+        a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+        assert [t.status()["ring_frames"] for t in tunnels] == [128, 128]
+        assert traffic.tcp_transfer(tb, a, b, 4 << 20)["match"]
+        assert traffic.ping(tb, b, a.ip, count=3, interval=0.01)["received"] == 3
+
+
 @pytest.mark.parametrize("coalesce_us", [0, 100], ids=["sleeps until woken", "naps under load"])
 def test_busy_polling(coalesce_us):
     with Testbed(nodes=2, pods_per_node=1) as tb, \
