@@ -88,6 +88,7 @@ class Daemon:
         tun = open_tun(cfg.tunnel.name, offload=cfg.tunnel.offload, queues=cfg.tunnel.workers)
         self.tun_fds = tun.fds
         self.tun = self.kernel.setup_tun(cfg.tunnel.name, mtu)
+        self.tun_drops_at_start = self.kernel.tx_dropped(self.tun.index)  # an attached TUN has a past
         # Segments and partial checksums from the TUN leave with their inner
         # checksum for the underlay device to fill in, where it can.
         self.csum_offload = cfg.tunnel.offload and self.kernel.completes_any_checksum(self.underlay.name)
@@ -284,7 +285,9 @@ class Daemon:
     def counters(self) -> dict[str, int]:
         if not self.datapath:
             return {}
-        return {**self.datapath.counters(), **self.icmp.counters()}
+        with self.lock:  # the netlink socket is shared with the main and neighbour threads
+            queue_full = self.kernel.tx_dropped(self.tun.index) - self.tun_drops_at_start
+        return {**self.datapath.counters(), "tx_drop_queue_full": queue_full, **self.icmp.counters()}
 
     def status(self) -> dict:
         return {

@@ -57,6 +57,12 @@ class Kernel:
         mac = msg.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00"
         return Link(msg["index"], name, bytes.fromhex(mac.replace(":", "")), msg.get_attr("IFLA_MTU"))
 
+    def tx_dropped(self, index: int) -> int:
+        """What the device dropped on transmit: for a TUN, packets that found
+        its queue full because its reader fell behind."""
+        stats = self.ipr.get_links(index)[0].get_attr("IFLA_STATS64")
+        return int(stats["tx_dropped"]) if stats else 0
+
     @staticmethod
     def completes_any_checksum(name: str) -> bool:
         """Whether the device completes an L4 checksum wherever a frame says

@@ -384,6 +384,24 @@ def test_a_full_ring_drops_by_reason_and_forwarding_goes_on():
         assert d["rx_packets"] + d["rx_drop_ring_full"] <= sent, (d, sent)
 
 
+def test_a_full_tun_queue_is_counted_and_forwarding_goes_on():
+    """An encap loop that falls behind (its daemon stopped) lets the TUN's
+    queue of 1000 fill; the kernel's drops there show as tx_drop_queue_full."""
+    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb) as tunnels:
+        a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+        sender = tunnels[0]
+        before = sender.counters()
+        os.kill(sender.proc.pid, signal.SIGSTOP)
+        try:
+            tb.run(a, [sys.executable, "-c", BURST, b.ip, "3000"])
+        finally:
+            os.kill(sender.proc.pid, signal.SIGCONT)
+        assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
+        d = delta(before, sender.counters())
+        assert 1500 <= d["tx_drop_queue_full"] <= 2000, d
+        assert d["tx_packets"] >= 1000 + 3, d
+
+
 @pytest.mark.parametrize("coalesce_us", [0, 100], ids=["sleeps until woken", "naps under load"])
 def test_busy_polling(coalesce_us):
     with Testbed(nodes=2, pods_per_node=1) as tb, \
