@@ -9,7 +9,9 @@ from ipaddress import IPv4Address, IPv4Network
 
 from pyroute2 import IPRoute
 from pyroute2.ethtool import Ethtool
+from pyroute2.netlink import NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_GETROUTE
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +23,12 @@ RT_SCOPE_LINK = 253
 TUN_TXQUEUELEN = 1000
 NTF_USE = 0x01      # neighbour flag: ask the kernel to resolve it now
 NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE PERMANENT NOARP
+# A single get (not a dump) goes without NLM_F_ACK. pyroute2 0.9 asks for the
+# ACK, returns at the reply and leaves the ACK behind in a queue that nobody
+# reads: about 1.5 kB per call for the life of the socket, and the daemon
+# asks every second (next hops, TUN drops).
+_GET_LINK = (RTM_GETLINK, NLM_F_REQUEST)
+_GET_ROUTE = (RTM_GETROUTE, NLM_F_REQUEST)
 
 
 @dataclass(frozen=True)
@@ -53,14 +61,14 @@ class Kernel:
         found = self.ipr.link_lookup(ifname=name)
         if not found:
             raise LookupError(f"no interface named {name!r}")
-        msg = self.ipr.get_links(found[0])[0]
+        msg = self.ipr.link(_GET_LINK, index=found[0])[0]
         mac = msg.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00"
         return Link(msg["index"], name, bytes.fromhex(mac.replace(":", "")), msg.get_attr("IFLA_MTU"))
 
     def tx_dropped(self, index: int) -> int:
         """What the device dropped on transmit: for a TUN, packets that found
         its queue full because its reader fell behind."""
-        stats = self.ipr.get_links(index)[0].get_attr("IFLA_STATS64")
+        stats = self.ipr.link(_GET_LINK, index=index)[0].get_attr("IFLA_STATS64")
         return int(stats["tx_dropped"]) if stats else 0
 
     @staticmethod
@@ -114,7 +122,7 @@ class Kernel:
 
     def nexthop(self, peer: IPv4Address) -> NextHop:
         """The underlay next hop the kernel would use to reach peer."""
-        msg = self.ipr.route("get", dst=str(peer))[0]
+        msg = self.ipr.route(_GET_ROUTE, dst=str(peer))[0]
         gateway = msg.get_attr("RTA_GATEWAY")
         return NextHop(peer, IPv4Address(gateway) if gateway else peer, msg.get_attr("RTA_OIF"))
 
