@@ -72,6 +72,7 @@ class Daemon:
         self.datapath: _datapath.Datapath | None = None
         self.csum_offload = False
         self.ring_frames = 0
+        self.tun_drops_at_start = self.tun_queue_full = 0  # the TUN's tx_dropped (see _status_loop)
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -271,23 +272,26 @@ class Daemon:
         # Our frames bypass the neighbour table, so nothing else keeps it
         # fresh: re-confirm every next hop now and then, and follow changes.
         ticks = 0
-        while not self.stopping.wait(NEIGHBOUR_INTERVAL if all(self.macs.values())
-                                     else NEIGHBOUR_INTERVAL / 10):
-            ticks += 1
-            with self.lock:
-                if ticks % SOLICIT_EVERY == 0:
-                    for hop in self.nexthops.values():
-                        self.kernel.solicit(hop.ip, hop.ifindex)
-                self._refresh_macs()
+        try:
+            while not self.stopping.wait(NEIGHBOUR_INTERVAL if all(self.macs.values())
+                                         else NEIGHBOUR_INTERVAL / 10):
+                ticks += 1
+                with self.lock:
+                    if ticks % SOLICIT_EVERY == 0:
+                        for hop in self.nexthops.values():
+                            self.kernel.solicit(hop.ip, hop.ifindex)
+                    self._refresh_macs()
+        finally:
+            self.kernel.close_thread()
 
     # ---- observability ----------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
+        """Every counter; cheap enough for any thread (a metrics scrape):
+        the TUN's drops come from the status loop's last look."""
         if not self.datapath:
             return {}
-        with self.lock:  # the netlink socket is shared with the main and neighbour threads
-            queue_full = self.kernel.tx_dropped(self.tun.index) - self.tun_drops_at_start
-        return {**self.datapath.counters(), "tx_drop_queue_full": queue_full, **self.icmp.counters()}
+        return {**self.datapath.counters(), "tx_drop_queue_full": self.tun_queue_full, **self.icmp.counters()}
 
     def status(self) -> dict:
         return {
@@ -312,8 +316,12 @@ class Daemon:
         tmp.replace(self.status_file)
 
     def _status_loop(self) -> None:
-        while not self.stopping.wait(STATUS_INTERVAL):
-            self._write_status()
+        try:
+            while not self.stopping.wait(STATUS_INTERVAL):
+                self.tun_queue_full = self.kernel.tx_dropped(self.tun.index) - self.tun_drops_at_start
+                self._write_status()
+        finally:
+            self.kernel.close_thread()
 
 
 def run(config_path: str, status_file: str | None = None, overrides: dict | None = None) -> int:

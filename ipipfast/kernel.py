@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
@@ -49,13 +50,40 @@ class NextHop:
 
 
 class Kernel:
-    """Netlink in the current network namespace."""
+    """Netlink in the current network namespace, from any thread. pyroute2
+    (0.9) wants a socket per thread: one used from a thread other than the
+    one that opened it keeps about 0.5 kB per call. So each thread that asks
+    gets its own, and closes it with close_thread() when it is done."""
 
     def __init__(self) -> None:
-        self.ipr = IPRoute()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: set[IPRoute] = set()
+
+    @property
+    def ipr(self) -> IPRoute:
+        ipr = getattr(self._local, "ipr", None)
+        if ipr is None:
+            ipr = self._local.ipr = IPRoute()
+            with self._lock:
+                self._open.add(ipr)
+        return ipr
+
+    def close_thread(self) -> None:
+        """Closes the calling thread's socket, if it opened one."""
+        ipr = getattr(self._local, "ipr", None)
+        if ipr is not None:
+            del self._local.ipr
+            with self._lock:
+                self._open.discard(ipr)
+            ipr.close()
 
     def close(self) -> None:
-        self.ipr.close()
+        self.close_thread()
+        with self._lock:
+            rest, self._open = self._open, set()
+        for ipr in rest:  # of threads that ended without closing theirs
+            ipr.close()
 
     def link(self, name: str) -> Link:
         found = self.ipr.link_lookup(ifname=name)
