@@ -89,7 +89,7 @@ class Daemon:
         tun = open_tun(cfg.tunnel.name, offload=cfg.tunnel.offload, queues=cfg.tunnel.workers)
         self.tun_fds = tun.fds
         self.tun = self.kernel.setup_tun(cfg.tunnel.name, mtu)
-        self.tun_drops_at_start = self.kernel.tx_dropped(self.tun.index)  # an attached TUN has a past
+        self.tun_drops_at_start = self.kernel.tx_dropped(self.tun.name)  # an attached TUN has a past
         # Segments and partial checksums from the TUN leave with their inner
         # checksum for the underlay device to fill in, where it can.
         self.csum_offload = cfg.tunnel.offload and self.kernel.completes_any_checksum(self.underlay.name)
@@ -318,7 +318,7 @@ class Daemon:
     def _status_loop(self) -> None:
         try:
             while not self.stopping.wait(STATUS_INTERVAL):
-                self.tun_queue_full = self.kernel.tx_dropped(self.tun.index) - self.tun_drops_at_start
+                self.tun_queue_full = self.kernel.tx_dropped(self.tun.name) - self.tun_drops_at_start
                 self._write_status()
         finally:
             self.kernel.close_thread()

@@ -31,11 +31,11 @@ out = {"ifindex": index}
 def loop():
     for _ in range(calls // 2):  # the allocator and pyroute2 reach their working size
         kernel.nexthop(peer)
-        kernel.tx_dropped(index)
+        kernel.tx_dropped(interface)
     before = rss_kb()
     for _ in range(calls):
         hop = kernel.nexthop(peer)
-        kernel.tx_dropped(index)
+        kernel.tx_dropped(interface)
     out.update(grown_kb=rss_kb() - before, hop_ifindex=hop.ifindex)
     kernel.close_thread()
 
