@@ -73,10 +73,11 @@ def cycle(tb: Testbed, tunnels: list[TunnelProcess], n: int, binary: Path) -> di
 
 def verdict(cycles: list[dict[str, Any]]) -> dict[str, Any]:
     per_daemon = []
+    w = min(WARMUP_CYCLES, len(cycles) - 1)
+    hours = (cycles[-1]["t"] - cycles[w]["t"]) / 3600 or float("nan")
     for i in range(len(cycles[0]["daemons"])):
         ds = [c["daemons"][i] for c in cycles]
-        warm = ds[min(WARMUP_CYCLES, len(ds) - 1):]
-        hours = (cycles[-1]["t"] - cycles[min(WARMUP_CYCLES, len(cycles) - 1)]["t"]) / 3600 or float("nan")
+        warm = ds[w:]
         drops = {k: v for k, v in ds[-1]["counters"].items() if "drop" in k and v}
         per_daemon.append({
             "rss_kb_first": ds[0]["rss_kb"], "rss_kb_warm": warm[0]["rss_kb"], "rss_kb_last": ds[-1]["rss_kb"],

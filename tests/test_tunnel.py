@@ -362,22 +362,29 @@ for _ in range(int(sys.argv[2])):
 """
 
 
+def _burst_while_stopped(tb: Testbed, stopped: TunnelProcess, count: int, settle: float = 0.0) -> dict[str, int]:
+    """Sends count datagrams pod to pod while `stopped`'s daemon is halted
+    (SIGSTOP), lets it run again, checks that forwarding goes on, and returns
+    how its counters moved."""
+    a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+    before = stopped.counters()
+    os.kill(stopped.proc.pid, signal.SIGSTOP)
+    try:
+        tb.run(a, [sys.executable, "-c", BURST, b.ip, str(count)])
+        time.sleep(settle)
+    finally:
+        os.kill(stopped.proc.pid, signal.SIGCONT)
+    assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
+    return delta(before, stopped.counters())
+
+
 def test_a_full_ring_drops_by_reason_and_forwarding_goes_on():
     """A decap loop that falls behind (its daemon stopped) lets a small ring
     fill; the kernel drops what does not fit, which shows as
     rx_drop_ring_full once the loop runs again, and forwarding goes on."""
     with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb, ring_frames=64) as tunnels:
-        a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
-        receiver = tunnels[1]
-        before = receiver.counters()
-        os.kill(receiver.proc.pid, signal.SIGSTOP)
-        try:
-            tb.run(a, [sys.executable, "-c", BURST, b.ip, "1000"])
-            time.sleep(0.3)  # the sending node's loop drains its TUN queue
-        finally:
-            os.kill(receiver.proc.pid, signal.SIGCONT)
-        assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
-        d = delta(before, receiver.counters())
+        # the sending node's loop drains its TUN queue meanwhile
+        d = _burst_while_stopped(tb, tunnels[1], 1000, settle=0.3)
         sent = tunnels[0].counters()["tx_packets"]
         assert d["rx_drop_ring_full"] >= 500, d
         assert 64 <= d["rx_packets"] <= 64 + 3 + 8, d  # what the ring held, the pings, stray ARP-time frames
@@ -388,16 +395,7 @@ def test_a_full_tun_queue_is_counted_and_forwarding_goes_on():
     """An encap loop that falls behind (its daemon stopped) lets the TUN's
     queue of 1000 fill; the kernel's drops there show as tx_drop_queue_full."""
     with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb) as tunnels:
-        a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
-        sender = tunnels[0]
-        before = sender.counters()
-        os.kill(sender.proc.pid, signal.SIGSTOP)
-        try:
-            tb.run(a, [sys.executable, "-c", BURST, b.ip, "3000"])
-        finally:
-            os.kill(sender.proc.pid, signal.SIGCONT)
-        assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
-        d = delta(before, sender.counters())
+        d = _burst_while_stopped(tb, tunnels[0], 3000)
         assert 1500 <= d["tx_drop_queue_full"] <= 2000, d
         assert d["tx_packets"] >= 1000 + 3, d
 
