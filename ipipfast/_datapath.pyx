@@ -44,6 +44,7 @@ cdef enum:
     OFF_ETHERTYPE = 12
     OFF_PROTO = 23
     OFF_DADDR = 30
+    GRO_HOLD_MIN_FRAMES = 8 * IPF_GRO_MAX_SEGS
     # PACKET_FANOUT's flag, in the uapi since 2024: older headers lack it.
     FANOUT_FLAG_IGNORE_OUTGOING = 0x4000
 
@@ -385,6 +386,8 @@ cdef class Worker:
         uint8_t *ring
         size_t ring_bytes
         uint32_t frame_size, n_frames, rx_idx
+        bint rx_loaded              # the decap loop is napping between batches (_rx_idle)
+        bint gro_hold               # a GRO train may stay open across batches and naps
         int loop_errno[2]
 
     def __cinit__(self):
@@ -482,6 +485,10 @@ cdef class Worker:
         req.tp_frame_size = self.frame_size
         req.tp_block_size = max(self.frame_size, <uint32_t>RING_BLOCK)
         self.n_frames = max(pow2_at_least(ring_frames), req.tp_block_size // self.frame_size)
+        # An open train keeps its slots from the kernel, which drops a frame
+        # when the slot at its head is still ours: only a ring many trains
+        # long can spare them between batches.
+        self.gro_hold = self.n_frames >= GRO_HOLD_MIN_FRAMES
         req.tp_frame_nr = self.n_frames
         req.tp_block_nr = <unsigned int>(<size_t>self.n_frames * self.frame_size // req.tp_block_size)
         check(c.setsockopt(self.rx_fd, c.SOL_PACKET, c.PACKET_RX_RING, &req, sizeof(req)), "PACKET_RX_RING")
@@ -635,16 +642,25 @@ cdef class Worker:
 
     cdef bint _rx_idle(self, uint32_t got) noexcept nogil:
         """The decap loop found got frames before its ring ran dry. Under
-        load (a quarter of a batch or more) it naps for coalesce_us and
-        looks again unasked, as a NIC's interrupt moderation (rx-usecs)
-        does: waking it costs the thread that brings the next frame a
-        cross-CPU interrupt, while a nap lets frames gather into the next
-        batch. Otherwise, or with coalesce_us 0, it sleeps until woken.
-        (The encap loop gained nothing measurable from the same.) False
-        when stopping."""
-        if self.dp.coalesce_us and got >= self.nap_min:
+        load it naps for coalesce_us and looks again unasked, as a NIC's
+        interrupt moderation (rx-usecs) does: waking it costs the thread
+        that brings the next frame a cross-CPU interrupt, while a nap lets
+        frames gather into the next batch. Load begins with a quarter of a
+        batch and lasts while naps keep finding more than one frame, so a
+        rate near the threshold does not flip between napping and being
+        woken; a lone packet (a ping-pong) never waits. A pending GRO train
+        stays open across a nap, as the kernel's gro_flush_timeout keeps
+        one across NAPI polls: the trains grow to their 64 KB, and the
+        pod's TCP sends one ACK for each, which the return path carries.
+        Otherwise, or with coalesce_us 0, it writes the train and sleeps
+        until woken. (The encap loop gained nothing measurable from a
+        nap.) False when stopping."""
+        if self.dp.coalesce_us and (got >= self.nap_min or (self.rx_loaded and got > 1)):
+            self.rx_loaded = True
             c.usleep(self.dp.coalesce_us)
             return not self._stopping()
+        self.rx_loaded = False
+        self._gro_flush()
         return self._wait(self.rx_fd, 1)
 
     cdef inline uint16_t _next_id(self) noexcept nogil:
@@ -883,7 +899,8 @@ cdef class Worker:
                 if reason != IPF_RX_OK:
                     self.rxs.drops[reason] += 1
                 self._release_slot(slot)
-            self._gro_flush()
+            if not self.gro_hold or ipf_gro_full(self.gro):
+                self._gro_flush()
             if got == self.batch:
                 ipf_qsbr_quiescent(q)
                 continue

@@ -7,14 +7,17 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
-from scapy.layers.inet import ICMP, IP, UDP, fragment
+from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
+from scapy.utils import rdpcap
 
 from ipipfast import ingress, traffic
 from ipipfast.testbed import Node, Testbed
@@ -389,6 +392,40 @@ def test_a_full_ring_drops_by_reason_and_forwarding_goes_on():
         assert d["rx_drop_ring_full"] >= 500, d
         assert 64 <= d["rx_packets"] <= 64 + 3 + 8, d  # what the ring held, the pings, stray ARP-time frames
         assert d["rx_packets"] + d["rx_drop_ring_full"] <= sent, (d, sent)
+
+
+def test_a_train_spans_ring_batches():
+    """Consecutive segments that arrive faster than the decap loop drains
+    its ring become one GSO packet, however many batches the drain takes:
+    with batch 8, 40 segments that a halted loop finds waiting are one
+    write to the TUN, and the pod receives them as one packet."""
+    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb, batch=8) as (ta, _), \
+            tempfile.TemporaryDirectory(prefix=f"{tb.prefix}-cap-") as tmp:
+        n0, n1 = tb.nodes
+        pod, far = n0.pods[0], n1.pods[0]
+        segs = [raw(IP(src=far.ip, dst=pod.ip, id=500 + i, flags="DF", ttl=63)
+                    / TCP(sport=40000, dport=9, seq=7000 + 1400 * i, ack=1, flags="A" if i < 39 else "PA",
+                          window=512) / Raw(bytes([i]) * 1400)) for i in range(40)]
+        pcap = Path(tmp) / "pod.pcap"
+        cap = traffic.serve(tb, pod, "capture", "--iface", "eth0", "--out", pcap)
+        before = ta.counters()
+        os.kill(ta.proc.pid, signal.SIGSTOP)
+        try:
+            inject(tb, n1, [ipip_frame(tb, n1, n0, s) for s in segs])
+        finally:
+            os.kill(ta.proc.pid, signal.SIGCONT)
+        time.sleep(0.3)
+        cap.terminate()
+        traffic.collect(cap)
+        # and the pod's RST goes back (nothing listens on port 9)
+        assert delta(before, ta.counters()) == {"rx_packets": 40, "rx_bytes": 40 * 1440, "rx_gro": 1,
+                                                "tx_packets": 1, "tx_bytes": 40}
+        got = [IP(raw(f)[14:]) for f in rdpcap(str(pcap))
+               if IP in f and TCP in f and f[IP].src == far.ip and f[TCP].sport == 40000]
+        assert len(got) == 1, [len(g) for g in got]
+        [one] = got
+        assert (one[TCP].seq, one[TCP].flags, one[IP].id) == (7000, "PA", 500)
+        assert bytes(one[TCP].payload) == b"".join(bytes(IP(s)[TCP].payload) for s in segs)
 
 
 def test_a_full_tun_queue_is_counted_and_forwarding_goes_on():

@@ -148,3 +148,4 @@ cdef extern from "offload.h" nogil:
     void ipf_gro_start(ipf_gro *g, uint8_t *inner, uint32_t len, uint8_t proto, int partial)
     int ipf_gro_append(ipf_gro *g, uint8_t *inner, uint32_t len)
     uint32_t ipf_gro_finish(ipf_gro *g)
+    int ipf_gro_full(const ipf_gro *g)

@@ -315,6 +315,13 @@ static inline int ipf_gro_append(ipf_gro *g, uint8_t *in, uint32_t len)
     return 1;
 }
 
+/* 1 when nothing more can join the train: a PSH or short segment ended
+ * it, or it holds as many segments or bytes as a GSO packet may. */
+static inline int ipf_gro_full(const ipf_gro *g)
+{
+    return g->closed || g->nseg >= IPF_GRO_MAX_SEGS || g->total + g->mss > IPF_GRO_MAX_LEN;
+}
+
 /* Finishes the super-packet's headers and virtio_net_hdr; returns the
  * number of iovecs to write (iov[0] is the virtio_net_hdr). */
 static inline uint32_t ipf_gro_finish(ipf_gro *g)
