@@ -26,9 +26,9 @@ from .tun import open_tun
 log = logging.getLogger(__name__)
 
 NEIGHBOUR_INTERVAL = 1.0   # seconds between next-hop MAC checks (a tenth while any is missing)
-SOLICIT_EVERY = 30
-WORKER_KEYS = ("tx_packets", "rx_packets", "tx_gso", "rx_gro")  # per worker in the status file         # checks between re-confirmations of every next hop
+SOLICIT_EVERY = 30         # checks between re-confirmations of every next hop
 STATUS_INTERVAL = 0.5      # seconds between status-file writes
+WORKER_KEYS = ("tx_packets", "rx_packets", "tx_gso", "rx_gro")  # per worker in the status file
 
 
 @dataclass(frozen=True)
