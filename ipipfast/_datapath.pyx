@@ -44,7 +44,7 @@ cdef enum:
     OFF_ETHERTYPE = 12
     OFF_PROTO = 23
     OFF_DADDR = 30
-    GRO_HOLD_MIN_FRAMES = 8 * IPF_GRO_MAX_SEGS
+    GRO_HOLD_MIN_FRAMES = 4 * IPF_GRO_FLOWS * IPF_GRO_MAX_SEGS
     # PACKET_FANOUT's flag, in the uapi since 2024: older headers lack it.
     FANOUT_FLAG_IGNORE_OUTGOING = 0x4000
 
@@ -381,8 +381,8 @@ cdef class Worker:
         c.mmsghdr *msgs
         c.iovec *iovs               # three per message: virtio_net_hdr (tx_partial), headers, payload
         virtio_net_hdr *txvh        # per message
-        ipf_gro *gro
-        uint32_t gro_slots[IPF_GRO_MAX_SEGS]
+        ipf_gro_set *gro
+        uint32_t gro_slots[IPF_GRO_FLOWS][IPF_GRO_MAX_SEGS]  # each train's ring slots
         uint8_t *ring
         size_t ring_bytes
         uint32_t frame_size, n_frames, rx_idx
@@ -413,7 +413,7 @@ cdef class Worker:
         self.msgs = <c.mmsghdr *>calloc(MAX_MSGS, sizeof(c.mmsghdr))
         self.iovs = <c.iovec *>calloc(3 * MAX_MSGS, sizeof(c.iovec))
         self.txvh = <virtio_net_hdr *>calloc(MAX_MSGS, sizeof(virtio_net_hdr))
-        self.gro = <ipf_gro *>calloc(1, sizeof(ipf_gro))
+        self.gro = <ipf_gro_set *>calloc(1, sizeof(ipf_gro_set))
         if not (self.qsbr and self.txs and self.rxs and self.bufs and self.seg_slots and self.msgs
                 and self.iovs and self.txvh and self.gro):
             raise MemoryError()
@@ -669,7 +669,7 @@ cdef class Worker:
             c.usleep(self.dp.coalesce_us)
             return not self._stopping()
         self.rx_loaded = False
-        self._gro_flush()
+        self._gro_flush_all()
         return self._wait(self.rx_fd, 1)
 
     cdef inline uint16_t _next_id(self) noexcept nogil:
@@ -831,25 +831,33 @@ cdef class Worker:
         ipf_store_status(&(<c.tpacket2_hdr *>(self.ring + <size_t>slot * self.frame_size)).tp_status,
                          c.TP_STATUS_KERNEL)
 
-    cdef void _gro_flush(self) noexcept nogil:
-        """Writes the pending train of TCP segments as one packet (a GSO
-        packet when it holds more than one) and hands its slots back."""
-        cdef uint32_t niov, k, nseg = self.gro.nseg
+    cdef void _gro_flush(self, int k) noexcept nogil:
+        """Writes train k as one packet (a GSO packet when it holds more
+        than one) and hands its slots back."""
+        cdef ipf_gro *g = &self.gro.train[k]
+        cdef uint32_t niov, i, nseg = g.nseg
         cdef ssize_t want, r
         if nseg == 0:
             return
-        niov = ipf_gro_finish(self.gro)
-        want = self.gro.total + IPF_VNET_HLEN
-        r = c.writev(self.tun_fd, self.gro.iov, niov)
+        niov = ipf_gro_finish(g)
+        want = g.total + IPF_VNET_HLEN
+        r = c.writev(self.tun_fd, g.iov, niov)
         if r == want:
             self.rxs.packets += nseg
             self.rxs.gro += nseg > 1
-            self.rxs.bytes += self.gro.total + (nseg - 1) * self.gro.hlen
+            self.rxs.bytes += g.total + (nseg - 1) * g.hlen
         else:
             self.rxs.drops[IPF_RX_WRITE_FAILED] += nseg
-        for k in range(nseg):
-            self._release_slot(self.gro_slots[k])
-        self.gro.nseg = 0
+        for i in range(nseg):
+            self._release_slot(self.gro_slots[k][i])
+        g.nseg = 0
+
+    cdef void _gro_flush_all(self) noexcept nogil:
+        """Writes every open train, in the order they started."""
+        cdef int k = ipf_gro_oldest(self.gro)
+        while k >= 0:
+            self._gro_flush(k)
+            k = ipf_gro_oldest(self.gro)
 
     cdef void _decap_loop(self) noexcept nogil:
         cdef ipf_qsbr *q = &self.qsbr[1]
@@ -862,7 +870,8 @@ cdef class Worker:
         cdef uint16_t cstart, coff
         cdef uint8_t proto
         cdef bint partial, trusted
-        cdef int reason
+        cdef int reason, k
+        cdef ipf_gro *g
         while not self._stopping():
             t = ipf_qsbr_enter(q, &self.dp.table)
             got = 0
@@ -895,21 +904,27 @@ cdef class Worker:
                     proto = ipf_gro_eligible(inner, inner_len, trusted, self.udp_gro)
                 if proto:
                     # Keep the slot: the train is written from the ring.
-                    if self.gro.nseg and ipf_gro_append(self.gro, inner, inner_len):
-                        self.gro_slots[self.gro.nseg - 1] = slot
-                        continue
-                    self._gro_flush()
-                    ipf_gro_start(self.gro, inner, inner_len, proto, partial)
-                    self.gro_slots[0] = slot
+                    k = ipf_gro_join(self.gro, inner, inner_len)
+                    if k < 0:
+                        k = -k - 1
+                        self._gro_flush(k)
+                        ipf_gro_begin(self.gro, k, inner, inner_len, proto, partial)
+                    self.gro_slots[k][self.gro.train[k].nseg - 1] = slot
                     continue
-                self._gro_flush()
+                self._gro_flush_all()  # whatever it is, it comes after its flow's train
                 if reason == IPF_RX_OK:
                     reason = self._write_inner(inner, inner_len, partial, cstart, coff)
                 if reason != IPF_RX_OK:
                     self.rxs.drops[reason] += 1
                 self._release_slot(slot)
-            if not self.gro_hold or ipf_gro_full(self.gro):
-                self._gro_flush()
+            # A train waits for more only while its flow keeps coming: one that
+            # did not grow in this batch is written, or a flow gone quiet would
+            # hold its slots while the others keep the loop busy.
+            for k in range(IPF_GRO_FLOWS):
+                g = &self.gro.train[k]
+                if g.nseg and (not self.gro_hold or g.round != self.gro.round or ipf_gro_full(g)):
+                    self._gro_flush(k)
+            self.gro.round += 1
             if got == self.batch:
                 ipf_qsbr_quiescent(q)
                 continue

@@ -211,39 +211,61 @@ cdef tuple gro_take(ipf_gro *g):
     return parts[0], b"".join(parts[1:])
 
 
+GRO_FLOWS = IPF_GRO_FLOWS  # trains open at once in the decap loop
+
+
+cdef tuple gro_offer(ipf_gro_set *s, uint8_t *p, uint32_t n, uint8_t proto, int partial):
+    """Offers an eligible packet to the set as the decap loop does; returns
+    the train that had to be written first (ipf_gro_finish called), or None."""
+    cdef int k = ipf_gro_join(s, p, n)
+    cdef tuple written = None
+    if k >= 0:
+        return None
+    k = -k - 1
+    if s.train[k].nseg:
+        written = gro_take(&s.train[k])
+    ipf_gro_begin(s, k, p, n, proto, partial)
+    return written
+
+
+cdef list gro_take_all(ipf_gro_set *s):
+    """The writes of every open train, in the order they started."""
+    cdef int k = ipf_gro_oldest(s)
+    out = []
+    while k >= 0:
+        out.append(gro_take(&s.train[k]))
+        k = ipf_gro_oldest(s)
+    return out
+
+
 def coalesce(list packets not None, bint partial=False, bint udp=True):
     """What the decap loop writes to the TUN for these decapsulated inner
-    packets, in order: (virtio_net_hdr as bytes, packet bytes) per write.
-    partial: they arrived with their L4 checksum left partial (the
-    pseudo-header sum), which is trusted, not verified; udp: the TUN takes
-    UDP GSO packets."""
-    cdef ipf_gro *g = <ipf_gro *>calloc(1, sizeof(ipf_gro))
+    packets, found in one batch, in order: (virtio_net_hdr as bytes, packet
+    bytes) per write. partial: they arrived with their L4 checksum left
+    partial (the pseudo-header sum), which is trusted, not verified; udp:
+    the TUN takes UDP GSO packets."""
+    cdef ipf_gro_set *s = <ipf_gro_set *>calloc(1, sizeof(ipf_gro_set))
     cdef list bufs = [bytearray(pkt) for pkt in packets]  # GRO rewrites the first header in place
     cdef bytearray b
     cdef uint8_t *p
     cdef uint8_t proto
     out = []
-    if g == NULL:
+    if s == NULL:
         raise MemoryError()
     try:
         for b in bufs:
             p = <uint8_t *>(<char *>b)
             proto = ipf_gro_eligible(p, len(b), partial, udp)
             if proto:
-                if g.nseg and ipf_gro_append(g, p, len(b)):
-                    continue
-                if g.nseg:
-                    out.append(gro_take(g))
-                ipf_gro_start(g, p, len(b), proto, partial)
+                written = gro_offer(s, p, len(b), proto, partial)
+                if written is not None:
+                    out.append(written)
                 continue
-            if g.nseg:
-                out.append(gro_take(g))
+            out += gro_take_all(s)
             out.append((bytes(IPF_VNET_HLEN), bytes(b)))
-        if g.nseg:
-            out.append(gro_take(g))
-        return out
+        return out + gro_take_all(s)
     finally:
-        free(g)
+        free(s)
 
 
 def coalesce_rounds(list packets not None, int rounds=1):
@@ -253,14 +275,14 @@ def coalesce_rounds(list packets not None, int rounds=1):
     cdef uint32_t stride = 2048
     cdef uint8_t *bufs = <uint8_t *>malloc((count or 1) * <size_t>stride)
     cdef uint32_t *lens = <uint32_t *>malloc((count or 1) * sizeof(uint32_t))
-    cdef ipf_gro *g = <ipf_gro *>calloc(1, sizeof(ipf_gro))
+    cdef ipf_gro_set *s = <ipf_gro_set *>calloc(1, sizeof(ipf_gro_set))
     cdef uint8_t saved[64]
     cdef uint64_t trains = 0
-    cdef int r
+    cdef int r, k
     cdef uint8_t *p
     cdef uint8_t proto
     try:
-        if bufs == NULL or lens == NULL or g == NULL:
+        if bufs == NULL or lens == NULL or s == NULL:
             raise MemoryError()
         for i, pkt in enumerate(packets):
             if len(pkt) > stride:
@@ -270,26 +292,29 @@ def coalesce_rounds(list packets not None, int rounds=1):
         memcpy(saved, bufs, 64)
         with nogil:
             for r in range(rounds):
-                g.nseg = 0
                 for i in range(count):
                     p = bufs + i * stride
                     proto = ipf_gro_eligible(p, lens[i], 0, 1)
                     if proto:
-                        if g.nseg and ipf_gro_append(g, p, lens[i]):
-                            continue
-                        if g.nseg:
-                            ipf_gro_finish(g)
-                            trains += 1
-                        ipf_gro_start(g, p, lens[i], proto, 0)
-                if g.nseg:
-                    ipf_gro_finish(g)
+                        k = ipf_gro_join(s, p, lens[i])
+                        if k < 0:
+                            k = -k - 1
+                            if s.train[k].nseg:
+                                ipf_gro_finish(&s.train[k])
+                                trains += 1
+                            ipf_gro_begin(s, k, p, lens[i], proto, 0)
+                k = ipf_gro_oldest(s)
+                while k >= 0:
+                    ipf_gro_finish(&s.train[k])
+                    s.train[k].nseg = 0
                     trains += 1
+                    k = ipf_gro_oldest(s)
                 memcpy(bufs, saved, 64)  # the first header was rewritten
         return trains
     finally:
         free(bufs)
         free(lens)
-        free(g)
+        free(s)
 
 
 cdef class Lpm:

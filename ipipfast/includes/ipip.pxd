@@ -122,6 +122,7 @@ cdef extern from "offload.h" nogil:
         IPF_VNET_HLEN
         IPF_SEG_SLOT
         IPF_GRO_MAX_SEGS
+        IPF_GRO_FLOWS
     ctypedef struct ipf_gso_plan:
         uint32_t hlen
         uint32_t mss
@@ -131,8 +132,12 @@ cdef extern from "offload.h" nogil:
         uint32_t nseg
         uint32_t total
         uint32_t hlen
+        uint32_t round
         virtio_net_hdr vh
         c_iovec iov[1]
+    ctypedef struct ipf_gro_set:
+        ipf_gro train[1]
+        uint32_t round
     int ipf_csum_fits(uint32_t len, uint32_t start, uint32_t offset)
     void ipf_csum_complete(uint8_t *pkt, uint32_t len, uint16_t start, uint16_t offset)
     int ipf_gso_plan_of(const virtio_net_hdr *vh, const uint8_t *pkt, uint32_t n, uint32_t mtu,
@@ -149,3 +154,6 @@ cdef extern from "offload.h" nogil:
     int ipf_gro_append(ipf_gro *g, uint8_t *inner, uint32_t len)
     uint32_t ipf_gro_finish(ipf_gro *g)
     int ipf_gro_full(const ipf_gro *g)
+    int ipf_gro_join(ipf_gro_set *s, uint8_t *inner, uint32_t len)
+    void ipf_gro_begin(ipf_gro_set *s, int k, uint8_t *inner, uint32_t len, uint8_t proto, int partial)
+    int ipf_gro_oldest(const ipf_gro_set *s)

@@ -204,9 +204,22 @@ typedef struct {
     uint8_t id_step;       /* 1: IDs count up; 0: fixed (only with DF), as the kernel accepts */
     uint8_t closed;        /* a short or PSH segment ends the train */
     uint8_t partial;       /* the first segment's checksum is left to the receiver (CHECKSUM_PARTIAL) */
+    uint32_t born;         /* when it started, in trains started by its set (the oldest goes first) */
+    uint32_t round;        /* the set's round in which it last grew */
     struct virtio_net_hdr vh;
     struct iovec iov[IPF_GRO_MAX_SEGS + 2];
 } ipf_gro;
+
+/* The trains open at once, one per flow, as the kernel's GRO keeps one
+ * per flow in each of its GRO_HASH_BUCKETS: segments of interleaved flows
+ * (several TCP streams through one ring) still merge. */
+#define IPF_GRO_FLOWS 8
+
+typedef struct {
+    ipf_gro train[IPF_GRO_FLOWS];
+    uint32_t born;         /* trains started so far */
+    uint32_t round;        /* the caller's count of ring drains */
+} ipf_gro_set;
 
 /* The protocol in which GRO can merge this inner packet, or 0. Over IPv4
  * without options, not a fragment, with payload: TCP with no flag but
@@ -320,6 +333,48 @@ static inline int ipf_gro_append(ipf_gro *g, uint8_t *in, uint32_t len)
 static inline int ipf_gro_full(const ipf_gro *g)
 {
     return g->closed || g->nseg >= IPF_GRO_MAX_SEGS || g->total + g->mss > IPF_GRO_MAX_LEN;
+}
+
+/* The oldest open train of the set, or -1: trains are written in the
+ * order they started. */
+static inline int ipf_gro_oldest(const ipf_gro_set *s)
+{
+    int oldest = -1;
+    for (int k = 0; k < IPF_GRO_FLOWS; k++)
+        if (s->train[k].nseg && (oldest < 0 || (int32_t)(s->train[k].born - s->train[oldest].born) < 0))
+            oldest = k;
+    return oldest;
+}
+
+/* Offers an eligible packet (proto from ipf_gro_eligible) to the set.
+ * Returns k >= 0 when it joined train k. Otherwise it starts a train at
+ * -(k + 1) (ipf_gro_begin), after the caller has written what is there: the
+ * train of its own flow, which it could not continue, or the oldest train
+ * when all places are taken. */
+static inline int ipf_gro_join(ipf_gro_set *s, uint8_t *in, uint32_t len)
+{
+    int place = -1;
+    for (int k = 0; k < IPF_GRO_FLOWS; k++) {
+        ipf_gro *g = &s->train[k];
+        if (!g->nseg) {
+            if (place < 0)
+                place = k;
+        } else if (g->proto == in[9] && !memcmp(g->first + 12, in + 12, 12)) {  /* addresses, ports */
+            if (!ipf_gro_append(g, in, len))
+                return -(k + 1);
+            g->round = s->round;
+            return k;
+        }
+    }
+    return -((place >= 0 ? place : ipf_gro_oldest(s)) + 1);
+}
+
+/* Starts train k of the set with in (see ipf_gro_join). */
+static inline void ipf_gro_begin(ipf_gro_set *s, int k, uint8_t *in, uint32_t len, uint8_t proto, int partial)
+{
+    ipf_gro_start(&s->train[k], in, len, proto, partial);
+    s->train[k].born = s->born++;
+    s->train[k].round = s->round;
 }
 
 /* Finishes the super-packet's headers and virtio_net_hdr; returns the
