@@ -657,12 +657,12 @@ cdef class Worker:
         frames gather into the next batch. Load begins with a quarter of a
         batch and lasts while naps keep finding more than one frame, so a
         rate near the threshold does not flip between napping and being
-        woken; a lone packet (a ping-pong) never waits. A pending GRO train
-        stays open across a nap, as the kernel's gro_flush_timeout keeps
-        one across NAPI polls: the trains grow to their 64 KB, and the
-        pod's TCP sends one ACK for each, which the return path carries.
-        Otherwise, or with coalesce_us 0, it writes the train and sleeps
-        until woken. (The encap loop gained nothing measurable from a
+        woken; a lone packet (a ping-pong) never waits. Open GRO trains
+        stay open across a nap, as the kernel's gro_flush_timeout keeps
+        them across NAPI polls: they grow to their 64 KB, and the pod's TCP
+        sends one ACK for each, which the return path carries. Otherwise,
+        or with coalesce_us 0, it writes the trains and sleeps until
+        woken. (The encap loop gained nothing measurable from a
         nap.) False when stopping."""
         if self.dp.coalesce_us and (got >= self.nap_min or (self.rx_loaded and got > 1)):
             self.rx_loaded = True

@@ -1,6 +1,7 @@
-"""The end-to-end benchmark harness, in its quick mode, on the real-wire
-profile: plain routing, ipipfast and the naive baseline each get every figure
-and pass the check that their traffic took the expected path."""
+"""The benchmark tools, briefly, on the real-wire profile: the end-to-end
+harness in its quick mode (plain routing, ipipfast and the naive baseline each
+get every figure and pass the check that their traffic took the expected
+path), and the before/after driver against this very commit."""
 from __future__ import annotations
 
 import json
@@ -57,3 +58,16 @@ def test_quick_run_on_the_wire_profile(tmp_path: Path) -> None:
     assert "| mode | pod MTU | TCP 1 stream Gbit/s |" in table
     for mode in MODES:
         assert f"| {mode} | " in table
+
+
+def test_before_and_after_against_head() -> None:
+    """bench.ab builds HEAD in a worktree of its own and measures it against
+    this checkout, each side's daemons checked to run its own build."""
+    proc = run_harness([sys.executable, "-m", "bench.ab", "HEAD", "--rounds", "1", "--duration", "1"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "round 1 A: TCP Gbit/s" in proc.stderr and "round 1 B: TCP Gbit/s" in proc.stderr
+    rows = {line.split(" | ")[0].strip("| "): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert float(rows["TCP Gbit/s"].split(" | ")[1]) > 0
+    assert "1 of 1" in rows["TCP Gbit/s"] or "0 of 1" in rows["TCP Gbit/s"]
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "ipipfast-ab-" not in worktrees  # removed again

@@ -1,0 +1,134 @@
+"""Before and after: ipipfast of another revision against this checkout, side by side.
+
+    python -m bench.ab REV [--rounds 6] [--streams 1] [--duration 5] [--rtt] [--profile wire]
+
+REV's build (a git worktree in a temporary directory, its extension built in
+place) is A, this checkout as built is B. Every measurement is a fresh testbed with an
+ipipfast per node, made by a child process that imports the build it measures:
+its daemons follow (testbed._PACKAGE_ROOT is where the import came from), and
+the child checks in their /proc/<pid>/maps that they run that build's
+extension. Rounds alternate the order, AB then BA, so that a drift of this
+shared machine falls on both. REV needs bench/e2e.py (the harness) and the
+testbed: any revision since they exist. Needs root, as the tests do.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Runs in the child, with the measured build's checkout as its working directory.
+MEASURE = """
+import json, sys
+from pathlib import Path
+from bench import e2e
+from ipipfast.testbed import Testbed
+from ipipfast.tunnels import start_tunnels
+root, profile, streams, seconds, rtt = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+with Testbed(profile=profile, pod_mtu=1480) as tb:
+    tunnels = start_tunnels(tb)
+    try:
+        for t in tunnels:
+            so = [line.split()[-1] for line in Path(f"/proc/{t.proc.pid}/maps").read_text().splitlines()
+                  if "_datapath" in line]
+            assert so and all(p.startswith(root) for p in so), f"daemon {t.proc.pid} runs {so}, not {root}'s build"
+        a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+        out = e2e.iperf(tb, a, b, streams, seconds, [t.proc.pid for t in tunnels] + e2e._ksoftirqd())
+        if rtt:
+            out.update(e2e.rtt(tb, a, b, 2000))
+        print(json.dumps(out))
+    finally:
+        for t in tunnels:
+            t.stop()
+"""
+FIGURES = (("gbit_s", "TCP Gbit/s"), ("cpu_s_per_gb", "CPU s/GB"), ("retransmits", "retransmits"),
+           ("rtt_p50_us", "RTT p50 µs"))
+
+
+def build(root: Path) -> None:
+    subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=root, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stale_build(root: Path) -> str:
+    """Why root's extension is not the build of its sources, or ''. This
+    checkout is not rebuilt here: setuptools rewrites the .so in place, which
+    would crash any process that has it mapped."""
+    built = list((root / "ipipfast").glob("_datapath*.so"))
+    if not built:
+        return "no built extension"
+    sources = [root / "ipipfast" / "_datapath.pyx", root / "ipipfast" / "_testing.pxi",
+               *(root / "ipipfast" / "includes").iterdir()]
+    newer = [s.name for s in sources if s.stat().st_mtime > built[0].stat().st_mtime]
+    return f"{', '.join(newer)} changed since the extension was built" if newer else ""
+
+
+def measure(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    r = subprocess.run([sys.executable, "-c", MEASURE, str(root), args.profile, str(args.streams),
+                        str(args.duration), "1" if args.rtt else "0"],
+                       cwd=root, capture_output=True, text=True, timeout=args.duration + 120)
+    if r.returncode:
+        raise RuntimeError(f"measuring {root} failed: {r.stderr.strip().splitlines()[-1:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def report(runs: dict[str, list[dict[str, Any]]], rev: str, args: argparse.Namespace) -> str:
+    keys = [(k, title) for k, title in FIGURES if all(k in m for ms in runs.values() for m in ms)]
+    lines = [f"`python -m bench.ab {rev} --rounds {args.rounds} --streams {args.streams} --duration "
+             f"{args.duration}{' --rtt' if args.rtt else ''} --profile {args.profile}`: medians over "
+             f"{args.rounds} rounds, A = {rev}, B = this checkout, order alternating.", "",
+             "| figure | A | B | B/A | rounds B better |", "|---|---|---|---|---|"]
+    for k, title in keys:
+        a, b = ([m[k] for m in runs[x]] for x in "AB")
+        ma, mb = statistics.median(a), statistics.median(b)
+        higher = k == "gbit_s"
+        wins = sum((y > x) if higher else (y < x) for x, y in zip(a, b))
+        lines.append(f"| {title} | {ma:.3g} | {mb:.3g} | ×{mb / ma:.2f} | {wins} of {len(a)} |" if ma else
+                     f"| {title} | {ma:.3g} | {mb:.3g} | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("rev", help="the revision to compare with (A), e.g. HEAD~1")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--streams", type=int, default=1, help="iperf3 streams (default 1)")
+    p.add_argument("--duration", type=int, default=5, help="seconds per measurement (default 5)")
+    p.add_argument("--rtt", action="store_true", help="also the UDP ping-pong RTT")
+    p.add_argument("--profile", choices=("wire", "veth"), default="wire")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench.ab needs root: it builds network namespaces", file=sys.stderr)
+        return 1
+    if why := stale_build(ROOT):
+        print(f"bench.ab measures this checkout as built, and {why}: run "
+              f"`python setup.py build_ext --inplace` first", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="ipipfast-ab-") as tmp:
+        wt = Path(tmp) / "a"
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(wt), args.rev], cwd=ROOT, check=True)
+        try:
+            build(wt)
+            runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
+            for i in range(args.rounds):
+                for side in ("AB" if i % 2 == 0 else "BA"):
+                    m = measure(wt if side == "A" else ROOT, args)
+                    runs[side].append(m)
+                    print(f"round {i + 1} {side}: " + ", ".join(f"{t} {m[k]:.3g}" for k, t in FIGURES if k in m),
+                          file=sys.stderr, flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, check=False)
+    print(report(runs, args.rev, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
