@@ -11,7 +11,7 @@ from scapy.packet import raw
 from scapy.utils import rdpcap
 
 from ipipfast import traffic
-from ipipfast.testbed import Node, Testbed
+from ipipfast.testbed import Node, Pod, Testbed
 
 
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -34,14 +34,14 @@ def inject(tb: Testbed, node: Node, frames: list[bytes]) -> None:
 
 
 class Capture:
-    """Frames on a node's underlay interface while the block runs."""
+    """Frames on a node's underlay interface, or a pod's eth0, while the block runs."""
 
-    def __init__(self, tb: Testbed, node: Node, tmp: Path) -> None:
-        self.tb, self.node, self.path = tb, node, tmp / f"{node.name}.pcap"
+    def __init__(self, tb: Testbed, where: Node | Pod, tmp: Path) -> None:
+        self.tb, self.where, self.path = tb, where, tmp / f"{where.name}.pcap"
+        self.iface = where.interface if isinstance(where, Node) else "eth0"  # a pod's only link
 
     def __enter__(self) -> Capture:
-        self.proc = traffic.serve(self.tb, self.node, "capture", "--iface", self.node.interface,
-                                  "--out", self.path)
+        self.proc = traffic.serve(self.tb, self.where, "capture", "--iface", self.iface, "--out", self.path)
         return self
 
     def __exit__(self, *exc: object) -> None:

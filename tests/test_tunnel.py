@@ -7,17 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
-from scapy.utils import rdpcap
 
 from ipipfast import ingress, traffic
 from ipipfast.testbed import Node, Testbed
@@ -365,18 +362,26 @@ for _ in range(int(sys.argv[2])):
 """
 
 
+@contextmanager
+def halted(tunnel: TunnelProcess) -> Iterator[None]:
+    """The daemon stopped (SIGSTOP) for the block, so that its loops fall
+    behind; it runs again afterwards, even on failure."""
+    os.kill(tunnel.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(tunnel.proc.pid, signal.SIGCONT)
+
+
 def _burst_while_stopped(tb: Testbed, stopped: TunnelProcess, count: int, settle: float = 0.0) -> dict[str, int]:
-    """Sends count datagrams pod to pod while `stopped`'s daemon is halted
-    (SIGSTOP), lets it run again, checks that forwarding goes on, and returns
-    how its counters moved."""
+    """Sends count datagrams pod to pod while `stopped`'s daemon is halted,
+    lets it run again, checks that forwarding goes on, and returns how its
+    counters moved."""
     a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
     before = stopped.counters()
-    os.kill(stopped.proc.pid, signal.SIGSTOP)
-    try:
+    with halted(stopped):
         tb.run(a, [sys.executable, "-c", BURST, b.ip, str(count)])
         time.sleep(settle)
-    finally:
-        os.kill(stopped.proc.pid, signal.SIGCONT)
     assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
     return delta(before, stopped.counters())
 
@@ -394,34 +399,25 @@ def test_a_full_ring_drops_by_reason_and_forwarding_goes_on():
         assert d["rx_packets"] + d["rx_drop_ring_full"] <= sent, (d, sent)
 
 
-def test_a_train_spans_ring_batches():
+def test_a_train_spans_ring_batches(tmp_path):
     """Consecutive segments that arrive faster than the decap loop drains
     its ring become one GSO packet, however many batches the drain takes:
     with batch 8, 40 segments that a halted loop finds waiting are one
     write to the TUN, and the pod receives them as one packet."""
-    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb, batch=8) as (ta, _), \
-            tempfile.TemporaryDirectory(prefix=f"{tb.prefix}-cap-") as tmp:
+    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb, batch=8) as (ta, _):
         n0, n1 = tb.nodes
         pod, far = n0.pods[0], n1.pods[0]
         segs = [raw(IP(src=far.ip, dst=pod.ip, id=500 + i, flags="DF", ttl=63)
                     / TCP(sport=40000, dport=9, seq=7000 + 1400 * i, ack=1, flags="A" if i < 39 else "PA",
                           window=512) / Raw(bytes([i]) * 1400)) for i in range(40)]
-        pcap = Path(tmp) / "pod.pcap"
-        cap = traffic.serve(tb, pod, "capture", "--iface", "eth0", "--out", pcap)
         before = ta.counters()
-        os.kill(ta.proc.pid, signal.SIGSTOP)
-        try:
-            inject(tb, n1, [ipip_frame(tb, n1, n0, s) for s in segs])
-        finally:
-            os.kill(ta.proc.pid, signal.SIGCONT)
-        time.sleep(0.3)
-        cap.terminate()
-        traffic.collect(cap)
+        with Capture(tb, pod, tmp_path) as cap:
+            with halted(ta):
+                inject(tb, n1, [ipip_frame(tb, n1, n0, s) for s in segs])
         # and the pod's RST goes back (nothing listens on port 9)
         assert delta(before, ta.counters()) == {"rx_packets": 40, "rx_bytes": 40 * 1440, "rx_gro": 1,
                                                 "tx_packets": 1, "tx_bytes": 40}
-        got = [IP(raw(f)[14:]) for f in rdpcap(str(pcap))
-               if IP in f and TCP in f and f[IP].src == far.ip and f[TCP].sport == 40000]
+        got = [f[IP] for f in cap.frames if IP in f and TCP in f and f[IP].src == far.ip and f[TCP].sport == 40000]
         assert len(got) == 1, [len(g) for g in got]
         [one] = got
         assert (one[TCP].seq, one[TCP].flags, one[IP].id) == (7000, "PA", 500)
