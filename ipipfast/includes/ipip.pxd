@@ -150,8 +150,6 @@ cdef extern from "offload.h" nogil:
     int ipf_rx_partial(const virtio_net_hdr *vh, uint32_t inner_off, const uint8_t *inner, uint32_t len,
                        uint16_t *start)
     uint8_t ipf_gro_eligible(const uint8_t *inner, uint32_t len, int trusted, int udp)
-    void ipf_gro_start(ipf_gro *g, uint8_t *inner, uint32_t len, uint8_t proto, int partial)
-    int ipf_gro_append(ipf_gro *g, uint8_t *inner, uint32_t len)
     uint32_t ipf_gro_finish(ipf_gro *g)
     int ipf_gro_full(const ipf_gro *g)
     int ipf_gro_join(ipf_gro_set *s, uint8_t *inner, uint32_t len)

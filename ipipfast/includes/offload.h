@@ -282,7 +282,8 @@ static inline void ipf_gro_start(ipf_gro *g, uint8_t *in, uint32_t len, uint8_t 
     g->niov = 2;
 }
 
-/* Appends in to the train when it continues it exactly: the same flow and
+/* Appends in, of the train's flow (ipf_gro_join matched its protocol,
+ * addresses and ports), when it continues the train exactly: the same
  * header fields, the next IP ID (or a fixed one with DF), no larger than
  * the first; for TCP also the next sequence number, the same ACK, flags and
  * options (tcp_gro_receive's flush rules), for UDP the same size, which
@@ -291,15 +292,15 @@ static inline void ipf_gro_start(ipf_gro *g, uint8_t *in, uint32_t len, uint8_t 
 static inline int ipf_gro_append(ipf_gro *g, uint8_t *in, uint32_t len)
 {
     const uint8_t *f = g->first;
-    if (g->closed || g->nseg >= IPF_GRO_MAX_SEGS || in[9] != g->proto)
+    if (g->closed || g->nseg >= IPF_GRO_MAX_SEGS)
         return 0;
     /* in is eligible (ipf_gro_eligible): its headers are all there */
     uint32_t hlen = ipf_gro_hlen(in, g->proto);
     uint32_t seg = len - hlen, seq;
     if (hlen != g->hlen || seg > g->mss || g->total + seg > IPF_GRO_MAX_LEN)
         return 0;
-    /* tos, DF, ttl, addresses, ports: all as in the first */
-    if (in[1] != f[1] || ((in[6] ^ f[6]) & 0x40) || in[8] != f[8] || memcmp(in + 12, f + 12, 12))
+    /* tos, DF, ttl: as in the first */
+    if (in[1] != f[1] || ((in[6] ^ f[6]) & 0x40) || in[8] != f[8])
         return 0;
     if (g->proto == IPF_PROTO_TCP) {
         if (memcmp(in + 28, f + 28, 4) || ((in[33] ^ f[33]) & ~IPF_TCP_PSH) ||
