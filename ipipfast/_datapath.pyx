@@ -12,6 +12,7 @@ from libc.string cimport memcpy, memset
 from .includes cimport system as c
 from .includes.ipip cimport *
 
+import errno
 import ipaddress
 import os
 import threading
@@ -32,9 +33,15 @@ cdef enum:
     # Frame space before the MAC header in a TPACKET_V2 ring slot.
     RING_MAC_ROOM = 128
     RING_BLOCK = 1 << 16
-    # Frames in one sendmmsg: a batch of GSO super-packets segments into
-    # many (a 64 KB TCP packet at MSS 1440 is 46 segments).
-    MAX_MSGS = 2048
+    # Frames in a worker's TX ring: a kick sends all that are queued, and
+    # on veth they are free again before it returns. 1 MB of slots stays in
+    # a core's L2 cache; on a NIC it is 512 frames in flight before the loop
+    # waits for the device to release some.
+    TX_FRAMES = 512
+    # How long the encap loop waits for the device to take or release
+    # frames (a full ring, or a send socket out of buffer) before it drops.
+    TX_WAIT_US = 10000
+    TX_WAIT_STEP_US = 50
     GSO_MAX = 65536
     # Outer IP IDs a worker takes from the datapath's counter at a time.
     ID_BLOCK = 64
@@ -97,6 +104,12 @@ cdef uint32_t pow2_at_least(uint32_t n):
     while p < n:
         p <<= 1
     return p
+
+
+cdef tuple kernel_release():
+    """The running kernel's (major, minor)."""
+    major, minor = os.uname().release.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 cdef int check(int r, str what) except -1:
@@ -377,10 +390,12 @@ cdef class Worker:
         bint vnet, tx_partial, rx_vnet, udp_gro
         uint32_t batch, buf_size, nap_min
         uint8_t *bufs
-        uint8_t *seg_slots          # per message: headers of a segment (offload.h)
-        c.mmsghdr *msgs
-        c.iovec *iovs               # three per message: virtio_net_hdr (tx_partial), headers, payload
-        virtio_net_hdr *txvh        # per message
+        uint8_t seg_hdrs[IPF_SEG_SLOT]  # the headers of the segment being queued (offload.h)
+        uint8_t *tx_ring
+        size_t tx_ring_bytes
+        uint32_t tx_frame_size, tx_data_off, tx_frames, tx_head
+        uint32_t tx_queued          # frames queued in the TX ring since the kernel last took them all
+        uint64_t tx_queued_bytes    # their inner bytes, counted once the kernel takes them
         ipf_gro_set *gro
         uint32_t gro_slots[IPF_GRO_FLOWS][IPF_GRO_MAX_SEGS]  # each train's ring slots
         uint8_t *ring
@@ -409,51 +424,69 @@ cdef class Worker:
         self.rxs = <ipf_rx_stats *>aligned_alloc(STATS_ALIGN, sizeof(ipf_rx_stats))
         self.buf_size = (HEADROOM + (GSO_MAX if self.vnet else dp.mtu) + 63) & ~63u
         self.bufs = <uint8_t *>aligned_alloc(STATS_ALIGN, <size_t>self.batch * self.buf_size)
-        self.seg_slots = <uint8_t *>aligned_alloc(STATS_ALIGN, <size_t>MAX_MSGS * IPF_SEG_SLOT)
-        self.msgs = <c.mmsghdr *>calloc(MAX_MSGS, sizeof(c.mmsghdr))
-        self.iovs = <c.iovec *>calloc(3 * MAX_MSGS, sizeof(c.iovec))
-        self.txvh = <virtio_net_hdr *>calloc(MAX_MSGS, sizeof(virtio_net_hdr))
         self.gro = <ipf_gro_set *>calloc(1, sizeof(ipf_gro_set))
-        if not (self.qsbr and self.txs and self.rxs and self.bufs and self.seg_slots and self.msgs
-                and self.iovs and self.txvh and self.gro):
+        if not (self.qsbr and self.txs and self.rxs and self.bufs and self.gro):
             raise MemoryError()
         memset(self.qsbr, 0, 2 * sizeof(ipf_qsbr))
         memset(self.txs, 0, sizeof(ipf_tx_stats))
         memset(self.rxs, 0, sizeof(ipf_rx_stats))
-        # The TUN buffers and segment headers are sized for the worst batch
-        # (batch x 64 KB GSO reads, MAX_MSGS segments), and a page is
-        # committed when it is first written. Left to the traffic, resident
-        # memory crept up by up to 4.6 MB per worker (batch 64), ever more
-        # slowly as rarer batches reached further slots: bounded, but a leak
-        # to any RSS watch. Touched here, the worker is at its working size
-        # from the start, as its ring is (msgs and iovs are written below).
+        # The TUN buffers are sized for the worst batch (batch x 64 KB GSO
+        # reads), and a page is committed when it is first written. Left to
+        # the traffic, resident memory crept up by up to 4.6 MB per worker
+        # (batch 64), ever more slowly as rarer batches reached further
+        # buffers: bounded, but a leak to any RSS watch. Touched here, the
+        # worker is at its working size from the start, as its rings are.
         memset(self.bufs, 0, <size_t>self.batch * self.buf_size)
-        memset(self.seg_slots, 0, <size_t>MAX_MSGS * IPF_SEG_SLOT)
-        for i in range(MAX_MSGS):
-            self.iovs[3 * i].iov_base = &self.txvh[i]
-            self.iovs[3 * i].iov_len = IPF_VNET_HLEN
-            self.msgs[i].msg_hdr.msg_iov = &self.iovs[3 * i + (0 if self.tx_partial else 1)]
         # icmp_msgs_per_sec is the node's budget: each worker gets a share.
         memset(&self.icmp_rl, 0, sizeof(self.icmp_rl))
         self.icmp_rl.per_sec = max(1, 1000 // (len(dp.workers) + 1))
         self.icmp_rl.burst = 50
         self.icmp_rl.tokens = 50
-        self._open_tx(dp.ifindex)
+        self._open_tx(dp.ifindex, dp.mtu)
         self._open_rx(dp.ifindex, dp.mtu, dp.ring_frames, dp.fanout_id | (fanout_mode << 16))
 
-    cdef int _open_tx(self, int ifindex) except -1:
+    cdef int _open_tx(self, int ifindex, int mtu) except -1:
+        # Frames leave through a PACKET_TX_RING: we copy each finished frame
+        # into a slot and one send() hands the kernel every queued slot,
+        # instead of a sendmmsg whose every message costs a msghdr and its
+        # iovecs copied in, checked and walked. Each slot starts with a
+        # virtio_net_hdr (which is why this needs Linux 4.11): its hdr_len
+        # is the whole frame, so the kernel copies the frame into the skb
+        # rather than attaching the ring's pages, which veth would copy into
+        # new pages anyway (skb_copy_ubufs) on the way to its peer. It also
+        # says where the device completes the inner checksum (tx_partial).
         # Protocol 0: this socket only sends; the kernel takes the frame's
         # protocol from its Ethernet header (packet_parse_headers).
         cdef c.sockaddr_ll sll
+        cdef c.tpacket_req req
         cdef int size = 4 << 20
-        cdef int one = 1
+        cdef int one = 1, v = c.TPACKET_V2
+        if kernel_release() < (4, 11):
+            raise OSError(errno.ENOSYS, f"Linux {os.uname().release} is too old: ipipfast needs 4.11 or "
+                                        "later, whose PACKET_TX_RING takes a virtio_net_hdr per frame")
         self.tx_fd = check(c.socket(c.AF_PACKET, c.SOCK_RAW | c.SOCK_CLOEXEC, 0), "AF_PACKET socket")
-        c.setsockopt(self.tx_fd, c.SOL_SOCKET, c.SO_SNDBUF, &size, sizeof(size))
-        if self.tx_partial:
-            # Each message starts with a virtio_net_hdr saying where the
-            # device completes the inner L4 checksum.
-            check(c.setsockopt(self.tx_fd, c.SOL_PACKET, c.PACKET_VNET_HDR, &one, sizeof(one)),
-                  "PACKET_VNET_HDR")
+        # Frames in flight are charged to the send buffer: room for the whole
+        # ring, even past net.core.wmem_max (SO_SNDBUFFORCE, as root).
+        if c.setsockopt(self.tx_fd, c.SOL_SOCKET, c.SO_SNDBUFFORCE, &size, sizeof(size)) < 0:
+            c.setsockopt(self.tx_fd, c.SOL_SOCKET, c.SO_SNDBUF, &size, sizeof(size))
+        check(c.setsockopt(self.tx_fd, c.SOL_PACKET, c.PACKET_VNET_HDR, &one, sizeof(one)), "PACKET_VNET_HDR")
+        check(c.setsockopt(self.tx_fd, c.SOL_PACKET, c.PACKET_VERSION, &v, sizeof(v)), "PACKET_VERSION")
+        # A frame the kernel refuses is skipped rather than stopping the ring.
+        check(c.setsockopt(self.tx_fd, c.SOL_PACKET, c.PACKET_LOSS, &one, sizeof(one)), "PACKET_LOSS")
+        self.tx_data_off = c.TPACKET2_HDRLEN - sizeof(c.sockaddr_ll)
+        self.tx_frame_size = pow2_at_least(self.tx_data_off + IPF_VNET_HLEN + 18 + mtu)
+        req.tp_frame_size = self.tx_frame_size
+        req.tp_block_size = max(self.tx_frame_size, <uint32_t>RING_BLOCK)
+        req.tp_frame_nr = max(<uint32_t>TX_FRAMES, req.tp_block_size // self.tx_frame_size)
+        req.tp_block_nr = <unsigned int>(<size_t>req.tp_frame_nr * self.tx_frame_size // req.tp_block_size)
+        check(c.setsockopt(self.tx_fd, c.SOL_PACKET, c.PACKET_TX_RING, &req, sizeof(req)), "PACKET_TX_RING")
+        self.tx_ring_bytes = <size_t>req.tp_block_size * req.tp_block_nr
+        self.tx_ring = <uint8_t *>c.mmap(NULL, self.tx_ring_bytes, c.PROT_READ | c.PROT_WRITE,
+                                         c.MAP_SHARED | c.MAP_POPULATE, self.tx_fd, 0)
+        if <void *>self.tx_ring == c.MAP_FAILED:
+            self.tx_ring = NULL
+            check(-1, "mmap tx ring")
+        self.tx_frames = req.tp_frame_nr
         memset(&sll, 0, sizeof(sll))
         sll.sll_family = c.AF_PACKET
         sll.sll_ifindex = ifindex
@@ -534,6 +567,8 @@ cdef class Worker:
     def __dealloc__(self):
         if self.ring != NULL:
             c.munmap(self.ring, self.ring_bytes)
+        if self.tx_ring != NULL:
+            c.munmap(self.tx_ring, self.tx_ring_bytes)
         if self.tx_fd >= 0:
             c.close(self.tx_fd)
         if self.rx_fd >= 0:
@@ -542,10 +577,6 @@ cdef class Worker:
         free(self.txs)
         free(self.rxs)
         free(self.bufs)
-        free(self.seg_slots)
-        free(self.msgs)
-        free(self.iovs)
-        free(self.txvh)
         free(self.gro)
 
     cdef void wait_quiescent(self) noexcept nogil:
@@ -641,6 +672,8 @@ cdef class Worker:
                 continue
             if r > 0:
                 if fds[0].revents & c.POLLERR:
+                    if self._link_down(fd):
+                        continue
                     self.loop_errno[which] = 5  # EIO: the device went away
                     return False
                 return True
@@ -648,6 +681,20 @@ cdef class Worker:
                 self.loop_errno[which] = c.errno
                 return False
         return False
+
+    cdef bint _link_down(self, int fd) noexcept nogil:
+        """A packet socket reports ENETDOWN when its device goes down, and
+        the kernel takes its tap off the device until it comes up again. A
+        link that flaps (a cable, a NIC reset, a bond failing over) is no
+        reason to stop, as it is none for tunl0: the error is read, which
+        clears it, and the loop waits on. True unless the error is another
+        or the device is gone."""
+        cdef int err = 0
+        cdef c.socklen_t n = sizeof(err)
+        cdef char name[c.IF_NAMESIZE]
+        if c.getsockopt(fd, c.SOL_SOCKET, c.SO_ERROR, &err, &n) < 0 or err != c.ENETDOWN:
+            return False
+        return c.if_indextoname(self.dp.ifindex, name) != NULL
 
     cdef bint _rx_idle(self, uint32_t got) noexcept nogil:
         """The decap loop found got frames before its ring ran dry. Under
@@ -704,7 +751,7 @@ cdef class Worker:
         cdef const ipf_table *t
         cdef uint8_t *pkt
         cdef ssize_t r
-        cdef uint32_t i, n, nmsg = 0
+        cdef uint32_t i, n
         cdef uint32_t hdr = IPF_VNET_HLEN if self.vnet else 0
         cdef virtio_net_hdr vh
         cdef bint drained
@@ -726,44 +773,38 @@ cdef class Worker:
                 if hdr:
                     memcpy(&vh, pkt - hdr, hdr)
                 n = <uint32_t>r - hdr
-                nmsg = self._encap_one(t, pkt, n, &vh, nmsg)
+                self._encap_one(t, pkt, n, &vh)
             if drained and c.errno != c.EAGAIN and c.errno != c.EINTR:
                 self.loop_errno[0] = c.errno
                 ipf_qsbr_leave(q)
                 return
             ipf_qsbr_quiescent(q)
-            if nmsg:
-                self._send(nmsg)
-                nmsg = 0
+            self._tx_kick()
             if drained:
                 ipf_qsbr_leave(q)
                 if not self._wait(self.tun_fd, 0):
                     return
         ipf_qsbr_leave(q)
 
-    cdef uint32_t _encap_one(self, const ipf_table *t, uint8_t *pkt, uint32_t n,
-                             const virtio_net_hdr *vh, uint32_t nmsg) noexcept nogil:
-        """Adds pkt's frames (one, or one per segment) to the pending
-        messages, sending them first when they would not fit; returns the
-        new number of pending messages."""
+    cdef void _encap_one(self, const ipf_table *t, uint8_t *pkt, uint32_t n,
+                         const virtio_net_hdr *vh) noexcept nogil:
+        """Queues pkt's frames (one, or one per segment) in the TX ring."""
         cdef const ipf_peer *peer
         cdef ipf_gso_plan plan
         cdef uint32_t length, s
         cdef bint gso = vh.gso_type != VIRTIO_NET_HDR_GSO_NONE
         cdef bint partial = not gso and vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM
         cdef int reason
-        cdef c.iovec *iov
+        cdef c.iovec iov[2]
         if partial:
             if not ipf_csum_fits(n, vh.csum_start, vh.csum_offset):
                 self.txs.drops[IPF_TX_BAD_HEADER] += 1
-                return nmsg
+                return
             if not self.tx_partial:
                 ipf_csum_complete(pkt, n, vh.csum_start, vh.csum_offset)
         reason = ipf_encap_classify(t, &self.tn, pkt, n, gso, &length, &peer)
         if reason == IPF_TX_OK and gso:
             reason = ipf_gso_plan_of(vh, pkt, length, ipf_peer_mtu(&self.tn, peer), &plan)
-            if reason == IPF_TX_OK and plan.nseg > MAX_MSGS:
-                reason = IPF_TX_BAD_HEADER
         if reason != IPF_TX_OK:
             self.txs.drops[reason] += 1
             if reason == IPF_TX_NO_ROUTE:
@@ -771,61 +812,114 @@ cdef class Worker:
             elif reason == IPF_TX_TOO_BIG and pkt[6] & 0x40:
                 # fragmentation needed, with the MTU that fits inside the tunnel
                 self._icmp(pkt, n, 3, 4, ipf_peer_mtu(&self.tn, peer) - IPF_IP_HLEN)
-            return nmsg
+            return
         if not gso:
-            if nmsg == MAX_MSGS:
-                self._send(nmsg)
-                nmsg = 0
             ipf_encap_write(&self.tn, peer, pkt, length, self._next_id())
-            iov = &self.iovs[3 * nmsg + 1]
             iov[0].iov_base = pkt - IPF_ENCAP_HLEN
             iov[0].iov_len = length + IPF_ENCAP_HLEN
-            self._frame_iovs(nmsg, 1, partial, vh.csum_start + IPF_ENCAP_HLEN, vh.csum_offset)
-            return nmsg + 1
-        if nmsg + plan.nseg > MAX_MSGS:
-            self._send(nmsg)
-            nmsg = 0
+            self._tx_put(iov, 1, partial, vh.csum_start + IPF_ENCAP_HLEN, vh.csum_offset)
+            return
         self.txs.gso += 1
         for s in range(plan.nseg):
             ipf_gso_segment(&self.tn, peer, pkt, length, &plan, s, self._next_id(), self.tx_partial,
-                            self.seg_slots + <size_t>nmsg * IPF_SEG_SLOT, &self.iovs[3 * nmsg + 1])
-            self._frame_iovs(nmsg, 2, True, IPF_ENCAP_HLEN + (pkt[0] & 0x0f) * 4,
-                             ipf_l4_csum_offset(plan.proto))
-            nmsg += 1
-        return nmsg
+                            self.seg_hdrs, iov)
+            self._tx_put(iov, 2, True, IPF_ENCAP_HLEN + (pkt[0] & 0x0f) * 4, ipf_l4_csum_offset(plan.proto))
 
-    cdef inline void _frame_iovs(self, uint32_t m, uint32_t niov, bint partial, uint16_t cstart,
-                                 uint16_t coff) noexcept nogil:
-        """Message m carries its frame in niov iovecs. With tx_partial, its
-        virtio_net_hdr goes first, saying whether the device completes the
-        inner checksum at cstart + coff (partial) or nothing is left to do."""
-        self.msgs[m].msg_hdr.msg_iovlen = niov + self.tx_partial
-        if self.tx_partial:
-            memset(&self.txvh[m], 0, sizeof(virtio_net_hdr))
-            if partial:
-                ipf_vnet_partial(&self.txvh[m], cstart, coff)
+    cdef inline c.tpacket2_hdr *_tx_frame(self, uint32_t i) noexcept nogil:
+        return <c.tpacket2_hdr *>(self.tx_ring + <size_t>i * self.tx_frame_size)
 
-    cdef void _send(self, uint32_t n) noexcept nogil:
-        cdef uint32_t done = 0, k
-        cdef int r
-        cdef c.iovec *iov
-        while done < n:
-            r = c.sendmmsg(self.tx_fd, self.msgs + done, n - done, 0)
-            if r < 0:
-                if c.errno == c.EINTR:
-                    continue
-                # sendmmsg stops at the message it could not send: that one
-                # is dropped, the rest of the batch still goes.
-                self.txs.drops[IPF_TX_SEND_FAILED] += 1
-                done += 1
-                continue
-            for k in range(done, done + <uint32_t>r):
-                iov = &self.iovs[3 * k + 1]
-                self.txs.bytes += iov[0].iov_len - IPF_ENCAP_HLEN
-                if self.msgs[k].msg_hdr.msg_iovlen - self.tx_partial == 2:
-                    self.txs.bytes += iov[1].iov_len
-            self.txs.packets += <uint32_t>r
-            done += <uint32_t>r
+    cdef void _tx_put(self, const c.iovec *iov, uint32_t niov, bint partial, uint16_t cstart,
+                      uint16_t coff) noexcept nogil:
+        """Copies a frame, given as niov pieces, into the next TX ring slot
+        behind a virtio_net_hdr. Its hdr_len is the whole frame, so the
+        kernel copies the frame into the skb's linear part. With tx_partial
+        it also says that the device completes the inner checksum at cstart
+        + coff (partial), or that nothing is left to do."""
+        cdef c.tpacket2_hdr *h = self._tx_frame(self.tx_head)
+        cdef virtio_net_hdr *vh
+        cdef uint8_t *d
+        cdef uint32_t j, total = 0
+        if ipf_load_status(&h.tp_status) != c.TP_STATUS_AVAILABLE and not self._tx_room(h):
+            self.txs.drops[IPF_TX_SEND_FAILED] += 1
+            return
+        vh = <virtio_net_hdr *>(<uint8_t *>h + self.tx_data_off)
+        memset(vh, 0, sizeof(virtio_net_hdr))
+        if partial and self.tx_partial:
+            ipf_vnet_partial(vh, cstart, coff)
+        d = <uint8_t *>vh + IPF_VNET_HLEN
+        for j in range(niov):
+            memcpy(d + total, iov[j].iov_base, iov[j].iov_len)
+            total += <uint32_t>iov[j].iov_len
+        vh.hdr_len = <uint16_t>total
+        h.tp_len = IPF_VNET_HLEN + total
+        ipf_store_status(&h.tp_status, c.TP_STATUS_SEND_REQUEST)
+        self.tx_head = (self.tx_head + 1) & (self.tx_frames - 1)
+        self.tx_queued += 1
+        self.tx_queued_bytes += total - IPF_ENCAP_HLEN
+
+    cdef bint _tx_room(self, c.tpacket2_hdr *h) noexcept nogil:
+        """The next slot still holds a frame: one queued and not yet taken,
+        or taken and not yet released by the device. Sends what is queued
+        and waits up to TX_WAIT_US for the slot; False if the device is
+        down or stays that far behind."""
+        cdef uint32_t waited = 0
+        while True:
+            if not self._tx_kick():
+                return False
+            if ipf_load_status(&h.tp_status) == c.TP_STATUS_AVAILABLE:
+                return True
+            if waited >= TX_WAIT_US or self._stopping():
+                return False
+            c.usleep(TX_WAIT_STEP_US)
+            waited += TX_WAIT_STEP_US
+
+    cdef bint _tx_kick(self) noexcept nogil:
+        """Has the kernel send every frame queued in the TX ring, and counts
+        what it took. If its send buffer is full of frames a device still
+        holds, it tries again for up to TX_WAIT_US, and what it could not
+        take stays queued. If the device refuses them (down, gone), they are
+        dropped, as a qdisc drops its queue when its device goes down, and
+        False is returned."""
+        cdef c.tpacket2_hdr *h
+        cdef uint32_t i, waited = 0, left = 0
+        cdef uint64_t left_bytes = 0
+        cdef bint refused = False
+        if self.tx_queued == 0:
+            return True
+        h = self._tx_frame((self.tx_head - 1) & (self.tx_frames - 1))
+        while True:
+            if c.send(self.tx_fd, NULL, 0, c.MSG_DONTWAIT) < 0 and c.errno != c.EAGAIN \
+                    and c.errno != c.ENOBUFS and c.errno != c.EINTR:
+                refused = True
+                break
+            if ipf_load_status(&h.tp_status) != c.TP_STATUS_SEND_REQUEST:
+                break
+            if waited >= TX_WAIT_US or self._stopping():
+                break
+            c.usleep(TX_WAIT_STEP_US)
+            waited += TX_WAIT_STEP_US
+        # The kernel takes frames in ring order, so those it left are the
+        # last ones queued.
+        i = self.tx_head
+        while left < self.tx_queued:
+            h = self._tx_frame((i - 1) & (self.tx_frames - 1))
+            if ipf_load_status(&h.tp_status) != c.TP_STATUS_SEND_REQUEST:
+                break
+            i = (i - 1) & (self.tx_frames - 1)
+            left += 1
+            left_bytes += h.tp_len - IPF_VNET_HLEN - IPF_ENCAP_HLEN
+            if refused:  # handed back; the kernel starts again at this slot
+                ipf_store_status(&h.tp_status, c.TP_STATUS_AVAILABLE)
+        self.txs.packets += self.tx_queued - left
+        self.txs.bytes += self.tx_queued_bytes - left_bytes
+        if refused:
+            self.txs.drops[IPF_TX_SEND_FAILED] += left
+            self.tx_head = i
+            left = 0
+            left_bytes = 0
+        self.tx_queued = left
+        self.tx_queued_bytes = left_bytes
+        return not refused
 
     cdef inline void _release_slot(self, uint32_t slot) noexcept nogil:
         ipf_store_status(&(<c.tpacket2_hdr *>(self.ring + <size_t>slot * self.frame_size)).tp_status,

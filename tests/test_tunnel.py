@@ -433,6 +433,43 @@ def test_a_full_tun_queue_is_counted_and_forwarding_goes_on():
         assert d["tx_packets"] >= 1000 + 3, d
 
 
+def test_an_underlay_that_goes_down_drops_by_reason_and_forwarding_resumes():
+    """A link that flaps is survived, as tunl0 survives it. While the
+    sending node's underlay is down, the kernel refuses the frames queued in
+    its TX ring: they are dropped and counted as tx_drop_send_failed (or
+    no_neigh, once the daemon sees the neighbour go), as a qdisc drops its
+    queue when its device goes down, and none is counted as sent. Its
+    receive ring's socket reports ENETDOWN, which is no reason to stop. Once
+    the link is up again, forwarding resumes both ways."""
+    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb) as (t0, t1):
+        n0 = tb.nodes[0]
+        a, b = n0.pods[0], tb.nodes[1].pods[0]
+        ipr, underlay = tb.ipr(n0), tb.ipr(n0).link_lookup(ifname=n0.interface)[0]
+        # The pod's gateway stays resolved: proxy ARP needs the node's default route, which goes with the link.
+        assert traffic.ping(tb, a, b.ip, count=1)["received"] == 1
+        # Started first and set off right after the link goes down, so that
+        # the burst meets the ring before the daemon's next neighbour check.
+        burst = tb.popen(a, [sys.executable, "-c", "input()" + BURST, b.ip, "2000"],
+                         stdin=subprocess.PIPE, text=True)
+        before, far = t0.counters(), t1.counters()
+        ipr.link("set", index=underlay, state="down")
+        try:
+            burst.communicate("go\n", timeout=30)
+            time.sleep(0.3)
+            d = delta(before, t0.counters())
+        finally:
+            ipr.link("set", index=underlay, state="up")
+        assert d.get("tx_packets", 0) == 0, d
+        assert d["tx_drop_send_failed"] > 0, d
+        lost = d["tx_drop_send_failed"] + d.get("tx_drop_no_neigh", 0) + d.get("tx_drop_queue_full", 0)
+        assert lost == 2000, d
+        assert delta(far, t1.counters()).get("rx_packets", 0) == 0
+        deadline = time.monotonic() + 10  # the neighbour is resolved again first
+        while traffic.ping(tb, a, b.ip, count=1, timeout=0.5)["received"] == 0:
+            assert time.monotonic() < deadline, "no forwarding after the link came back"
+        assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
+
+
 @pytest.mark.parametrize("coalesce_us", [0, 100], ids=["sleeps until woken", "naps under load"])
 def test_busy_polling(coalesce_us):
     with Testbed(nodes=2, pods_per_node=1) as tb, \

@@ -8,22 +8,11 @@ cdef extern from "<sys/socket.h>" nogil:
     struct iovec:
         void *iov_base
         size_t iov_len
-    struct msghdr:
-        void *msg_name
-        socklen_t msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    struct mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
     int socket(int domain, int type, int protocol)
     int bind(int fd, const sockaddr *addr, socklen_t len)
     int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
     int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
-    int sendmmsg(int fd, mmsghdr *msgs, unsigned int n, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
     ssize_t sendto(int fd, const void *buf, size_t n, int flags, const sockaddr *addr, socklen_t len)
     enum:
         AF_PACKET
@@ -33,6 +22,8 @@ cdef extern from "<sys/socket.h>" nogil:
         SOCK_NONBLOCK
         SOL_SOCKET
         SO_SNDBUF
+        SO_SNDBUFFORCE
+        SO_ERROR
         SO_ATTACH_FILTER
         MSG_DONTWAIT
 
@@ -82,6 +73,8 @@ cdef extern from "<linux/if_packet.h>" nogil:
         SOL_PACKET
         PACKET_VERSION
         PACKET_RX_RING
+        PACKET_TX_RING
+        PACKET_LOSS
         PACKET_STATISTICS
         PACKET_VNET_HDR
         PACKET_FANOUT
@@ -91,6 +84,8 @@ cdef extern from "<linux/if_packet.h>" nogil:
         TPACKET_V2
         TP_STATUS_KERNEL
         TP_STATUS_USER
+        TP_STATUS_AVAILABLE
+        TP_STATUS_SEND_REQUEST
         TPACKET_ALIGNMENT
         TPACKET2_HDRLEN
 
@@ -151,5 +146,12 @@ cdef extern from "<errno.h>" nogil:
     int errno
     enum:
         EAGAIN
+        ENOBUFS
+        ENETDOWN
         EINTR
         EINVAL
+
+cdef extern from "<net/if.h>" nogil:
+    enum:
+        IF_NAMESIZE
+    char *if_indextoname(unsigned int ifindex, char *name)
