@@ -15,6 +15,7 @@ from .includes.ipip cimport *
 import errno
 import ipaddress
 import os
+import re
 import threading
 
 cdef extern from "<stdlib.h>" nogil:
@@ -107,9 +108,9 @@ cdef uint32_t pow2_at_least(uint32_t n):
 
 
 cdef tuple kernel_release():
-    """The running kernel's (major, minor)."""
-    major, minor = os.uname().release.split(".")[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+    """The running kernel's (major, minor), from a release such as 6.18.44-fc or 5.4-rc1."""
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
 cdef int check(int r, str what) except -1:
