@@ -119,6 +119,27 @@ cdef int check(int r, str what) except -1:
     return r
 
 
+cdef uint8_t *map_ring(int fd, int option, str what, uint32_t frame_size, uint32_t *n_frames,
+                       size_t *nbytes) except NULL:
+    """Sets up a PACKET_RX_RING or PACKET_TX_RING (option) of contiguous
+    power-of-two slots on fd, at least n_frames of them (a block holds one
+    or more), and maps it: slot i is at ring + i * frame_size. Sets
+    n_frames and nbytes to what it made."""
+    cdef c.tpacket_req req
+    cdef uint8_t *ring
+    req.tp_frame_size = frame_size
+    req.tp_block_size = max(frame_size, <uint32_t>RING_BLOCK)
+    n_frames[0] = max(pow2_at_least(n_frames[0]), req.tp_block_size // frame_size)
+    req.tp_frame_nr = n_frames[0]
+    req.tp_block_nr = <unsigned int>(<size_t>n_frames[0] * frame_size // req.tp_block_size)
+    check(c.setsockopt(fd, c.SOL_PACKET, option, &req, sizeof(req)), what)
+    nbytes[0] = <size_t>req.tp_block_size * req.tp_block_nr
+    ring = <uint8_t *>c.mmap(NULL, nbytes[0], c.PROT_READ | c.PROT_WRITE, c.MAP_SHARED | c.MAP_POPULATE, fd, 0)
+    if <void *>ring == c.MAP_FAILED:
+        check(-1, f"mmap {what}")
+    return ring
+
+
 cdef int set_tunnel(ipf_tunnel *tn, str local_ip, bytes local_mac, int mtu, object ttl,
                     object tos, bint pmtudisc, bint ignore_df) except -1:
     """Fills the outer-header rules; ttl/tos None means inherit (as tunl0)."""
@@ -459,7 +480,6 @@ cdef class Worker:
         # Protocol 0: this socket only sends; the kernel takes the frame's
         # protocol from its Ethernet header (packet_parse_headers).
         cdef c.sockaddr_ll sll
-        cdef c.tpacket_req req
         cdef int size = 4 << 20
         cdef int one = 1, v = c.TPACKET_V2
         if kernel_release() < (4, 11):
@@ -476,18 +496,9 @@ cdef class Worker:
         check(c.setsockopt(self.tx_fd, c.SOL_PACKET, c.PACKET_LOSS, &one, sizeof(one)), "PACKET_LOSS")
         self.tx_data_off = c.TPACKET2_HDRLEN - sizeof(c.sockaddr_ll)
         self.tx_frame_size = pow2_at_least(self.tx_data_off + IPF_VNET_HLEN + 18 + mtu)
-        req.tp_frame_size = self.tx_frame_size
-        req.tp_block_size = max(self.tx_frame_size, <uint32_t>RING_BLOCK)
-        req.tp_frame_nr = max(<uint32_t>TX_FRAMES, req.tp_block_size // self.tx_frame_size)
-        req.tp_block_nr = <unsigned int>(<size_t>req.tp_frame_nr * self.tx_frame_size // req.tp_block_size)
-        check(c.setsockopt(self.tx_fd, c.SOL_PACKET, c.PACKET_TX_RING, &req, sizeof(req)), "PACKET_TX_RING")
-        self.tx_ring_bytes = <size_t>req.tp_block_size * req.tp_block_nr
-        self.tx_ring = <uint8_t *>c.mmap(NULL, self.tx_ring_bytes, c.PROT_READ | c.PROT_WRITE,
-                                         c.MAP_SHARED | c.MAP_POPULATE, self.tx_fd, 0)
-        if <void *>self.tx_ring == c.MAP_FAILED:
-            self.tx_ring = NULL
-            check(-1, "mmap tx ring")
-        self.tx_frames = req.tp_frame_nr
+        self.tx_frames = TX_FRAMES
+        self.tx_ring = map_ring(self.tx_fd, c.PACKET_TX_RING, "PACKET_TX_RING", self.tx_frame_size,
+                                &self.tx_frames, &self.tx_ring_bytes)
         memset(&sll, 0, sizeof(sll))
         sll.sll_family = c.AF_PACKET
         sll.sll_ifindex = ifindex
@@ -499,7 +510,6 @@ cdef class Worker:
         # in the kernel, so the ring only ever holds tunnel traffic.
         cdef c.sock_filter prog[8]
         cdef c.sock_fprog fprog
-        cdef c.tpacket_req req
         cdef c.sockaddr_ll sll
         cdef int v, r
         # jf counts instructions to skip: every failed test lands on prog[7].
@@ -523,24 +533,14 @@ cdef class Worker:
         # as ours with csum_offload, over veth), or verified by the NIC.
         v = 1
         self.rx_vnet = c.setsockopt(self.rx_fd, c.SOL_PACKET, c.PACKET_VNET_HDR, &v, sizeof(v)) == 0
-        # Contiguous power-of-two slots: slot i is at ring + i * frame_size.
         self.frame_size = pow2_at_least(RING_MAC_ROOM + mtu + 18)
-        req.tp_frame_size = self.frame_size
-        req.tp_block_size = max(self.frame_size, <uint32_t>RING_BLOCK)
-        self.n_frames = max(pow2_at_least(ring_frames), req.tp_block_size // self.frame_size)
+        self.n_frames = ring_frames
+        self.ring = map_ring(self.rx_fd, c.PACKET_RX_RING, "PACKET_RX_RING", self.frame_size, &self.n_frames,
+                             &self.ring_bytes)
         # An open train keeps its slots from the kernel, which drops a frame
         # when the slot at its head is still ours: only a ring many trains
         # long can spare them between batches.
         self.gro_hold = self.n_frames >= GRO_HOLD_MIN_FRAMES
-        req.tp_frame_nr = self.n_frames
-        req.tp_block_nr = <unsigned int>(<size_t>self.n_frames * self.frame_size // req.tp_block_size)
-        check(c.setsockopt(self.rx_fd, c.SOL_PACKET, c.PACKET_RX_RING, &req, sizeof(req)), "PACKET_RX_RING")
-        self.ring_bytes = <size_t>req.tp_block_size * req.tp_block_nr
-        self.ring = <uint8_t *>c.mmap(NULL, self.ring_bytes, c.PROT_READ | c.PROT_WRITE,
-                                      c.MAP_SHARED | c.MAP_POPULATE, self.rx_fd, 0)
-        if <void *>self.ring == c.MAP_FAILED:
-            self.ring = NULL
-            check(-1, "mmap rx ring")
         # ETH_P_ALL puts the ring among the taps that see a frame before tc
         # ingress, where ingress.py drops it for the kernel's own IP stack.
         memset(&sll, 0, sizeof(sll))
