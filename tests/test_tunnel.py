@@ -470,6 +470,42 @@ def test_an_underlay_that_goes_down_drops_by_reason_and_forwarding_resumes():
         assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
 
 
+def _qdisc_sent(tb: Testbed, node: Node) -> int:
+    """Packets the root qdisc of node's underlay has sent (`tc -s`)."""
+    out = tb.run(node, ["tc", "-s", "qdisc", "show", "dev", node.interface, "root"]).stdout
+    return int(out.split("Sent ", 1)[1].split()[2])
+
+
+def test_a_slow_underlay_holds_the_tx_ring_and_nothing_is_lost_in_between():
+    """A device slower than the tunnel (a NIC, here a 20 Mbit/s token
+    bucket on the underlay) holds on to the TX ring's frames until it has
+    sent them, so the ring fills and the encap loop waits for slots to come
+    free rather than drop. What does not fit waits in the TUN's queue, and
+    what overflows that is counted there (tx_drop_queue_full): of a flood,
+    every datagram either left on the wire, counted once as sent, or was
+    counted as dropped, and forwarding goes on."""
+    count = 50000
+    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb) as (t0, _):
+        n0 = tb.nodes[0]
+        a, b = n0.pods[0], tb.nodes[1].pods[0]
+        tbf = tb.run(n0, ["tc", "qdisc", "replace", "dev", n0.interface, "root", "tbf", "rate", "20mbit",
+                          "burst", "16k", "latency", "50ms"], check=False)
+        if tbf.returncode != 0:
+            pytest.skip(f"this kernel has no tbf qdisc: {tbf.stderr.strip()}")
+        before, sent = t0.counters(), _qdisc_sent(tb, n0)
+        tb.run(a, [sys.executable, "-c", BURST, b.ip, str(count)])
+        d, previous = delta(before, t0.counters()), None
+        while d != previous:  # until the queues have drained onto the wire
+            time.sleep(0.2)
+            previous, d = d, delta(before, t0.counters())
+        wire = _qdisc_sent(tb, n0) - sent
+        assert d.get("tx_drop_send_failed", 0) == 0, d
+        assert d["tx_packets"] + d["tx_drop_queue_full"] == count, d
+        assert 0 <= wire - d["tx_packets"] <= 3, (wire, d)  # the node's own ARP may leave beside ours
+        assert d["tx_packets"] > 512, d  # more than the ring holds: it was refilled as the device let go
+        assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
+
+
 @pytest.mark.parametrize("coalesce_us", [0, 100], ids=["sleeps until woken", "naps under load"])
 def test_busy_polling(coalesce_us):
     with Testbed(nodes=2, pods_per_node=1) as tb, \
