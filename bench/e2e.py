@@ -273,7 +273,7 @@ def one_cpu(pids: list[int]) -> Iterator[None]:
     """Runs the block with everything on the pod-to-pod path on one CPU: this
     thread, so the tools it starts in the pods inherit it, and every thread of
     the mode's own processes (in-kernel paths run in their callers). Waking a
-    thread on an idle vCPU costs 15-30 µs in this VM, and with two pods and
+    thread on an idle vCPU costs 25-35 µs in this VM, and with two pods and
     four tunnel loops a round trip has six such wake-ups, whose cost depends
     on the host: plain routing's p50 was 77 µs free and 17 pinned. Pinned, the
     wakee runs when its waker sleeps, on the same CPU, so the figure is the
