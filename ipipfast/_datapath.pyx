@@ -864,44 +864,48 @@ cdef class Worker:
         and waits up to TX_WAIT_US for the slot; False if the device is
         down or stays that far behind."""
         cdef uint32_t waited = 0
-        while True:
-            if not self._tx_kick():
-                return False
+        while self._tx_send():
             if ipf_load_status(&h.tp_status) == c.TP_STATUS_AVAILABLE:
                 return True
-            if waited >= TX_WAIT_US or self._stopping():
+            if not self._tx_nap(&waited):
                 return False
-            c.usleep(TX_WAIT_STEP_US)
-            waited += TX_WAIT_STEP_US
+        return False
 
     cdef bint _tx_kick(self) noexcept nogil:
-        """Has the kernel send every frame queued in the TX ring, and counts
-        what it took. If its send buffer is full of frames a device still
-        holds, it tries again for up to TX_WAIT_US, and what it could not
-        take stays queued. If the device refuses them (down, gone), they are
-        dropped, as a qdisc drops its queue when its device goes down, and
-        False is returned."""
+        """Has the kernel send every frame queued in the TX ring. If its send
+        buffer is full of frames a device still holds, it tries again for up
+        to TX_WAIT_US, and what it could not take stays queued. False if the
+        device refused them (see _tx_send)."""
+        cdef uint32_t waited = 0
+        while self._tx_send():
+            if self.tx_queued == 0 or not self._tx_nap(&waited):
+                return True
+        return False
+
+    cdef bint _tx_nap(self, uint32_t *waited) noexcept nogil:
+        """One step of waiting for the device; False once TX_WAIT_US is spent
+        or the datapath stops."""
+        if waited[0] >= TX_WAIT_US or self._stopping():
+            return False
+        c.usleep(TX_WAIT_STEP_US)
+        waited[0] += TX_WAIT_STEP_US
+        return True
+
+    cdef bint _tx_send(self) noexcept nogil:
+        """One send(): the kernel takes the queued frames in ring order, as
+        many as its send buffer allows, and what it took is counted. If the
+        device refuses them (down, gone), they are dropped, as a qdisc drops
+        its queue when its device goes down, the ring starts again where the
+        kernel stopped, and False is returned."""
         cdef c.tpacket2_hdr *h
-        cdef uint32_t i, waited = 0, left = 0
+        cdef uint32_t i = self.tx_head, left = 0
         cdef uint64_t left_bytes = 0
-        cdef bint refused = False
+        cdef bint refused
         if self.tx_queued == 0:
             return True
-        h = self._tx_frame((self.tx_head - 1) & (self.tx_frames - 1))
-        while True:
-            if c.send(self.tx_fd, NULL, 0, c.MSG_DONTWAIT) < 0 and c.errno != c.EAGAIN \
-                    and c.errno != c.ENOBUFS and c.errno != c.EINTR:
-                refused = True
-                break
-            if ipf_load_status(&h.tp_status) != c.TP_STATUS_SEND_REQUEST:
-                break
-            if waited >= TX_WAIT_US or self._stopping():
-                break
-            c.usleep(TX_WAIT_STEP_US)
-            waited += TX_WAIT_STEP_US
-        # The kernel takes frames in ring order, so those it left are the
-        # last ones queued.
-        i = self.tx_head
+        refused = c.send(self.tx_fd, NULL, 0, c.MSG_DONTWAIT) < 0 and c.errno != c.EAGAIN \
+            and c.errno != c.ENOBUFS and c.errno != c.EINTR
+        # Those it left are the last ones queued.
         while left < self.tx_queued:
             h = self._tx_frame((i - 1) & (self.tx_frames - 1))
             if ipf_load_status(&h.tp_status) != c.TP_STATUS_SEND_REQUEST:
@@ -922,9 +926,11 @@ cdef class Worker:
         self.tx_queued_bytes = left_bytes
         return not refused
 
+    cdef inline c.tpacket2_hdr *_rx_frame(self, uint32_t slot) noexcept nogil:
+        return <c.tpacket2_hdr *>(self.ring + <size_t>slot * self.frame_size)
+
     cdef inline void _release_slot(self, uint32_t slot) noexcept nogil:
-        ipf_store_status(&(<c.tpacket2_hdr *>(self.ring + <size_t>slot * self.frame_size)).tp_status,
-                         c.TP_STATUS_KERNEL)
+        ipf_store_status(&self._rx_frame(slot).tp_status, c.TP_STATUS_KERNEL)
 
     cdef void _gro_flush(self, int k) noexcept nogil:
         """Writes train k as one packet (a GSO packet when it holds more
@@ -972,7 +978,7 @@ cdef class Worker:
             got = 0
             while got < self.batch:
                 slot = self.rx_idx
-                h = <c.tpacket2_hdr *>(self.ring + <size_t>slot * self.frame_size)
+                h = self._rx_frame(slot)
                 if not (ipf_load_status(&h.tp_status) & c.TP_STATUS_USER):
                     break
                 self.rx_idx = (slot + 1) & (self.n_frames - 1)
