@@ -1,6 +1,6 @@
 """Before and after: ipipfast of another revision against this checkout, side by side.
 
-    python -m bench.ab REV [--rounds 6] [--streams 1] [--duration 5] [--rtt] [--profile wire]
+    python -m bench.ab REV [--rounds 6] [--streams 1] [--duration 5] [--rtt] [--flood] [--profile wire]
 
 REV's build (a git worktree in a temporary directory, its extension built in
 place) is A, this checkout as built is B. Every measurement is a fresh testbed with an
@@ -8,7 +8,8 @@ ipipfast per node, made by a child process that imports the build it measures:
 its daemons follow (testbed._PACKAGE_ROOT is where the import came from), and
 the child checks in their /proc/<pid>/maps that they run that build's
 extension. Rounds alternate the order, AB then BA, so that a drift of this
-shared machine falls on both. REV needs bench/e2e.py (the harness) and the
+shared machine falls on both. Both sides get the same 64-byte generator
+(--flood), built once from this checkout. REV needs bench/e2e.py (the harness) and the
 testbed: any revision since they exist. Needs root, as the tests do.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .baselines import build as build_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Runs in the child, with the measured build's checkout as its working directory.
@@ -32,7 +35,7 @@ from pathlib import Path
 from bench import e2e
 from ipipfast.testbed import Testbed
 from ipipfast.tunnels import start_tunnels
-root, profile, streams, seconds, rtt = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+root, profile, streams, seconds, rtt, flood = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1", sys.argv[6]
 with Testbed(profile=profile, pod_mtu=1480) as tb:
     tunnels = start_tunnels(tb)
     try:
@@ -44,13 +47,16 @@ with Testbed(profile=profile, pod_mtu=1480) as tb:
         out = e2e.iperf(tb, a, b, streams, seconds, [t.proc.pid for t in tunnels] + e2e._ksoftirqd())
         if rtt:
             out.update(e2e.rtt(tb, a, b, 2000))
+        if flood:
+            out["udp64_kpps"] = e2e.flood(tb, a, b, seconds, Path(flood))["kpps"]
         print(json.dumps(out))
     finally:
         for t in tunnels:
             t.stop()
 """
 FIGURES = (("gbit_s", "TCP Gbit/s"), ("cpu_s_per_gb", "CPU s/GB"), ("retransmits", "retransmits"),
-           ("rtt_p50_us", "RTT p50 µs"))
+           ("rtt_p50_us", "RTT p50 µs"), ("udp64_kpps", "64 B UDP kpps"))
+HIGHER_IS_BETTER = {"gbit_s", "udp64_kpps"}
 
 
 def build(root: Path) -> None:
@@ -71,9 +77,9 @@ def stale_build(root: Path) -> str:
     return f"{', '.join(newer)} changed since the extension was built" if newer else ""
 
 
-def measure(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+def measure(root: Path, args: argparse.Namespace, flood: Path | None) -> dict[str, Any]:
     r = subprocess.run([sys.executable, "-c", MEASURE, str(root), args.profile, str(args.streams),
-                        str(args.duration), "1" if args.rtt else "0"],
+                        str(args.duration), "1" if args.rtt else "0", str(flood or "")],
                        cwd=root, capture_output=True, text=True, timeout=args.duration + 120)
     if r.returncode:
         raise RuntimeError(f"measuring {root} failed: {r.stderr.strip().splitlines()[-1:]}")
@@ -83,13 +89,13 @@ def measure(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 def report(runs: dict[str, list[dict[str, Any]]], rev: str, args: argparse.Namespace) -> str:
     keys = [(k, title) for k, title in FIGURES if all(k in m for ms in runs.values() for m in ms)]
     lines = [f"`python -m bench.ab {rev} --rounds {args.rounds} --streams {args.streams} --duration "
-             f"{args.duration}{' --rtt' if args.rtt else ''} --profile {args.profile}`: medians over "
+             f"{args.duration}{' --rtt' if args.rtt else ''}{' --flood' if args.flood else ''} --profile {args.profile}`: medians over "
              f"{args.rounds} rounds, A = {rev}, B = this checkout, order alternating.", "",
              "| figure | A | B | B/A | rounds B better |", "|---|---|---|---|---|"]
     for k, title in keys:
         a, b = ([m[k] for m in runs[x]] for x in "AB")
         ma, mb = statistics.median(a), statistics.median(b)
-        higher = k == "gbit_s"
+        higher = k in HIGHER_IS_BETTER
         wins = sum((y > x) if higher else (y < x) for x, y in zip(a, b))
         lines.append(f"| {title} | {ma:.3g} | {mb:.3g} | ×{mb / ma:.2f} | {wins} of {len(a)} |" if ma else
                      f"| {title} | {ma:.3g} | {mb:.3g} | | |")
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=1, help="iperf3 streams (default 1)")
     p.add_argument("--duration", type=int, default=5, help="seconds per measurement (default 5)")
     p.add_argument("--rtt", action="store_true", help="also the UDP ping-pong RTT")
+    p.add_argument("--flood", action="store_true", help="also the 64-byte UDP rate (bench/udpflood.c)")
     p.add_argument("--profile", choices=("wire", "veth"), default="wire")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -117,10 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(wt), args.rev], cwd=ROOT, check=True)
         try:
             build(wt)
+            flood = build_tool(["gcc", "-O2", "-Wall"], ROOT / "bench" / "udpflood.c", []) if args.flood else None
             runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
             for i in range(args.rounds):
                 for side in ("AB" if i % 2 == 0 else "BA"):
-                    m = measure(wt if side == "A" else ROOT, args)
+                    m = measure(wt if side == "A" else ROOT, args, flood)
                     runs[side].append(m)
                     print(f"round {i + 1} {side}: " + ", ".join(f"{t} {m[k]:.3g}" for k, t in FIGURES if k in m),
                           file=sys.stderr, flush=True)

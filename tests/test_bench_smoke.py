@@ -63,11 +63,13 @@ def test_quick_run_on_the_wire_profile(tmp_path: Path) -> None:
 def test_before_and_after_against_head() -> None:
     """bench.ab builds HEAD in a worktree of its own and measures it against
     this checkout, each side's daemons checked to run its own build."""
-    proc = run_harness([sys.executable, "-m", "bench.ab", "HEAD", "--rounds", "1", "--duration", "1"], timeout=300)
+    proc = run_harness([sys.executable, "-m", "bench.ab", "HEAD", "--rounds", "1", "--duration", "1", "--flood"],
+                       timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "round 1 A: TCP Gbit/s" in proc.stderr and "round 1 B: TCP Gbit/s" in proc.stderr
     rows = {line.split(" | ")[0].strip("| "): line for line in proc.stdout.splitlines() if line.startswith("| ")}
     assert float(rows["TCP Gbit/s"].split(" | ")[1]) > 0
     assert "1 of 1" in rows["TCP Gbit/s"] or "0 of 1" in rows["TCP Gbit/s"]
+    assert float(rows["64 B UDP kpps"].split(" | ")[2]) > 0
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "ipipfast-ab-" not in worktrees  # removed again
