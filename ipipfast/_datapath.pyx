@@ -411,7 +411,7 @@ cdef class Worker:
         uint32_t ip_id, ip_id_end
         bint vnet, tx_partial, rx_vnet, udp_gro
         uint32_t batch, buf_size, nap_min
-        uint8_t *bufs
+        uint8_t *buf                # the TUN read buffer (see _encap_loop)
         uint8_t seg_hdrs[IPF_SEG_SLOT]  # the headers of the segment being queued (offload.h)
         uint8_t *tx_ring
         size_t tx_ring_bytes
@@ -445,20 +445,16 @@ cdef class Worker:
         self.txs = <ipf_tx_stats *>aligned_alloc(STATS_ALIGN, sizeof(ipf_tx_stats))
         self.rxs = <ipf_rx_stats *>aligned_alloc(STATS_ALIGN, sizeof(ipf_rx_stats))
         self.buf_size = (HEADROOM + (GSO_MAX if self.vnet else dp.mtu) + 63) & ~63u
-        self.bufs = <uint8_t *>aligned_alloc(STATS_ALIGN, <size_t>self.batch * self.buf_size)
+        self.buf = <uint8_t *>aligned_alloc(STATS_ALIGN, self.buf_size)
         self.gro = <ipf_gro_set *>calloc(1, sizeof(ipf_gro_set))
-        if not (self.qsbr and self.txs and self.rxs and self.bufs and self.gro):
+        if not (self.qsbr and self.txs and self.rxs and self.buf and self.gro):
             raise MemoryError()
         memset(self.qsbr, 0, 2 * sizeof(ipf_qsbr))
         memset(self.txs, 0, sizeof(ipf_tx_stats))
         memset(self.rxs, 0, sizeof(ipf_rx_stats))
-        # The TUN buffers are sized for the worst batch (batch x 64 KB GSO
-        # reads), and a page is committed when it is first written. Left to
-        # the traffic, resident memory crept up by up to 4.6 MB per worker
-        # (batch 64), ever more slowly as rarer batches reached further
-        # buffers: bounded, but a leak to any RSS watch. Touched here, the
-        # worker is at its working size from the start, as its rings are.
-        memset(self.bufs, 0, <size_t>self.batch * self.buf_size)
+        # Committed now, so the worker is at its working size from the
+        # start, as its rings are.
+        memset(self.buf, 0, self.buf_size)
         # icmp_msgs_per_sec is the node's budget: each worker gets a share.
         memset(&self.icmp_rl, 0, sizeof(self.icmp_rl))
         self.icmp_rl.per_sec = max(1, 1000 // (len(dp.workers) + 1))
@@ -577,7 +573,7 @@ cdef class Worker:
         free(self.qsbr)
         free(self.txs)
         free(self.rxs)
-        free(self.bufs)
+        free(self.buf)
         free(self.gro)
 
     cdef void wait_quiescent(self) noexcept nogil:
@@ -750,7 +746,11 @@ cdef class Worker:
     cdef void _encap_loop(self) noexcept nogil:
         cdef ipf_qsbr *q = &self.qsbr[0]
         cdef const ipf_table *t
-        cdef uint8_t *pkt
+        # Every packet is in the TX ring (or dropped) before the next read,
+        # so one buffer takes them all, and it stays in this core's cache
+        # for the kernel's copy into it and ours out of it. A batch is the
+        # number of reads between two send()s.
+        cdef uint8_t *pkt = self.buf + HEADROOM
         cdef ssize_t r
         cdef uint32_t i, n
         cdef uint32_t hdr = IPF_VNET_HLEN if self.vnet else 0
@@ -761,7 +761,6 @@ cdef class Worker:
             t = ipf_qsbr_enter(q, &self.dp.table)
             drained = False
             for i in range(self.batch):
-                pkt = self.bufs + <size_t>i * self.buf_size + HEADROOM
                 # The virtio_net_hdr lands in the headroom, read before the
                 # outer headers overwrite it.
                 r = c.read(self.tun_fd, pkt - hdr, self.buf_size - HEADROOM + hdr)
