@@ -35,7 +35,8 @@ from pathlib import Path
 from bench import e2e
 from ipipfast.testbed import Testbed
 from ipipfast.tunnels import start_tunnels
-root, profile, streams, seconds, rtt, flood = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1", sys.argv[6]
+root, profile, streams, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rtt, flood = sys.argv[5] == "1", sys.argv[6]  # flood: the generator's path, or ""
 with Testbed(profile=profile, pod_mtu=1480) as tb:
     tunnels = start_tunnels(tb)
     try:
@@ -88,8 +89,9 @@ def measure(root: Path, args: argparse.Namespace, flood: Path | None) -> dict[st
 
 def report(runs: dict[str, list[dict[str, Any]]], rev: str, args: argparse.Namespace) -> str:
     keys = [(k, title) for k, title in FIGURES if all(k in m for ms in runs.values() for m in ms)]
+    flags = "".join(f" --{f}" for f in ("rtt", "flood") if getattr(args, f))
     lines = [f"`python -m bench.ab {rev} --rounds {args.rounds} --streams {args.streams} --duration "
-             f"{args.duration}{' --rtt' if args.rtt else ''}{' --flood' if args.flood else ''} --profile {args.profile}`: medians over "
+             f"{args.duration}{flags} --profile {args.profile}`: medians over "
              f"{args.rounds} rounds, A = {rev}, B = this checkout, order alternating.", "",
              "| figure | A | B | B/A | rounds B better |", "|---|---|---|---|---|"]
     for k, title in keys:
