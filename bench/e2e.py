@@ -27,7 +27,6 @@ import platform
 import resource
 import select
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from ipipfast import benchcli, traffic
 from ipipfast.testbed import Node, Pod, Testbed
 from ipipfast.tunnels import start_tunnels
 
+from . import stopping
 from .baselines import Running, build, kernel_ipip, missing, naive, vxlan, wireguard
 
 HERE = Path(__file__).resolve().parent
@@ -344,6 +344,7 @@ def measure(mode: str, profile: str, args: argparse.Namespace, binary: Path, tag
     t0 = time.monotonic()
 
     def step(name: str, fn: Callable[[], dict[str, Any]], figures: dict[str, str], show: str) -> None:
+        stopping.check()
         try:
             got = fn()
         except Exception as e:  # a failed figure is recorded; the others still run
@@ -503,8 +504,7 @@ def chart(result: dict[str, Any], path: Path) -> str | None:
 # -- the run ---------------------------------------------------------------------
 
 def run(args: argparse.Namespace, command: str) -> int:
-    # Unwind on SIGTERM as on Ctrl-C, so the testbed in use is torn down and its processes killed.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    stopping.install()
     if args.quick:
         args.rounds, args.duration = 1, 2
     args.pings = 200 if args.quick else 1000
@@ -518,6 +518,7 @@ def run(args: argparse.Namespace, command: str) -> int:
             for m in modes[r % len(modes):] + modes[:r % len(modes)]]
     runs = []
     for i, (r, profile, mode) in enumerate(plan, 1):
+        stopping.check()
         rec = measure(mode, profile, args, binary, f"[{i}/{len(plan)}] round {r + 1} {profile} {mode}")
         runs.append({"round": r + 1, **rec})
     result: dict[str, Any] = {

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ from ipipfast import traffic
 from ipipfast.testbed import Testbed
 from ipipfast.tunnels import TunnelProcess, start_tunnels
 
-from . import e2e
+from . import e2e, stopping
 from .baselines import build
 
 WARMUP_CYCLES = 3
@@ -118,7 +117,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace, command: str) -> int:
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    stopping.install()
     binary = build(["gcc", "-O2", "-Wall"], e2e.HERE / "udpflood.c", [])
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.monotonic()
     cycles: list[dict[str, Any]] = []
@@ -126,6 +125,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         tunnels = start_tunnels(tb)
         try:
             while not cycles or time.monotonic() - t0 < args.minutes * 60:
+                stopping.check()
                 cycles.append(cycle(tb, tunnels, len(cycles), binary))
                 c = cycles[-1]
                 print(f"cycle {c['cycle']}: tcp {c['tcp_ab']}/{c['tcp_ba']}, flood {c['flood_kpps']:.0f} kpps, "
