@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .baselines import build as build_tool
+from . import e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(wt), args.rev], cwd=ROOT, check=True)
         try:
             build(wt)
-            flood = build_tool(["gcc", "-O2", "-Wall"], ROOT / "bench" / "udpflood.c", []) if args.flood else None
+            flood = e2e.flood_binary() if args.flood else None
             runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
             for i in range(args.rounds):
                 for side in ("AB" if i % 2 == 0 else "BA"):

@@ -321,6 +321,11 @@ def iperf(tb: Testbed, a: Pod, b: Pod, streams: int, seconds: int, pids: list[in
             "cpu_s_per_gb": (after[0] - before[0]) / gb, "machine_cpu_s_per_gb": (after[1] - before[1]) / gb}
 
 
+def flood_binary() -> Path:
+    """The 64-byte generator and sink (udpflood.c), compiled once per source text."""
+    return build(["gcc", "-O2", "-Wall"], HERE / "udpflood.c", [])
+
+
 def flood(tb: Testbed, a: Pod, b: Pod, seconds: int, binary: Path) -> dict[str, Any]:
     sink = tb.popen(b, [str(binary), "sink", str(FLOOD_PORT), str(seconds + 10), "0.5"],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -513,7 +518,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     for mode, why in skipped.items():
         _say(f"skipping {mode}: {why}")
     modes = [m for m in args.modes if m not in skipped]
-    binary = build(["gcc", "-O2", "-Wall"], HERE / "udpflood.c", []) if modes else Path()
+    binary = flood_binary() if modes else Path()
     plan = [(r, p, m) for r in range(args.rounds) for p in args.profiles
             for m in modes[r % len(modes):] + modes[:r % len(modes)]]
     runs = []

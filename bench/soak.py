@@ -35,7 +35,6 @@ from ipipfast.testbed import Testbed
 from ipipfast.tunnels import TunnelProcess, start_tunnels
 
 from . import e2e, stopping
-from .baselines import build
 
 WARMUP_CYCLES = 3
 RSS_BUDGET_KB = 1024  # growth allowed after the warm-up, per daemon
@@ -118,7 +117,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace, command: str) -> int:
     stopping.install()
-    binary = build(["gcc", "-O2", "-Wall"], e2e.HERE / "udpflood.c", [])
+    binary = e2e.flood_binary()
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.monotonic()
     cycles: list[dict[str, Any]] = []
     with Testbed(profile=args.profile) as tb:
