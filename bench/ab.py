@@ -3,14 +3,15 @@
     python -m bench.ab REV [--rounds 6] [--streams 1] [--duration 5] [--rtt] [--flood] [--profile wire]
 
 REV's build (a git worktree in a temporary directory, its extension built in
-place) is A, this checkout as built is B. Every measurement is a fresh testbed with an
-ipipfast per node, made by a child process that imports the build it measures:
-its daemons follow (testbed._PACKAGE_ROOT is where the import came from), and
-the child checks in their /proc/<pid>/maps that they run that build's
-extension. Rounds alternate the order, AB then BA, so that a drift of this
-shared machine falls on both. Both sides get the same 64-byte generator
-(--flood), built once from this checkout. REV needs bench/e2e.py (the harness) and the
-testbed: any revision since they exist. Needs root, as the tests do.
+place) is A, this checkout as built is B. Every measurement is a fresh testbed
+with an ipipfast per node, made by this checkout's harness in a child process;
+only the daemons differ: they start in the measured build's checkout, so that
+`python -m ipipfast` imports that build, and the child checks in their
+/proc/<pid>/maps that they run its extension. Rounds alternate the order, AB
+then BA, so that a drift of this shared machine falls on both. Both sides get
+the same 64-byte generator (--flood), built once from this checkout. REV's
+daemon must take this checkout's testbed config (`ipipfast run --config
+--status-file`): any revision since the TX ring. Needs root, as the tests do.
 """
 from __future__ import annotations
 
@@ -28,17 +29,17 @@ from . import e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Runs in the child, with the measured build's checkout as its working directory.
+# Runs in the child, in this checkout; argv[1] is the measured build's checkout.
 MEASURE = """
 import json, sys
 from pathlib import Path
 from bench import e2e
-from ipipfast.testbed import Testbed
-from ipipfast.tunnels import start_tunnels
+from ipipfast_lab.testbed import Testbed
+from ipipfast_lab.daemons import start_tunnels
 root, profile, streams, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rtt, flood = sys.argv[5] == "1", sys.argv[6]  # flood: the generator's path, or ""
 with Testbed(profile=profile, pod_mtu=1480) as tb:
-    tunnels = start_tunnels(tb)
+    tunnels = start_tunnels(tb, cwd=root)
     try:
         for t in tunnels:
             so = [line.split()[-1] for line in Path(f"/proc/{t.proc.pid}/maps").read_text().splitlines()
@@ -72,8 +73,7 @@ def stale_build(root: Path) -> str:
     built = list((root / "ipipfast").glob("_datapath*.so"))
     if not built:
         return "no built extension"
-    sources = [root / "ipipfast" / "_datapath.pyx", root / "ipipfast" / "_testing.pxi",
-               *(root / "ipipfast" / "includes").iterdir()]
+    sources = [*(root / "ipipfast").glob("_datapath.p*"), *(root / "ipipfast" / "includes").iterdir()]
     newer = [s.name for s in sources if s.stat().st_mtime > built[0].stat().st_mtime]
     return f"{', '.join(newer)} changed since the extension was built" if newer else ""
 
@@ -81,7 +81,7 @@ def stale_build(root: Path) -> str:
 def measure(root: Path, args: argparse.Namespace, flood: Path | None) -> dict[str, Any]:
     r = subprocess.run([sys.executable, "-c", MEASURE, str(root), args.profile, str(args.streams),
                         str(args.duration), "1" if args.rtt else "0", str(flood or "")],
-                       cwd=root, capture_output=True, text=True, timeout=args.duration + 120)
+                       cwd=ROOT, capture_output=True, text=True, timeout=args.duration + 120)
     if r.returncode:
         raise RuntimeError(f"measuring {root} failed: {r.stderr.strip().splitlines()[-1:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])

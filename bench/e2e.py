@@ -40,9 +40,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from ipipfast import benchcli, traffic
-from ipipfast.testbed import Node, Pod, Testbed
-from ipipfast.tunnels import start_tunnels
+from ipipfast_lab import traffic
+from ipipfast_lab.testbed import Node, Pod, Testbed
+from ipipfast_lab.daemons import start_tunnels
 
 from . import stopping
 from .baselines import Running, build, kernel_ipip, missing, naive, vxlan, wireguard
@@ -116,7 +116,28 @@ MODES = {
     "ipipfast": Mode(1480, "ipip", _ipipfast),
     "ipipfast-2w": Mode(1480, "ipip", lambda tb: _ipipfast(tb, workers=2)),  # multi-queue scaling
 }
-assert tuple(MODES) == benchcli.MODES, "the CLI's mode names and these must agree"
+PROFILES = ("wire", "veth")
+
+
+def _names(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names or any(n not in choices for n in names):
+            raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(choices)}")
+        return list(dict.fromkeys(names))
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profiles", type=_names(PROFILES), default=list(PROFILES),
+                   help="underlay profiles: wire (offloads off, the one that counts), veth (default: both)")
+    p.add_argument("--modes", type=_names(tuple(MODES)), default=list(MODES), help=f"default: {','.join(MODES)}")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all modes (default 3)")
+    p.add_argument("--duration", type=int, default=5, help="seconds per throughput figure (default 5)")
+    p.add_argument("--quick", action="store_true", help="1 round of 2 s: a smoke test")
+    p.add_argument("--out", type=Path, default=HERE / "results", help="results directory (default bench/results)")
+    p.add_argument("--no-install", action="store_true",
+                   help="do not apt-get install missing tools: their modes are reported as skipped")
 
 
 def _say(text: str) -> None:
@@ -553,7 +574,7 @@ def run(args: argparse.Namespace, command: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    benchcli.add_arguments(parser)
+    add_arguments(parser)
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("needs root: it builds network namespaces, tunnels and raw sockets")

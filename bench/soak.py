@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ipipfast import traffic
-from ipipfast.testbed import Testbed
-from ipipfast.tunnels import TunnelProcess, start_tunnels
+from ipipfast_lab import traffic
+from ipipfast_lab.testbed import Testbed
+from ipipfast_lab.daemons import TunnelProcess, start_tunnels
 
 from . import e2e, stopping
 

@@ -1,11 +1,16 @@
-"""`ipipfast …`: run a node's tunnel, check a config, run the demo or the benchmarks."""
+"""`ipipfast …`: run a node's tunnel, check a config; other packages (the
+lab's `demo`) add commands through the `ipipfast.commands` entry points."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
 
-from . import benchcli
+# An entry point's object is called with the subparsers and returns a
+# handler for the command(s) it added: handler(args) -> exit code.
+PLUGIN_GROUP = "ipipfast.commands"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,11 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check-config", help="validate a config file; errors name the line")
     p.add_argument("path")
 
-    p = sub.add_parser("demo", help="two nodes and two pods in network namespaces, traffic through ipipfast")
-    p.add_argument("--megabytes", type=int, default=8, help="TCP transfer size (default 8)")
-    p.add_argument("--keep", action="store_true", help="leave the testbed up until Enter is pressed")
-
-    benchcli.add_parser(sub)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
+    for ep in entry_points(group=PLUGIN_GROUP):
+        handlers[ep.name] = ep.load()(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -73,11 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(e, file=sys.stderr)
             return 1
-    if args.command == "bench":
-        return benchcli.run(args)
-    if args.command == "demo":
-        from .demo import demo
-        return demo(megabytes=args.megabytes, keep=args.keep)
+    if args.command in handlers:
+        return handlers[args.command](args)
     return 2
 
 

@@ -33,13 +33,12 @@ from typing import Any
 
 from pyroute2 import netns
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernelvm
 from kernelvm import KernelVM
 
-from ipipfast.testbed import BLACKHOLE_METRIC, Node, Pod, Testbed
-from ipipfast.traffic import inet_checksum
-from ipipfast.tunnels import TunnelProcess
+from ipipfast_lab.testbed import BLACKHOLE_METRIC, Node, Pod, Testbed
+from ipipfast_lab.traffic import inet_checksum
+from ipipfast_lab.daemons import TunnelProcess
 
 GATEWAY = "198.18.0.1"        # the switch namespace's bridge: router and injector
 IPF_NODE = "198.18.0.10"      # Testbed node n0

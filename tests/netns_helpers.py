@@ -10,8 +10,8 @@ from scapy.layers.l2 import Ether
 from scapy.packet import raw
 from scapy.utils import rdpcap
 
-from ipipfast import traffic
-from ipipfast.testbed import Node, Pod, Testbed
+from ipipfast_lab import traffic
+from ipipfast_lab.testbed import Node, Pod, Testbed
 
 
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

@@ -16,10 +16,10 @@ import pytest
 from pyroute2.ethtool import Ethtool
 from scapy.layers.inet import IP, TCP
 
-from ipipfast import traffic
-from ipipfast.testbed import Testbed
-from ipipfast.traffic import inet_checksum
-from ipipfast.tunnels import TunnelProcess
+from ipipfast_lab import traffic
+from ipipfast_lab.testbed import Testbed
+from ipipfast_lab.traffic import inet_checksum
+from ipipfast_lab.daemons import TunnelProcess
 from netns_helpers import Capture, delta
 
 pytestmark = [pytest.mark.netns,

@@ -13,7 +13,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
 from ipipfast._datapath import GRO_FLOWS, RX_REASONS, TX_REASONS, Dropped, Tunnel, coalesce
-from ipipfast.traffic import inet_checksum
+from ipipfast_lab.traffic import inet_checksum
 
 LOCAL, PEER = "198.18.0.11", "198.18.0.10"
 GSO_TCPV4, GSO_UDP_L4 = 1, 5

@@ -76,7 +76,6 @@ import pytest
 from scapy.layers.inet import ICMP, IP
 from scapy.packet import Raw, raw
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernelvm
 from interop_helpers import (
     CE,
@@ -110,7 +109,7 @@ from interop_helpers import (
 )
 from kernelvm import KernelVMUnavailable
 
-from ipipfast import traffic
+from ipipfast_lab import traffic
 
 pytestmark = [pytest.mark.kernelvm, pytest.mark.netns]
 

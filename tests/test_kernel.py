@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ipipfast.testbed import Testbed
+from ipipfast_lab.testbed import Testbed
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")]

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernelvm  # noqa: E402
-from kernelvm import KernelVM, KernelVMUnavailable  # noqa: E402
+import kernelvm
+from kernelvm import KernelVM, KernelVMUnavailable
 
 HOST_NODE = "198.18.0.1"
 VM_NODE = "198.18.0.2"

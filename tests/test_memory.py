@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ipipfast import traffic
-from ipipfast.testbed import Testbed
-from ipipfast.tunnels import running_tunnels
+from ipipfast_lab import traffic
+from ipipfast_lab.testbed import Testbed
+from ipipfast_lab.daemons import running_tunnels
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces, TUN and AF_PACKET")]

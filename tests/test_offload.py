@@ -11,7 +11,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
 from ipipfast._datapath import GRO_FLOWS, Dropped, Tunnel, coalesce
-from ipipfast.traffic import inet_checksum
+from ipipfast_lab.traffic import inet_checksum
 
 LOCAL, PEER = "198.18.0.10", "198.18.0.11"
 LOCAL_MAC, PEER_MAC = "02:00:00:00:00:0a", "02:00:00:00:00:0b"

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from ipipfast import traffic
+from ipipfast_lab import traffic
 from ipipfast.icmp import IcmpErrors, PMTU_EXPIRES
-from ipipfast.testbed import Testbed
-from ipipfast.tunnels import TunnelProcess, running_tunnels
+from ipipfast_lab.testbed import Testbed
+from ipipfast_lab.daemons import TunnelProcess, running_tunnels
 from netns_helpers import Capture
 
 pytestmark = [pytest.mark.netns,

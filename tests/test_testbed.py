@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 from pyroute2 import IPRoute, netns
 
-from ipipfast import traffic
-from ipipfast.testbed import BLACKHOLE_METRIC, POD_GATEWAY, ROUTE_METRIC, NsRef, Testbed
+from ipipfast_lab import traffic
+from ipipfast_lab.testbed import BLACKHOLE_METRIC, POD_GATEWAY, ROUTE_METRIC, NsRef, Testbed
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
@@ -122,9 +122,8 @@ def test_two_testbeds_do_not_collide() -> None:
 
 
 def test_atexit_tears_down_a_forgotten_testbed() -> None:
-    code = "from ipipfast.testbed import Testbed; print(Testbed().setup().prefix)"
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    prefix = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+    code = "from ipipfast_lab.testbed import Testbed; print(Testbed().setup().prefix)"
+    prefix = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, timeout=30).stdout.strip()
     assert prefix.startswith("ipf") and leftovers(prefix) == []
 

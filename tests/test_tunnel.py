@@ -16,9 +16,10 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
-from ipipfast import ingress, traffic
-from ipipfast.testbed import Node, Testbed
-from ipipfast.tunnels import TunnelProcess, running_tunnels
+from ipipfast import ingress
+from ipipfast_lab import traffic
+from ipipfast_lab.testbed import Node, Testbed
+from ipipfast_lab.daemons import TunnelProcess, running_tunnels
 from netns_helpers import Capture, delta, inject, node_mac
 
 pytestmark = [pytest.mark.netns,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ipipfast.testbed import ROUTE_METRIC, Node, Testbed
+from ipipfast_lab.testbed import ROUTE_METRIC, Node, Testbed
 
 ONLINK = 4  # RTNH_F_ONLINK: the gateway is on the link, whatever its address
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ipipfast-bench"

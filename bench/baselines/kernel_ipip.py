@@ -13,7 +13,7 @@ import subprocess
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from ipipfast.testbed import ROUTE_METRIC, Node, Testbed
+from ipipfast_lab.testbed import ROUTE_METRIC, Node, Testbed
 
 from . import ONLINK, Running, build
 

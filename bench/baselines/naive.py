@@ -17,7 +17,7 @@ import sys
 import threading
 from ipaddress import IPv4Network
 
-from ipipfast.testbed import Testbed
+from ipipfast_lab.testbed import Testbed
 from ipipfast.tun import open_tun
 
 from . import Running, await_link, route_into

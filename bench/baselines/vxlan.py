@@ -4,7 +4,7 @@ permanent neighbour entry for its VTEP, an FDB entry sending that MAC to the
 peer's node address, and a route for its pod CIDR via its VTEP."""
 from __future__ import annotations
 
-from ipipfast.testbed import ROUTE_METRIC, Node, Testbed
+from ipipfast_lab.testbed import ROUTE_METRIC, Node, Testbed
 
 from . import ONLINK, Running
 

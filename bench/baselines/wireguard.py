@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ipipfast.testbed import Testbed
+from ipipfast_lab.testbed import Testbed
 
 from . import Running, await_link, route_into
 

@@ -23,7 +23,10 @@ class TunnelProcess:
     """`ipipfast run` inside a node's namespace, with its config and status
     file in a private directory."""
 
-    def __init__(self, tb: Testbed, node: Node, config: dict[str, Any], verbose: bool = False) -> None:
+    def __init__(self, tb: Testbed, node: Node, config: dict[str, Any], verbose: bool = False,
+                 cwd: str | Path | None = None) -> None:
+        """cwd: where the daemon starts, so `python -m ipipfast` imports the
+        checkout there first (bench.ab runs another revision's build so)."""
         self.tb, self.node = tb, node
         self.dir = Path(tempfile.mkdtemp(prefix=f"{tb.prefix}-n{node.index}-"))
         self.config_path = self.dir / "node.yaml"
@@ -34,7 +37,7 @@ class TunnelProcess:
                 "--config", str(self.config_path), "--status-file", str(self.status_path)]
         self._log = open(self.log_path, "wb")
         self._final_log: str | None = None
-        self.proc = tb.popen(node, argv, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = tb.popen(node, argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd)
 
     def write_config(self, config: dict[str, Any]) -> None:
         self.config_path.write_text(yaml.safe_dump(config))
@@ -87,10 +90,11 @@ class TunnelProcess:
         return self.proc.returncode
 
 
-def start_tunnels(tb: Testbed, verbose: bool = False, **tunnel: Any) -> list[TunnelProcess]:
+def start_tunnels(tb: Testbed, verbose: bool = False, cwd: str | Path | None = None,
+                  **tunnel: Any) -> list[TunnelProcess]:
     """One ipipfast per node, each with routes to every other node; returns
     once all are up (their status files exist)."""
-    procs = [TunnelProcess(tb, n, tb.node_config(n, **tunnel), verbose) for n in tb.nodes]
+    procs = [TunnelProcess(tb, n, tb.node_config(n, **tunnel), verbose, cwd) for n in tb.nodes]
     try:
         for p in procs:
             p.wait_ready()

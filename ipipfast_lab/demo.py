@@ -8,7 +8,7 @@ import sys
 
 from . import traffic
 from .testbed import Testbed
-from .tunnels import running_tunnels
+from .daemons import running_tunnels
 
 PINGS = 20
 

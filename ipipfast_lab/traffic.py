@@ -1,10 +1,10 @@
 """Traffic tools run inside namespaces, plus the root-side API that launches them.
 
-    python -m ipipfast.traffic ping --dst IP [--count N --interval S --size B --timeout T --df --ttl N]
-    python -m ipipfast.traffic tcp-sink --port P [--once]
-    python -m ipipfast.traffic tcp-send --dst IP --port P --bytes N [--seed S]
-    python -m ipipfast.traffic udp-echo --port P
-    python -m ipipfast.traffic udp-send --dst IP --port P [--count N --size B --timeout T]
+    python -m ipipfast_lab.traffic ping --dst IP [--count N --interval S --size B --timeout T --df --ttl N]
+    python -m ipipfast_lab.traffic tcp-sink --port P [--once]
+    python -m ipipfast_lab.traffic tcp-send --dst IP --port P --bytes N [--seed S]
+    python -m ipipfast_lab.traffic udp-echo --port P
+    python -m ipipfast_lab.traffic udp-send --dst IP --port P [--count N --size B --timeout T]
 
 Each tool prints its result as one JSON line. Servers (tcp-sink, udp-echo) first
 print {"event": "listening", ...} once bound, so callers never race them.
@@ -264,7 +264,7 @@ def cmd_capture(a: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m ipipfast.traffic", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m ipipfast_lab.traffic", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("ping", help="ICMP echo over a raw socket")
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
 # -- API for the root namespace (tests, demo, benchmarks) ----------------------
 
 def _argv(args: tuple[object, ...]) -> list[str]:
-    return [sys.executable, "-m", "ipipfast.traffic", *map(str, args)]
+    return [sys.executable, "-m", "ipipfast_lab.traffic", *map(str, args)]
 
 
 def _result(out: bytes | str, err: bytes | str, returncode: int | None, what: str) -> dict[str, Any]:

@@ -61,7 +61,6 @@ _MNT_DETACH = 2
 _RTNH_F_ONLINK = 4
 _SCOPE_LINK = 253
 _PROTO_KERNEL = 2
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -107,15 +106,6 @@ def _enter_netns(fd: int) -> None:
     _libc_check(_libc.mount(b"none", b"/", None, _MS_REC | _MS_SLAVE, None), "mount --make-rslave /")
     _libc.umount2(b"/sys", _MNT_DETACH)  # fails only if nothing was mounted there: fine
     _libc_check(_libc.mount(b"sysfs", b"/sys", b"sysfs", 0, None), "mount sysfs")
-
-
-def _child_env(env: dict[str, str] | None) -> dict[str, str]:
-    """Let `python -m ipipfast...` work in the child from any cwd."""
-    if env is not None:
-        return env
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-    return env
 
 
 def _write_sysctls(values: dict[str, str]) -> None:
@@ -505,7 +495,7 @@ class Testbed:
         fd = os.open(os.path.join(NETNS_RUN_DIR, _ns_name(ns)), os.O_RDONLY | os.O_CLOEXEC)
         try:
             proc = subprocess.Popen(argv, preexec_fn=lambda: _enter_netns(fd),
-                                    env=_child_env(kw.pop("env", None)), **kw)
+                                    **kw)
         finally:
             os.close(fd)
         self._procs = [p for p in self._procs if p.poll() is None] + [proc]
@@ -529,5 +519,5 @@ class Testbed:
         return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
     def python(self, ns: NsRef, *args: str, **kw: Any) -> subprocess.CompletedProcess:
-        """Run `python <args>` (e.g. "-m", "ipipfast.traffic", "ping", ...) inside `ns`."""
+        """Run `python <args>` (e.g. "-m", "ipipfast_lab.traffic", "ping", ...) inside `ns`."""
         return self.run(ns, [sys.executable, *args], **kw)
