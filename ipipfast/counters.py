@@ -1,0 +1,64 @@
+"""The node's counters as one typed snapshot, read once from the datapath's C
+structs: a metrics scrape, the status file and `ipipfast show` all render the
+same read, so they never disagree and nothing is parsed back from strings."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One direction of one worker, or their sum. tx: encapsulated (TUN ->
+    underlay); rx: decapsulated (underlay -> TUN)."""
+    packets: int = 0
+    bytes: int = 0
+    # tx: GSO super-packets segmented; rx: coalesced (GRO) packets written.
+    offloaded: int = 0
+    # Every reason of the direction, in the datapath's order, with its count.
+    drops: Mapping[str, int] = field(default_factory=dict)
+
+    def __add__(self, other: Direction) -> Direction:
+        return Direction(self.packets + other.packets, self.bytes + other.bytes, self.offloaded + other.offloaded,
+                         MappingProxyType({r: n + other.drops.get(r, 0) for r, n in self.drops.items()}))
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.drops.values())
+
+
+@dataclass(frozen=True)
+class Worker:
+    tx: Direction
+    rx: Direction
+
+
+@dataclass(frozen=True)
+class Icmp:
+    sent: int = 0           # errors the datapath sent (no route, too big, relayed)
+    ratelimited: int = 0    # errors held back by the node's budget
+    relayed: int = 0        # errors about outer packets relayed to the inner sender
+    pmtu_updates: int = 0   # path MTUs learned from fragmentation-needed
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    workers: tuple[Worker, ...]
+    icmp: Icmp
+    generation: int  # of the forwarding table the loops read
+
+    @property
+    def tx(self) -> Direction:
+        return _sum(w.tx for w in self.workers)
+
+    @property
+    def rx(self) -> Direction:
+        return _sum(w.rx for w in self.workers)
+
+
+def _sum(directions: Iterable[Direction]) -> Direction:
+    total: Direction | None = None
+    for d in directions:
+        total = d if total is None else total + d
+    return total or Direction()
