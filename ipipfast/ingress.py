@@ -25,7 +25,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 log = logging.getLogger(__name__)
 
-SYS_BPF = 321                 # x86_64
+# bpf(2)'s number differs per architecture (arch/*/include/uapi/asm/unistd*.h;
+# the generic table of arm64, riscv and loongarch has 280).
+SYS_BPF = {"x86_64": 321, "i386": 357, "i686": 357, "aarch64": 280, "armv7l": 386, "armv6l": 386,
+           "riscv64": 280, "loongarch64": 280, "ppc64le": 361, "ppc64": 361, "s390x": 351}
 BPF_PROG_LOAD = 5
 BPF_PROG_TYPE_SCHED_CLS = 3
 TC_ACT_SHOT, TC_ACT_UNSPEC = 2, -1
@@ -58,8 +61,19 @@ def program(local: IPv4Address) -> bytes:
     ])
 
 
+def bpf_syscall_number(machine: str | None = None) -> int:
+    """bpf(2)'s system call number on this machine (or on `machine`, as
+    uname -m names it); OSError on an architecture we do not know."""
+    machine = machine or os.uname().machine
+    if machine not in SYS_BPF:
+        raise OSError(errno.ENOSYS, f"bpf(2) system call number unknown for {machine!r}: the tc ingress "
+                                    "drop cannot be loaded here")
+    return SYS_BPF[machine]
+
+
 def load(local: IPv4Address) -> int:
     """Loads the program; returns its fd."""
+    number = bpf_syscall_number()
     insns = ctypes.create_string_buffer(program(local))
     license = ctypes.create_string_buffer(b"Apache-2.0")
     log_buf = ctypes.create_string_buffer(1 << 16)
@@ -67,7 +81,7 @@ def load(local: IPv4Address) -> int:
         "<IIQQIIQII16s", BPF_PROG_TYPE_SCHED_CLS, len(insns.raw) // 8, ctypes.addressof(insns),
         ctypes.addressof(license), 1, len(log_buf), ctypes.addressof(log_buf), 0, 0, NAME.encode()[:15]))
     libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(SYS_BPF, BPF_PROG_LOAD, attr, len(attr.raw))
+    fd = libc.syscall(number, BPF_PROG_LOAD, attr, len(attr.raw))
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"BPF_PROG_LOAD: {os.strerror(err)}: {log_buf.value.decode(errors='replace')}")
