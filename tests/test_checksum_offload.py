@@ -50,14 +50,29 @@ def generic_csum_off(ifname: str) -> None:
 
 
 def tcp_state(inner: IP) -> str:
-    """'complete', 'partial' (the pseudo-header sum alone) or 'wrong'."""
+    """'complete', 'partial' (the pseudo-header sum alone), 'wrong', or
+    'either': about one segment in 65535 has a pseudo-header sum that is
+    also its complete checksum, and says nothing about how it was made."""
     seg = bytes(inner[TCP])
     pseudo = struct.pack("!4s4sBBH", bytes(map(int, inner.src.split("."))),
                          bytes(map(int, inner.dst.split("."))), 0, 6, len(seg))
-    if inet_checksum(pseudo + seg) == 0:
-        return "complete"
-    folded = ~inet_checksum(pseudo) & 0xFFFF
-    return "partial" if inner[TCP].chksum == folded else "wrong"
+    complete = inet_checksum(pseudo + seg) == 0
+    partial = inner[TCP].chksum == ~inet_checksum(pseudo) & 0xFFFF
+    return "either" if complete and partial else "complete" if complete else "partial" if partial else "wrong"
+
+
+def test_a_segment_can_be_complete_and_partial_at_once() -> None:
+    """Why a run of ~1450 segments saw {'complete', 'partial'} now and then
+    (about one run in 45): a segment whose last payload word happens to be
+    the complement of the rest's sum holds a partial checksum that verifies."""
+    pkt = IP(bytes(IP(src="198.19.0.2", dst="198.19.1.2") / TCP(sport=1, dport=2) / (b"x" * 998 + b"\0\0")))
+    seg = bytes(pkt[TCP])
+    pseudo = struct.pack("!4s4sBBH", bytes([198, 19, 0, 2]), bytes([198, 19, 1, 2]), 0, 6, len(seg))
+    partial = ~inet_checksum(pseudo) & 0xFFFF
+    seg = seg[:16] + struct.pack("!H", partial) + seg[18:]
+    seg = seg[:-2] + struct.pack("!H", inet_checksum(pseudo + seg))
+    both = IP(bytes(pkt)[:20] + seg)
+    assert tcp_state(both) == "either"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -88,5 +103,5 @@ def test_inner_checksums(case: Case, tmp_path) -> None:
     data = [f[IP].payload for f in cap.ipip() if f[IP].src == n0.ip and TCP in f[IP].payload
             and len(f[IP].payload[TCP].payload) > 1000]
     assert len(data) > 100  # the capture may miss some; enough to see how all are made
-    states = {tcp_state(inner) for inner in data}
+    states = {tcp_state(inner) for inner in data} - {"either"}
     assert states == {"partial" if case.partial_on_wire else "complete"}, states
