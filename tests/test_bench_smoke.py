@@ -66,10 +66,21 @@ def test_before_and_after_against_head() -> None:
     proc = run_harness([sys.executable, "-m", "bench.ab", "HEAD", "--rounds", "1", "--duration", "1", "--flood"],
                        timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "round 1 A: TCP Gbit/s" in proc.stderr and "round 1 B: TCP Gbit/s" in proc.stderr
-    rows = {line.split(" | ")[0].strip("| "): line for line in proc.stdout.splitlines() if line.startswith("| ")}
-    assert float(rows["TCP Gbit/s"].split(" | ")[1]) > 0
-    assert "1 of 1" in rows["TCP Gbit/s"] or "0 of 1" in rows["TCP Gbit/s"]
-    assert float(rows["64 B UDP kpps"].split(" | ")[2]) > 0
+    # Each side's one round, as printed while it ran: "round 1 A: TCP Gbit/s 2.87, CPU s/GB 4.7, ..."
+    rounds = {side: dict(f.rsplit(" ", 1) for f in line.split(": ", 1)[1].split(", "))
+              for line in proc.stderr.splitlines() if line.startswith("round 1 ")
+              for side in line.split()[2].rstrip(":")}
+    assert set(rounds) == {"A", "B"}, proc.stderr[-3000:]
+    rows = {cells[0]: cells[1:] for line in proc.stdout.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    for title, higher_is_better in (("TCP Gbit/s", True), ("CPU s/GB", False), ("64 B UDP kpps", True)):
+        a, b = (float(rounds[side][title]) for side in "AB")
+        assert a > 0 and b > 0, (title, rounds)
+        # One round: the medians are that round's figures, and the report's verdict follows from them
+        # (from the printed three digits: within their rounding, and unless they print alike).
+        assert rows[title][:2] == [rounds["A"][title], rounds["B"][title]], (title, rows[title])
+        assert abs(float(rows[title][2].lstrip("×")) - b / a) < 0.01 + 0.01 * b / a, (title, rows[title])
+        if a != b:
+            assert rows[title][3] == f"{int(b > a if higher_is_better else b < a)} of 1", (title, rows[title])
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "ipipfast-ab-" not in worktrees  # removed again
