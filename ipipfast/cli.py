@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run a node's tunnel in the foreground until SIGINT/SIGTERM")
     p.add_argument("--config", required=True, help="the node's YAML config")
     p.add_argument("--status-file", help="write counters and next hops as JSON here, twice a second")
+    p.add_argument("--remove-device", action="store_true",
+                   help="at exit, remove what this run created (the TUN, its routes, the tc drop); by default "
+                        "the TUN and every route into it stay, as tunl0 does, for the next run to attach to")
     opts = p.add_argument_group("tunnel options (override the config file's tunnel section, as `ip tunnel` does)")
     opts.add_argument("--ttl", help="inherit | 1-255 (a fixed ttl sets pmtudisc)")
     opts.add_argument("--tos", help="inherit | 0-255")
@@ -38,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("check-config", help="validate a config file; errors name the line")
     p.add_argument("path")
+
+    p = sub.add_parser("down", help="remove ipipfast's TUN (with every route into it), its direct routes and "
+                                    "its tc drop from this node")
+    p.add_argument("--config", required=True, help="the node's YAML config (names the TUN and the underlay)")
 
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
     for ep in entry_points(group=PLUGIN_GROUP):
@@ -63,17 +70,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.path}: ok ({len(cfg.routes.routes)} routes: {len(enc.routes)} encapsulated, "
               f"{len(direct.routes)} direct; {len(cfg.routes.peers)} peers; mode {cfg.tunnel.mode.value})")
         return 0
+    if args.command == "down":
+        from .config import ConfigError, load_config
+        from .daemon import StartError, down
+        try:
+            removed = down(load_config(args.config))
+        except (ConfigError, StartError) as e:
+            print(e, file=sys.stderr)
+            return 1
+        print("removed " + "; ".join(removed) if removed else "nothing of ipipfast's was there")
+        return 0
     if args.command == "run":
         from .config import ConfigError
-        from .daemon import run
+        from .daemon import StartError, run
         overrides = {k: v for k in ("ttl", "tos", "pmtudisc", "ignore_df", "workers", "offload", "busy_poll",
                                     "coalesce_us", "ring_frames") if (v := getattr(args, k)) is not None}
         for k in ("ttl", "tos"):  # numbers stay numbers in the config's eyes
             if k in overrides and overrides[k].isdigit():
                 overrides[k] = int(overrides[k])
         try:
-            return run(args.config, args.status_file, overrides)
-        except ConfigError as e:
+            return run(args.config, args.status_file, overrides, args.remove_device)
+        except (ConfigError, StartError) as e:
             print(e, file=sys.stderr)
             return 1
     if args.command in handlers:

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import _datapath, ingress
 from .config import Config, ConfigError, load_config
 from .icmp import IcmpErrors
-from .kernel import Kernel, Link, NextHop
+from .kernel import Kernel, Link, NextHop, ipip_module_loaded
 from .routes import RouteTable
 from .stats import MetricsServer
 from .tun import open_tun
@@ -52,10 +52,23 @@ class Plan:
         return list(self.encapsulated.peers) + extra
 
 
+IPIP_MODULE_LOADED = (
+    "the kernel's ipip module is loaded: it owns IP protocol 4 and the name tunl0 in every network namespace, "
+    "so it would take or answer the frames ipipfast handles. Remove its tunnels and unload it "
+    "(modprobe -r ipip), keep it from loading again (echo 'blacklist ipip' > /etc/modprobe.d/ipipfast.conf), "
+    "and start ipipfast again")
+
+
+class StartError(RuntimeError):
+    """The node cannot run ipipfast as it is; the message says what to do."""
+
+
 class Daemon:
     def __init__(self, config: Config, config_path: str | None = None,
-                 status_file: str | None = None, overrides: dict | None = None) -> None:
+                 status_file: str | None = None, overrides: dict | None = None,
+                 remove_device: bool = False) -> None:
         self.config = config
+        self.remove_device = remove_device  # at exit, remove what this run created (run --remove-device)
         self.config_path = config_path
         self.overrides = overrides or {}
         self.status_file = Path(status_file) if status_file else None
@@ -70,6 +83,7 @@ class Daemon:
         self.errors: list[BaseException] = []
         self.metrics: MetricsServer | None = None
         self.tun_fds: list[int] = []
+        self.tun_created = False
         self.ingress_attached = False
         self.datapath: _datapath.Datapath | None = None
         self.csum_offload = False
@@ -80,17 +94,23 @@ class Daemon:
 
     def start(self) -> None:
         cfg = self.config
-        if Path("/sys/module/ipip").exists():
-            log.warning("the kernel's ipip module is loaded: it handles IPIP too (tunl0) and "
-                        "answers what it cannot match; unload it (modprobe -r ipip) on ipipfast nodes")
+        if ipip_module_loaded():
+            raise StartError(IPIP_MODULE_LOADED)
         self.underlay: Link = self.kernel.link(cfg.node.interface)
-        mtu = cfg.tunnel.mtu or self.underlay.mtu - 20
-        if mtu + 20 > self.underlay.mtu:
-            raise ConfigError("<config>", None, f"tunnel.mtu {mtu} + 20 exceeds the underlay MTU "
+        if cfg.tunnel.mtu and cfg.tunnel.mtu + 20 > self.underlay.mtu:
+            raise ConfigError("<config>", None, f"tunnel.mtu {cfg.tunnel.mtu} + 20 exceeds the underlay MTU "
                               f"{self.underlay.mtu} of {self.underlay.name}")
-        tun = open_tun(cfg.tunnel.name, offload=cfg.tunnel.offload, queues=cfg.tunnel.workers)
-        self.tun_fds = tun.fds
+        try:
+            tun = open_tun(cfg.tunnel.name, offload=cfg.tunnel.offload, queues=cfg.tunnel.workers, persist=True)
+        except OSError as e:
+            raise StartError(f"{cfg.tunnel.name}: {e.strerror}") from None
+        self.tun_fds, self.tun_created = tun.fds, tun.created
+        # A device from an earlier run (or one felix configured, as it does
+        # tunl0) keeps its MTU unless the config sets one.
+        mtu = cfg.tunnel.mtu or (self.underlay.mtu - 20 if tun.created else None)
         self.tun = self.kernel.setup_tun(cfg.tunnel.name, mtu)
+        log.info("%s %s (mtu %d)", "created" if tun.created else "attached to the existing", self.tun.name,
+                 self.tun.mtu)
         self.tun_drops_at_start = self.kernel.tx_dropped(self.tun.name)  # an attached TUN has a past
         # Segments and partial checksums from the TUN leave with their inner
         # checksum for the underlay device to fill in, where it can.
@@ -153,13 +173,19 @@ class Daemon:
         if self.metrics:
             self.metrics.stop()
         try:
-            self._withdraw(self.plan)
+            if self.remove_device:
+                self._withdraw(self.plan)
         finally:
             self._write_status()
             self.datapath = None  # frees the rings and sockets once the loops have returned
+            # The TUN is persistent: it stays, with every route into it (ours,
+            # BIRD's, felix's), as tunl0 outlives any daemon; the tc drop stays
+            # too, so the kernel does not answer IPIP until the next run.
             for fd in self.tun_fds:
-                os.close(fd)  # the TUN and its routes go with the last one
+                os.close(fd)
             self.tun_fds = []
+            if self.remove_device and self.tun_created:
+                self.kernel.remove_link(self.tun.index)
             self.kernel.close()
 
     def run_forever(self) -> int:
@@ -224,8 +250,8 @@ class Daemon:
         self.kernel.replace_direct_routes([(r.cidr, r.via) for r in added], self.underlay.index)
 
     def _withdraw(self, plan: Plan) -> None:
-        # Routes into the TUN vanish with it; direct routes and the tc drop
-        # are ours to remove (once we stop, nothing takes those frames).
+        """Removes the tc drop and our direct routes (routes into the TUN go
+        with it, when it is removed)."""
         if self.ingress_attached:
             ingress.detach(self.underlay.index)
             self.ingress_attached = False
@@ -336,9 +362,36 @@ class Daemon:
             self.kernel.close_thread()
 
 
-def run(config_path: str, status_file: str | None = None, overrides: dict | None = None) -> int:
+def run(config_path: str, status_file: str | None = None, overrides: dict | None = None,
+        remove_device: bool = False) -> int:
     """Runs the node in config_path; overrides: tunnel options from the command line."""
     config = load_config(config_path, overrides)
     for w in config.warnings:
         log.warning("%s", w)
-    return Daemon(config, config_path, status_file, overrides).run_forever()
+    return Daemon(config, config_path, status_file, overrides, remove_device).run_forever()
+
+
+def down(config: Config) -> list[str]:
+    """Removes what ipipfast puts on a node: its TUN (and with it every route
+    into it), its direct routes on the underlay, the tc drop. Returns what
+    it removed; refuses while a daemon holds the device."""
+    kernel = Kernel()
+    removed: list[str] = []
+    try:
+        underlay = kernel.link(config.node.interface)
+        if ingress.detach(underlay.index):
+            removed.append(f"the tc ingress drop on {underlay.name}")
+        n = kernel.remove_own_routes(underlay.index)
+        if n:
+            removed.append(f"{n} direct routes on {underlay.name}")
+        try:
+            tun = kernel.link(config.tunnel.name)
+        except LookupError:
+            return removed
+        if kernel.tun_attached(tun.name):
+            raise StartError(f"{tun.name} is held by a running ipipfast: stop it first")
+        kernel.remove_link(tun.index)
+        removed.append(f"{tun.name} and the routes into it")
+        return removed
+    finally:
+        kernel.close()

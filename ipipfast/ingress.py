@@ -105,10 +105,13 @@ def attach(ifindex: int, local: IPv4Address) -> None:
         os.close(fd)  # the filter holds its own reference
 
 
-def detach(ifindex: int) -> None:
+def detach(ifindex: int) -> bool:
+    """Removes the drop; False if it was not there."""
     with IPRoute() as ipr:
         try:
             ipr.tc("del-filter", "bpf", ifindex, ":1", parent=INGRESS, prio=PRIO)
         except NetlinkError as e:
             if e.code not in (errno.ENOENT, errno.EINVAL):
                 raise
+            return False
+    return True

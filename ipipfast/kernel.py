@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -29,6 +30,12 @@ NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PRO
 # reads: about 1.5 kB per call for the life of the socket.
 _GET_LINK = (RTM_GETLINK, NLM_F_REQUEST)
 _GET_ROUTE = (RTM_GETROUTE, NLM_F_REQUEST)
+
+
+def ipip_module_loaded(sys_module: str = "/sys/module") -> bool:
+    """Whether the kernel's ipip module is loaded (it then owns protocol 4
+    and the name tunl0 in every namespace)."""
+    return os.path.exists(os.path.join(sys_module, "ipip"))
 
 
 @dataclass(frozen=True)
@@ -115,10 +122,10 @@ class Kernel:
             feature = ethtool.get_features(name).features.get("tx-checksum-ip-generic")
         return bool(feature and feature.enable)
 
-    def setup_tun(self, name: str, mtu: int) -> Link:
-        """Sets the TUN's MTU and queue, keeps IPv6 off it (the datapath
-        carries IPv4 only: router solicitations would only be counted as
-        drops) and brings it up."""
+    def setup_tun(self, name: str, mtu: int | None) -> Link:
+        """Sets the TUN's MTU (None: keeps it) and queue, keeps IPv6 off it
+        (the datapath carries IPv4 only: router solicitations would only be
+        counted as drops) and brings it up."""
         link = self.link(name)
         disable_v6 = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
         if os.path.exists(disable_v6):
@@ -126,8 +133,27 @@ class Kernel:
                 f.write("1")
         # A TUN queues 500 packets (an Ethernet device 1000): a burst that
         # arrives while the encap loop waits for a CPU is dropped beyond it.
-        self.ipr.link("set", index=link.index, mtu=mtu, txqlen=TUN_TXQUEUELEN, state="up")
+        self.ipr.link("set", index=link.index, txqlen=TUN_TXQUEUELEN, state="up", **({"mtu": mtu} if mtu else {}))
         return self.link(name)
+
+    def remove_link(self, index: int) -> None:
+        self.ipr.link("del", index=index)
+
+    def tun_attached(self, name: str) -> bool:
+        """Whether a process holds a queue of the TUN: the kernel turns its
+        carrier on with the first queue attached and off with the last."""
+        msg = self.ipr.link(_GET_LINK, index=self.link(name).index)[0]
+        return bool(msg.get_attr("IFLA_CARRIER"))
+
+    def remove_own_routes(self, ifindex: int) -> int:
+        """Deletes every IPv4 route of ours (RTPROT_IPIPFAST) through
+        ifindex; returns how many."""
+        ours = [r for r in self.ipr.get_routes(family=socket.AF_INET, oif=ifindex)
+                if r["proto"] == RTPROT_IPIPFAST]
+        for r in ours:
+            self.ipr.route("del", dst=r.get_attr("RTA_DST"), dst_len=r["dst_len"], oif=ifindex,
+                           proto=RTPROT_IPIPFAST, table=r.get_attr("RTA_TABLE") or 254)
+        return len(ours)
 
     def replace_routes(self, ifindex: int, cidrs: list[IPv4Network], src: IPv4Address | None = None) -> None:
         for cidr in cidrs:

@@ -2,12 +2,15 @@
 handles (GSO super-packets it segments, partial checksums it completes)."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import socket
 import struct
 from dataclasses import dataclass
 
 TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 IFF_TUN = 0x0001
@@ -32,12 +35,14 @@ UDP_OFFLOADS = TUN_F_USO4 | TUN_F_USO6  # since Linux 6.2
 @dataclass
 class Tun:
     """The open queues of a TUN device; uso: the kernel took the UDP
-    offloads too, so UDP GSO packets pass both ways."""
+    offloads too, so UDP GSO packets pass both ways; created: this call
+    made the device (it was not there, persistent, from an earlier run)."""
     fds: list[int]
     uso: bool = False
+    created: bool = False
 
 
-def open_tun(name: str, offload: bool = False, queues: int = 1) -> Tun:
+def open_tun(name: str, offload: bool = False, queues: int = 1, persist: bool = False) -> Tun:
     """`queues` fds for the TUN device `name` (IFF_TUN|IFF_NO_PI), created if
     absent; with more than one, IFF_MULTI_QUEUE, and the kernel spreads
     flows over them (each flow stays on one queue).
@@ -46,23 +51,39 @@ def open_tun(name: str, offload: bool = False, queues: int = 1) -> Tun:
     kernel hands over TCP (and UDP, where it can) super-packets of up to
     64 KB with checksums left partial, instead of segmenting them itself.
 
-    The device is not persistent: it disappears with its last fd, and so do
-    the kernel routes through it, so a crashed daemon leaves nothing behind
-    (the testbed's blackhole routes then catch the traffic)."""
+    With persist (TUNSETPERSIST), the device outlives its fds, as tunl0
+    outlives any daemon: the routes BIRD or felix wrote into it stay, and a
+    restarted daemon attaches to it by name. Without, it disappears with its
+    last fd, and so do the kernel routes through it."""
     if not 0 < len(name.encode()) < IFNAMSIZ:
         raise ValueError(f"bad interface name {name!r}")
     flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0) | (IFF_MULTI_QUEUE if queues > 1 else 0)
-    tun = Tun([], uso=offload)
+    tun = Tun([], uso=offload, created=not _exists(name))
     try:
         for _ in range(queues):
             fd, uso = _open_queue(name, flags, offload)
             tun.fds.append(fd)
             tun.uso = tun.uso and uso
-    except OSError:
+        if persist:
+            fcntl.ioctl(tun.fds[0], TUNSETPERSIST, 1)
+    except OSError as e:
         for fd in tun.fds:
             os.close(fd)
+        if not tun.created and e.errno in (errno.EINVAL, errno.EBUSY):
+            raise OSError(e.errno, f"cannot attach to the existing interface {name!r}: it is not a TUN, or "
+                          f"a TUN with other settings (queues: this run asks for {queues}, "
+                          f"{'multi-queue' if queues > 1 else 'single-queue'}), or another process holds it; "
+                          f"`ipipfast down --config ...` removes ipipfast's device") from None
         raise
     return tun
+
+
+def _exists(name: str) -> bool:
+    try:
+        socket.if_nametoindex(name)
+        return True
+    except OSError:
+        return False
 
 
 def _open_queue(name: str, flags: int, offload: bool) -> tuple[int, bool]:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,10 @@ class TunnelProcess:
     file in a private directory."""
 
     def __init__(self, tb: Testbed, node: Node, config: dict[str, Any], verbose: bool = False,
-                 cwd: str | Path | None = None) -> None:
+                 cwd: str | Path | None = None, args: Sequence[str] = ()) -> None:
         """cwd: where the daemon starts, so `python -m ipipfast` imports the
-        checkout there first (bench.ab runs another revision's build so)."""
+        checkout there first (bench.ab runs another revision's build so);
+        args: more options for `ipipfast run` (e.g. --remove-device)."""
         self.tb, self.node = tb, node
         self.dir = Path(tempfile.mkdtemp(prefix=f"{tb.prefix}-n{node.index}-"))
         self.config_path = self.dir / "node.yaml"
@@ -34,7 +35,7 @@ class TunnelProcess:
         self.log_path = self.dir / "daemon.log"
         self.write_config(config)
         argv = [sys.executable, "-m", "ipipfast", *(["-v"] if verbose else []), "run",
-                "--config", str(self.config_path), "--status-file", str(self.status_path)]
+                "--config", str(self.config_path), "--status-file", str(self.status_path), *args]
         self._log = open(self.log_path, "wb")
         self._final_log: str | None = None
         self.proc = tb.popen(node, argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd)
@@ -75,9 +76,10 @@ class TunnelProcess:
             return self._final_log
         return self.log_path.read_text(errors="replace")
 
-    def stop(self, timeout: float = 10) -> int:
+    def stop(self, timeout: float = 10, sig: int = signal.SIGTERM) -> int:
+        """Stops the daemon (SIGTERM: cleanly; SIGKILL: as a crash would)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

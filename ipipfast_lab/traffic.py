@@ -95,6 +95,7 @@ def cmd_ping(a: argparse.Namespace) -> None:
     if a.ttl:
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, a.ttl)
     sent_at: dict[int, float] = {}
+    replied_at: list[float] = []  # CLOCK_MONOTONIC, which every namespace shares
     rtts: list[float] = []
     got: set[int] = set()
     corrupt = duplicates = 0
@@ -134,6 +135,7 @@ def cmd_ping(a: argparse.Namespace) -> None:
                 duplicates += 1
                 continue
             got.add(rseq)
+            replied_at.append(t)
             rtts.append((t - sent_at[rseq]) * 1e6)
             corrupt += icmp[8:] != payload or inet_checksum(icmp) != 0
         elif kind in _ICMP_ERRORS:
@@ -144,7 +146,7 @@ def cmd_ping(a: argparse.Namespace) -> None:
                 icmp_errors[f"{kind}/{code}"] += 1
     emit({"dst": a.dst, "size": a.size, "sent": len(sent_at), "received": len(got), "corrupt": corrupt,
           "duplicates": duplicates, "icmp_errors": dict(icmp_errors), "send_errors": dict(send_errors),
-          "rtt_us": summary(rtts)})
+          "rtt_us": summary(rtts), **({"replied_at": replied_at} if a.times else {})})
 
 
 # -- TCP ---------------------------------------------------------------------
@@ -275,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=1.0, help="wait after the last request")
     p.add_argument("--df", action="store_true", help="set Don't Fragment")
     p.add_argument("--ttl", type=int, default=0, help="IP TTL (default: the system's)")
+    p.add_argument("--times", action="store_true", help="also report when each reply came (CLOCK_MONOTONIC)")
     p.set_defaults(fn=cmd_ping)
     p = sub.add_parser("tcp-sink", help="receive TCP streams, report bytes and sha256")
     p.add_argument("--port", type=int, required=True)

@@ -216,20 +216,6 @@ def test_reload_bad_config_keeps_table_then_good_config_applies():
         assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
 
 
-def test_stopped_tunnel_leaves_the_blackhole_not_plain_routing():
-    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb) as (ta, _):
-        n0 = tb.nodes[0]
-        a, b = n0.pods[0], tb.nodes[1].pods[0]
-        assert traffic.ping(tb, a, b.ip, count=2, interval=0.01)["received"] == 2
-        assert ta.stop() == 0
-        routes = [r for r in tb.ipr(n0).get_routes() if r.get_attr("RTA_DST") == "198.19.1.0" and r["dst_len"] == 24]
-        assert [r["type"] for r in routes] == [6]  # RTN_BLACKHOLE alone: TUN and its route are gone
-        idx = tb.ipr(n0).link_lookup(ifname=n0.interface)[0]
-        assert not [f for f in tb.ipr(n0).get_filters(index=idx, parent=ingress.INGRESS)
-                    if f.get_attr("TCA_KIND")], "the tc drop outlived the tunnel"
-        assert traffic.ping(tb, a, b.ip, count=2, interval=0.01, timeout=0.3)["received"] == 0
-
-
 def test_tcp_takes_the_offload_paths(bed):
     tb, (ta, tb_) = bed
     a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
