@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
+from . import logs
+
 # An entry point's object is called with the subparsers and returns a
 # handler for the command(s) it added: handler(args) -> exit code.
 PLUGIN_GROUP = "ipipfast.commands"
@@ -16,11 +18,15 @@ PLUGIN_GROUP = "ipipfast.commands"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ipipfast", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one object per line, for log collectors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run a node's tunnel in the foreground until SIGINT/SIGTERM")
     p.add_argument("--config", required=True, help="the node's YAML config")
     p.add_argument("--status-file", help="write counters and next hops as JSON here, twice a second")
+    p.add_argument("--ready-file", help="write the daemon's PID here once it forwards (and remove it at exit), "
+                                        "for supervisors without systemd; under systemd, Type=notify says the same")
     p.add_argument("--remove-device", action="store_true",
                    help="at exit, remove what this run created (the TUN, its routes, the tc drop); by default "
                         "the TUN and every route into it stay, as tunl0 does, for the next run to attach to")
@@ -51,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         handlers[ep.name] = ep.load()(sub)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
 
     if args.command == "check-config":
         from .config import ConfigError, load_config
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             if k in overrides and overrides[k].isdigit():
                 overrides[k] = int(overrides[k])
         try:
-            return run(args.config, args.status_file, overrides, args.remove_device)
+            return run(args.config, args.status_file, overrides, args.remove_device, args.ready_file)
         except (ConfigError, StartError) as e:
             print(e, file=sys.stderr)
             return 1

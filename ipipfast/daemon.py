@@ -21,6 +21,7 @@ from .config import Config, ConfigError, load_config
 from .icmp import IcmpErrors
 from .kernel import Kernel, Link, NextHop, ipip_module_loaded
 from .routes import RouteTable
+from .service import Service
 from .stats import MetricsServer
 from .tun import open_tun
 
@@ -66,8 +67,9 @@ class StartError(RuntimeError):
 class Daemon:
     def __init__(self, config: Config, config_path: str | None = None,
                  status_file: str | None = None, overrides: dict | None = None,
-                 remove_device: bool = False) -> None:
+                 remove_device: bool = False, ready_file: str | None = None) -> None:
         self.config = config
+        self.service = Service(self.healthy, ready_file)
         self.remove_device = remove_device  # at exit, remove what this run created (run --remove-device)
         self.config_path = config_path
         self.overrides = overrides or {}
@@ -80,6 +82,7 @@ class Daemon:
         self.nexthops: dict[IPv4Address, NextHop] = {}
         self.lock = threading.RLock()  # plan, next hops and MACs: main and neighbour threads
         self.threads: list[threading.Thread] = []
+        self.loop_threads: list[threading.Thread] = []  # encap and decap of every worker
         self.errors: list[BaseException] = []
         self.metrics: MetricsServer | None = None
         self.tun_fds: list[int] = []
@@ -144,15 +147,24 @@ class Daemon:
             t = threading.Thread(target=self._guard(target), name=f"ipipfast-{name}", daemon=True)
             t.start()
             self.threads.append(t)
+        self.loop_threads = self.threads[:2 * len(workers)]
         if cfg.stats.listen:
             self.metrics = MetricsServer()
             host, port = self.metrics.start(*cfg.stats.listen, self.counters)
             log.info("metrics on http://%s:%d/metrics", host, port)
         self._write_status()  # its appearance tells a supervisor that the tunnel is up
         log.info("ready: %s on %s (%s), mtu %d, mode %s, %d routes encapsulated, %d direct, "
-                 "inner checksums %s", cfg.tunnel.name, self.underlay.name, cfg.node.ip.ip, mtu,
+                 "inner checksums %s", cfg.tunnel.name, self.underlay.name, cfg.node.ip.ip, self.tun.mtu,
                  cfg.tunnel.mode.value, len(self.plan.encapsulated.routes), len(self.plan.direct.routes),
                  "left to the underlay device" if self.csum_offload else "computed here")
+
+    def healthy(self) -> bool:
+        """Every packet loop runs (the watchdog's keep-alive depends on it)."""
+        return not self.stopping.is_set() and all(t.is_alive() for t in self.loop_threads)
+
+    def _status_text(self) -> str:
+        return (f"{self.config.tunnel.mode.value}: {len(self.plan.encapsulated.routes)} routes encapsulated, "
+                f"{len(self.plan.direct.routes)} direct")
 
     def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
@@ -166,6 +178,7 @@ class Daemon:
 
     def stop(self) -> None:
         self.stopping.set()
+        self.service.stopping()
         if self.datapath is not None:
             self.datapath.stop()
         for t in self.threads:
@@ -194,12 +207,15 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
         self.start()
+        self.service.ready(self._status_text())
         next_gc = time.monotonic() + GC_INTERVAL
         try:
             while not self.stopping.wait(0.2):
                 if self.reload_requested.is_set():
                     self.reload_requested.clear()
+                    self.service.reloading()
                     self.reload()
+                    self.service.reloaded(self._status_text())
                 if time.monotonic() >= next_gc:
                     # Each pyroute2 call leaves 30-100 objects in reference
                     # cycles. A quiet daemon makes so few objects that
@@ -363,12 +379,12 @@ class Daemon:
 
 
 def run(config_path: str, status_file: str | None = None, overrides: dict | None = None,
-        remove_device: bool = False) -> int:
+        remove_device: bool = False, ready_file: str | None = None) -> int:
     """Runs the node in config_path; overrides: tunnel options from the command line."""
     config = load_config(config_path, overrides)
     for w in config.warnings:
         log.warning("%s", w)
-    return Daemon(config, config_path, status_file, overrides, remove_device).run_forever()
+    return Daemon(config, config_path, status_file, overrides, remove_device, ready_file).run_forever()
 
 
 def down(config: Config) -> list[str]:

@@ -13,7 +13,10 @@ import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from .logs import Limited
+
 log = logging.getLogger(__name__)
+events = Limited(log)  # ICMP errors arrive at the rate the path sends them
 
 IP_RECVERR = 11
 SO_EE_ORIGIN_ICMP = 2
@@ -93,9 +96,11 @@ class IcmpErrors:
                 self._pmtu[d.peer] = (d.pmtu, time.monotonic() + PMTU_EXPIRES)
             self.datapath.set_peer_pmtu(str(d.peer), d.pmtu)
             self.pmtu_updates += 1
-            log.info("path MTU toward %s: %d", d.peer, d.pmtu)
-        if d.relay is not None:
-            self.relayed += self.datapath.send_icmp_error(*d.relay)
+            events.log(logging.INFO, "pmtu", "path MTU toward %s: %d", d.peer, d.pmtu)
+        if d.relay is not None and self.datapath.send_icmp_error(*d.relay):
+            self.relayed += 1
+            events.log(logging.INFO, "relay", "relayed ICMP %d/%d about a packet to %s to its sender %s",
+                       d.relay[1], d.relay[2], IPv4Address(d.relay[0][16:20]), IPv4Address(d.relay[0][12:16]))
         return d
 
     def _expire(self) -> None:
@@ -106,7 +111,7 @@ class IcmpErrors:
                 del self._pmtu[p]
         for p in gone:
             self.datapath.set_peer_pmtu(str(p), 0)
-            log.info("path MTU toward %s expired", p)
+            events.log(logging.INFO, "pmtu-expiry", "path MTU toward %s expired", p)
 
     def run(self, stopping: threading.Event) -> None:
         poller = select.poll()

@@ -3,6 +3,7 @@ integration tests and the benchmarks."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -24,21 +25,29 @@ class TunnelProcess:
     file in a private directory."""
 
     def __init__(self, tb: Testbed, node: Node, config: dict[str, Any], verbose: bool = False,
-                 cwd: str | Path | None = None, args: Sequence[str] = ()) -> None:
+                 cwd: str | Path | None = None, args: Sequence[str] = (), wrapper: Sequence[str] = (),
+                 env: dict[str, str] | None = None, log_format: str = "text", owner: int | None = None) -> None:
         """cwd: where the daemon starts, so `python -m ipipfast` imports the
         checkout there first (bench.ab runs another revision's build so);
-        args: more options for `ipipfast run` (e.g. --remove-device)."""
+        args: more options for `ipipfast run` (e.g. --remove-device);
+        wrapper: a command it runs under (e.g. setpriv with fewer privileges);
+        env: its whole environment (default: ours); owner: a uid (and gid)
+        given the daemon's directory first, for one run as that user."""
         self.tb, self.node = tb, node
         self.dir = Path(tempfile.mkdtemp(prefix=f"{tb.prefix}-n{node.index}-"))
         self.config_path = self.dir / "node.yaml"
         self.status_path = self.dir / "status.json"
         self.log_path = self.dir / "daemon.log"
         self.write_config(config)
-        argv = [sys.executable, "-m", "ipipfast", *(["-v"] if verbose else []), "run",
+        if owner is not None:
+            for path in (self.dir, self.config_path):
+                os.chown(path, owner, owner)
+        argv = [*wrapper, sys.executable, "-m", "ipipfast", *(["-v"] if verbose else []),
+                *(["--log-format", log_format] if log_format != "text" else []), "run",
                 "--config", str(self.config_path), "--status-file", str(self.status_path), *args]
         self._log = open(self.log_path, "wb")
         self._final_log: str | None = None
-        self.proc = tb.popen(node, argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd)
+        self.proc = tb.popen(node, argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
 
     def write_config(self, config: dict[str, Any]) -> None:
         self.config_path.write_text(yaml.safe_dump(config))
@@ -69,6 +78,9 @@ class TunnelProcess:
             self.config_path.write_text(config)
         else:
             self.write_config(config)
+        if owner is not None:
+            for path in (self.dir, self.config_path):
+                os.chown(path, owner, owner)
         self.proc.send_signal(signal.SIGHUP)
 
     def log(self) -> str:
