@@ -143,11 +143,16 @@ class Daemon:
                       (f"decap{i}", partial(w.run_decap, f"ipf-decap{i}"))]
         loops += [("neighbours", self._neighbour_loop), ("status", self._status_loop),
                   ("icmp", lambda: self.icmp.run(self.stopping))]
+        started: list[threading.Event] = []
         for name, target in loops:
-            t = threading.Thread(target=self._guard(target), name=f"ipipfast-{name}", daemon=True)
+            entered = threading.Event()
+            t = threading.Thread(target=self._guard(target, entered), name=f"ipipfast-{name}", daemon=True)
             t.start()
             self.threads.append(t)
+            started.append(entered)
         self.loop_threads = self.threads[:2 * len(workers)]
+        for entered in started[:2 * len(workers)]:  # "ready" means the packet loops run
+            entered.wait()
         if cfg.stats.listen:
             self.metrics = MetricsServer()
             host, port = self.metrics.start(*cfg.stats.listen, self.counters)
@@ -166,8 +171,9 @@ class Daemon:
         return (f"{self.config.tunnel.mode.value}: {len(self.plan.encapsulated.routes)} routes encapsulated, "
                 f"{len(self.plan.direct.routes)} direct")
 
-    def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
+    def _guard(self, target: Callable[[], None], entered: threading.Event) -> Callable[[], None]:
         def run() -> None:
+            entered.set()
             try:
                 target()
             except BaseException as e:  # a dead loop must take the daemon down, not linger
