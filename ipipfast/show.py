@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def _pick(args: argparse.Namespace) -> Path:
         return args.socket
     if args.tunnel:
         return socket_path(args.tunnel, args.run_dir)
+    if args.run_dir.is_dir() and not os.access(args.run_dir, os.R_OK | os.X_OK):
+        raise PermissionError(f"{args.run_dir} is the daemon's own (0700): run this as its user")
     found = sorted(args.run_dir.glob("*.sock")) if args.run_dir.is_dir() else []
     if not found:
         raise NoDaemon(f"no ipipfast daemon running (no socket in {args.run_dir})")
@@ -118,7 +121,7 @@ def _status_text(answer: dict) -> str:
     r = answer["reloads"]
     head = (f"tunnel {answer['tunnel']}: pid {answer['pid']}, {'ready' if answer['ready'] else 'starting'}, "
             f"mode {answer['mode']}, table generation {answer['generation']}, "
-            f"reloads {r['applied']} applied {r['refused']} refused\n\n")
+            f"reloads: {r['applied']} applied, {r['refused']} refused\n\n")
     routes = {"tunnel": answer["tunnel"], "generation": answer["generation"], "routes": answer["routes"]}
     return head + _routes_text(routes) + "\n" + _counters_text(answer)
 
