@@ -297,7 +297,9 @@ class Lab:
         if self.daemon is not None and self.daemon.proc.poll() is None and tunnel == self.tunnel_opts:
             return self.daemon
         self.stop_daemon()
-        d = TunnelProcess(self.tb, self.node, self.tb.node_config(self.node, **tunnel))
+        # --remove-device: the next start may ask for other TUN settings (workers=2), which
+        # a persistent device from this one would refuse.
+        d = TunnelProcess(self.tb, self.node, self.tb.node_config(self.node, **tunnel), args=["--remove-device"])
         try:
             d.wait_ready()
             wait_until(lambda: d.status()["next_hops"].get(VM_NODE) == self.vm.mac, 10,
