@@ -384,6 +384,20 @@ cdef class Datapath:
         cdef Worker w
         return [w.counters() for w in self.workers]
 
+    def snapshot(self):
+        """Bridge (dropped at merge): the typed snapshot from today's string-keyed counters."""
+        from .counters import Direction, Icmp, Snapshot, Worker as Counts
+        cdef Worker w
+        workers, sent, limited = [], 0, 0
+        for w in self.workers:
+            wc = w.counters()
+            workers.append(Counts(
+                Direction(wc["tx_packets"], wc["tx_bytes"], wc["tx_gso"], {r: wc["tx_drop_" + r] for r in TX_REASONS}),
+                Direction(wc["rx_packets"], wc["rx_bytes"], wc["rx_gro"], {r: wc["rx_drop_" + r] for r in RX_REASONS})))
+            sent += wc["icmp_sent"]
+            limited += wc["icmp_ratelimited"]
+        return Snapshot(tuple(workers), Icmp(sent, limited), self.generation)
+
     def counters(self):
         """Every counter summed over the workers, as `stats.render` expects."""
         cdef Worker w

@@ -1,5 +1,6 @@
-"""`ipipfast …`: run a node's tunnel, check a config; other packages (the
-lab's `demo`) add commands through the `ipipfast.commands` entry points."""
+"""`ipipfast …`: run a node's tunnel, check a config, show a running one;
+other packages (the lab's `demo`) add commands through the
+`ipipfast.commands` entry points."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,10 @@ import logging
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from pathlib import Path
 
-from . import logs
+from . import logs, show
+from .control import RUN_DIR
 
 # An entry point's object is called with the subparsers and returns a
 # handler for the command(s) it added: handler(args) -> exit code.
@@ -30,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--remove-device", action="store_true",
                    help="at exit, remove what this run created (the TUN, its routes, the tc drop); by default "
                         "the TUN and every route into it stay, as tunl0 does, for the next run to attach to")
+    p.add_argument("--run-dir", type=Path, default=RUN_DIR,
+                   help=f"where the control socket <tunnel>.sock goes ({RUN_DIR})")
     opts = p.add_argument_group("tunnel options (override the config file's tunnel section, as `ip tunnel` does)")
     opts.add_argument("--ttl", help="inherit | 1-255 (a fixed ttl sets pmtudisc)")
     opts.add_argument("--tos", help="inherit | 0-255")
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("down", help="remove ipipfast's TUN (with every route into it), its direct routes and "
                                     "its tc drop from this node")
     p.add_argument("--config", required=True, help="the node's YAML config (names the TUN and the underlay)")
+
+    show.add_parser(sub)
 
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
     for ep in entry_points(group=PLUGIN_GROUP):
@@ -94,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
             if k in overrides and overrides[k].isdigit():
                 overrides[k] = int(overrides[k])
         try:
-            return run(args.config, args.status_file, overrides, args.remove_device, args.ready_file)
+            return run(args.config, args.status_file, overrides, remove_device=args.remove_device,
+                       ready_file=args.ready_file, run_dir=args.run_dir)
         except (ConfigError, StartError) as e:
             print(e, file=sys.stderr)
             return 1
+    if args.command == "show":
+        return show.main(args)
     if args.command in handlers:
         return handlers[args.command](args)
     return 2

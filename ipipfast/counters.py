@@ -4,7 +4,7 @@ same read, so they never disagree and nothing is parsed back from strings."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
 
 
@@ -47,10 +47,15 @@ class Snapshot:
     workers: tuple[Worker, ...]
     icmp: Icmp
     generation: int  # of the forwarding table the loops read
+    # Packets the kernel dropped at the TUN's full queue before any worker
+    # read them (its tx_dropped since the daemon started): not the
+    # datapath's to count, so the daemon adds them; `tx` includes them.
+    queue_full: int = 0
 
     @property
     def tx(self) -> Direction:
-        return _sum(w.tx for w in self.workers)
+        total = _sum(w.tx for w in self.workers)
+        return replace(total, drops=MappingProxyType({**total.drops, "queue_full": self.queue_full}))
 
     @property
     def rx(self) -> Direction:
@@ -62,3 +67,12 @@ def _sum(directions: Iterable[Direction]) -> Direction:
     for d in directions:
         total = d if total is None else total + d
     return total or Direction()
+
+
+def to_json(snapshot: Snapshot) -> dict:
+    """The snapshot as the status file and the control socket give it:
+    totals per direction (workers summed), ICMP, and each worker."""
+    def direction(d: Direction) -> dict:
+        return {"packets": d.packets, "bytes": d.bytes, "offloaded": d.offloaded, "drops": dict(d.drops)}
+    return {"tx": direction(snapshot.tx), "rx": direction(snapshot.rx), "icmp": asdict(snapshot.icmp),
+            "workers": [{"tx": direction(w.tx), "rx": direction(w.rx)} for w in snapshot.workers]}

@@ -11,18 +11,20 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from ipaddress import IPv4Address
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
-from . import _datapath, ingress
+from . import _datapath, ingress, metrics
 from .config import Config, ConfigError, load_config
+from .control import RUN_DIR, ControlServer, socket_path
+from .counters import Snapshot, to_json
 from .icmp import IcmpErrors
 from .kernel import Kernel, Link, NextHop, ipip_module_loaded
 from .routes import RouteTable
 from .service import Service
-from .stats import MetricsServer
 from .tun import open_tun
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ NEIGHBOUR_INTERVAL = 1.0   # seconds between next-hop MAC checks (a tenth while 
 SOLICIT_EVERY = 30         # checks between re-confirmations of every next hop
 STATUS_INTERVAL = 0.5      # seconds between status-file writes
 GC_INTERVAL = 60.0         # seconds between full garbage collections (see run_forever)
-WORKER_KEYS = ("tx_packets", "rx_packets", "tx_gso", "rx_gro")  # per worker in the status file
+ROUTE_SOURCE = "file"      # where routes come from: the config file (kernel routes and etcd are to come)
 
 
 @dataclass(frozen=True)
@@ -67,13 +69,14 @@ class StartError(RuntimeError):
 class Daemon:
     def __init__(self, config: Config, config_path: str | None = None,
                  status_file: str | None = None, overrides: dict | None = None,
-                 remove_device: bool = False, ready_file: str | None = None) -> None:
+                 remove_device: bool = False, ready_file: str | None = None, run_dir: Path = RUN_DIR) -> None:
         self.config = config
         self.service = Service(self.healthy, ready_file)
         self.remove_device = remove_device  # at exit, remove what this run created (run --remove-device)
         self.config_path = config_path
         self.overrides = overrides or {}
         self.status_file = Path(status_file) if status_file else None
+        self.socket_path = socket_path(config.tunnel.name, run_dir)
         self.kernel = Kernel()
         self.stopping = threading.Event()
         self.reload_requested = threading.Event()
@@ -84,18 +87,30 @@ class Daemon:
         self.threads: list[threading.Thread] = []
         self.loop_threads: list[threading.Thread] = []  # encap and decap of every worker
         self.errors: list[BaseException] = []
-        self.metrics: MetricsServer | None = None
+        self.metrics: WSGIServer | None = None
+        self.control: ControlServer | None = None
+        self.ready = False
+        self.reloads = {"applied": 0, "refused": 0}
         self.tun_fds: list[int] = []
         self.tun_created = False
         self.ingress_attached = False
         self.datapath: _datapath.Datapath | None = None
         self.csum_offload = False
         self.ring_frames = 0
-        self.tun_drops_at_start = self.tun_queue_full = 0  # the TUN's tx_dropped (see _status_loop)
+        self.tun_drops_at_start = 0  # the TUN's tx_dropped when we attached (see snapshot)
 
     # ---- lifecycle ----------------------------------------------------------
 
     def start(self) -> None:
+        # First, so that a second daemon for this tunnel stops here.
+        self.control = ControlServer(self.socket_path, {"status": self.status, "routes": self.routes})
+        try:
+            self._start()
+        except BaseException:
+            self.control.close()
+            raise
+
+    def _start(self) -> None:
         cfg = self.config
         if ipip_module_loaded():
             raise StartError(IPIP_MODULE_LOADED)
@@ -154,9 +169,10 @@ class Daemon:
         for entered in started[:2 * len(workers)]:  # "ready" means the packet loops run
             entered.wait()
         if cfg.stats.listen:
-            self.metrics = MetricsServer()
-            host, port = self.metrics.start(*cfg.stats.listen, self.counters)
-            log.info("metrics on http://%s:%d/metrics", host, port)
+            self.metrics = metrics.serve(self.reading, *cfg.stats.listen)
+            log.info("metrics on http://%s:%d/metrics", *self.metrics.server_address[:2])
+        self.ready = True
+        self.control.serve()
         self._write_status()  # its appearance tells a supervisor that the tunnel is up
         log.info("ready: %s on %s (%s), mtu %d, mode %s, %d routes encapsulated, %d direct, "
                  "inner checksums %s", cfg.tunnel.name, self.underlay.name, cfg.node.ip.ip, self.tun.mtu,
@@ -184,13 +200,17 @@ class Daemon:
 
     def stop(self) -> None:
         self.stopping.set()
+        self.ready = False
         self.service.stopping()
         if self.datapath is not None:
             self.datapath.stop()
         for t in self.threads:
             t.join(timeout=5)
         if self.metrics:
-            self.metrics.stop()
+            self.metrics.shutdown()
+            self.metrics.server_close()
+        if self.control:
+            self.control.close()
         try:
             if self.remove_device:
                 self._withdraw(self.plan)
@@ -246,6 +266,7 @@ class Daemon:
             new = load_config(self.config_path, self.overrides)
         except (ConfigError, OSError) as e:
             log.error("reload refused, keeping the running table: %s", e)
+            self.reloads["refused"] += 1
             return False
         if (new.node, new.tunnel) != (self.config.node, self.config.tunnel):
             log.warning("reload: node and tunnel settings change only on restart; routes reloaded")
@@ -253,6 +274,7 @@ class Daemon:
         with self.lock:
             previous, self.plan = self.plan, plan
             self._apply(plan, previous)
+            self.reloads["applied"] += 1  # after the table it publishes: its generation has moved on
         log.info("reloaded: %d routes encapsulated, %d direct",
                  len(plan.encapsulated.routes), len(plan.direct.routes))
         return True
@@ -346,27 +368,62 @@ class Daemon:
 
     # ---- observability ----------------------------------------------------------
 
-    def counters(self) -> dict[str, int]:
-        """Every counter; cheap enough for any thread (a metrics scrape):
-        the TUN's drops come from the status loop's last look."""
-        if not self.datapath:
-            return {}
-        return {**self.datapath.counters(), "tx_drop_queue_full": self.tun_queue_full, **self.icmp.counters()}
+    def snapshot(self) -> Snapshot:
+        """Every counter, read once; cheap enough for any thread (a scrape,
+        the control socket)."""
+        assert self.datapath is not None
+        snap = self.datapath.snapshot()
+        icmp = replace(snap.icmp, relayed=self.icmp.relayed, pmtu_updates=self.icmp.pmtu_updates)
+        queue_full = self.kernel.tx_dropped(self.tun.name) - self.tun_drops_at_start
+        return replace(snap, icmp=icmp, queue_full=queue_full)
+
+    def reading(self) -> metrics.Reading:
+        with self.lock:
+            plan = self.plan
+        routes = {(ROUTE_SOURCE, "encapsulated"): len(plan.encapsulated.routes),
+                  (ROUTE_SOURCE, "direct"): len(plan.direct.routes)}
+        return metrics.Reading(self.snapshot(), routes, dict(self.reloads))
 
     def status(self) -> dict:
+        """What the status file and the control socket's status say: the
+        node's state and one snapshot of its counters."""
+        with self.lock:
+            plan, macs = self.plan, dict(self.macs)
+        snap = self.snapshot()
         return {
             "pid": os.getpid(),
             "tunnel": self.config.tunnel.name,
+            "ready": self.ready,
+            "mode": self.config.tunnel.mode.value,
+            "generation": snap.generation,
+            "reloads": dict(self.reloads),
             "csum_offload": self.csum_offload,
             "ring_frames": self.ring_frames,
-            "routes_encapsulated": len(self.plan.encapsulated.routes),
-            "routes_direct": len(self.plan.direct.routes),
-            "next_hops": {str(p): (m.hex(":") if m else None) for p, m in self.macs.items()},
-            "path_mtu": self.icmp.pmtus() if self.datapath else {},
-            "counters": self.counters(),
-            "workers": [{k: v for k, v in c.items() if k in WORKER_KEYS}
-                        for c in self.datapath.worker_counters()] if self.datapath else [],
+            "routes_encapsulated": len(plan.encapsulated.routes),
+            "routes_direct": len(plan.direct.routes),
+            "next_hops": {str(p): (m.hex(":") if m else None) for p, m in macs.items()},
+            "path_mtu": self.icmp.pmtus(),
+            "counters": to_json(snap),
         }
+
+    def routes(self) -> dict:
+        """Each route with its next hop as the datapath sees it."""
+        with self.lock:
+            plan, macs, generation = self.plan, dict(self.macs), self.datapath.snapshot().generation
+        pmtus = self.icmp.pmtus()
+        out = []
+        for kind, table in (("encapsulated", plan.encapsulated), ("direct", plan.direct)):
+            for r in table.routes:
+                if kind == "direct":
+                    mac, state = None, "kernel"  # the kernel's own neighbour table resolves it
+                elif r.via not in macs:
+                    mac, state = None, "not_on_underlay"  # its packets drop (no_neigh): see _resolve_nexthops
+                else:
+                    mac = macs[r.via].hex(":") if macs[r.via] else None
+                    state = "resolved" if mac else "unresolved"
+                out.append({"cidr": str(r.cidr), "node": str(r.via), "kind": kind, "source": ROUTE_SOURCE,
+                            "mac": mac, "mac_state": state, "path_mtu": pmtus.get(str(r.via))})
+        return {"tunnel": self.config.tunnel.name, "generation": generation, "routes": out}
 
     def _write_status(self) -> None:
         if not self.status_file:
@@ -376,21 +433,18 @@ class Daemon:
         tmp.replace(self.status_file)
 
     def _status_loop(self) -> None:
-        try:
-            while not self.stopping.wait(STATUS_INTERVAL):
-                self.tun_queue_full = self.kernel.tx_dropped(self.tun.name) - self.tun_drops_at_start
-                self._write_status()
-        finally:
-            self.kernel.close_thread()
+        while not self.stopping.wait(STATUS_INTERVAL):
+            self._write_status()
 
 
 def run(config_path: str, status_file: str | None = None, overrides: dict | None = None,
-        remove_device: bool = False, ready_file: str | None = None) -> int:
+        remove_device: bool = False, ready_file: str | None = None, run_dir: Path = RUN_DIR) -> int:
     """Runs the node in config_path; overrides: tunnel options from the command line."""
     config = load_config(config_path, overrides)
     for w in config.warnings:
         log.warning("%s", w)
-    return Daemon(config, config_path, status_file, overrides, remove_device, ready_file).run_forever()
+    return Daemon(config, config_path, status_file, overrides, remove_device=remove_device, ready_file=ready_file,
+                  run_dir=run_dir).run_forever()
 
 
 def down(config: Config) -> list[str]:

@@ -1,5 +1,7 @@
 """ipipfast daemons on testbed nodes, as real processes: for the demo, the
-integration tests and the benchmarks."""
+integration tests and the benchmarks; and the states to wait on (a table
+generation, a reload's outcome, counters reaching what was sent) instead
+of sleeping."""
 from __future__ import annotations
 
 import json
@@ -10,19 +12,60 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
+from ipipfast import control
+from ipipfast.config import TunnelConfig
+
 from .testbed import Node, Testbed
+
+T = TypeVar("T")
+Counters = dict[str, int]
+
+
+def wait_until(cond: Callable[[], T], timeout: float = 10, what: str = "the condition") -> T:
+    """Polls cond() until it returns something true, and returns that;
+    TimeoutError after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached after {timeout}s")
+        time.sleep(0.02)
+    return value
+
+
+def delta(before: Counters, after: Counters) -> Counters:
+    """The counters that moved, by how much."""
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def tx_accounted(d: Counters) -> int:
+    """Packets the encap side has accounted for: sent, or dropped for any reason."""
+    return d.get("tx_packets", 0) + sum(n for k, n in d.items() if k.startswith("tx_drop_"))
+
+
+def flat_counters(c: Mapping[str, Any]) -> Counters:
+    """A status's counters under the names of the README's Counters section
+    (tx_packets, tx_drop_no_route, tx_gso, rx_gro, icmp_relayed, ...)."""
+    out: Counters = {}
+    for d in ("tx", "rx"):
+        out[f"{d}_packets"], out[f"{d}_bytes"] = c[d]["packets"], c[d]["bytes"]
+        out.update({f"{d}_drop_{reason}": n for reason, n in c[d]["drops"].items()})
+    out["tx_gso"], out["rx_gro"] = c["tx"]["offloaded"], c["rx"]["offloaded"]
+    i = c["icmp"]
+    out.update(icmp_sent=i["sent"], icmp_ratelimited=i["ratelimited"], icmp_relayed=i["relayed"],
+               pmtu_updates=i["pmtu_updates"])
+    return out
 
 
 class TunnelProcess:
     """`ipipfast run` inside a node's namespace, with its config and status
-    file in a private directory."""
+    file in a private directory; asked over its control socket."""
 
     def __init__(self, tb: Testbed, node: Node, config: dict[str, Any], verbose: bool = False,
                  cwd: str | Path | None = None, args: Sequence[str] = (), wrapper: Sequence[str] = (),
@@ -38,6 +81,9 @@ class TunnelProcess:
         self.config_path = self.dir / "node.yaml"
         self.status_path = self.dir / "status.json"
         self.log_path = self.dir / "daemon.log"
+        # Where the test process reaches the socket the daemon makes in its /run/ipipfast.
+        tunnel = config.get("tunnel", {}).get("name", TunnelConfig.name)
+        self.socket_path = control.socket_path(tunnel, tb.run_dir(node))
         self.write_config(config)
         if owner is not None:
             for path in (self.dir, self.config_path):
@@ -61,19 +107,43 @@ class TunnelProcess:
                 raise TimeoutError(f"ipipfast on {self.node.name} not ready after {timeout}s:\n{self.log()}")
             time.sleep(0.05)
 
+    def request(self, what: str) -> dict[str, Any]:
+        """The daemon's answer to {"get": what} on its control socket."""
+        return control.request(self.socket_path, what)
+
     def status(self) -> dict[str, Any]:
+        """The daemon's status now; once it has exited, its status file's last word."""
+        if self.proc.poll() is None:
+            return self.request("status")
         return json.loads(self.status_path.read_text())
 
-    def counters(self, fresh: bool = True) -> dict[str, int]:
-        """The daemon's counters; fresh waits for a status write newer than now."""
-        if fresh:
-            since = time.time()
-            while self.status_path.stat().st_mtime < since and self.proc.poll() is None:
-                time.sleep(0.05)
-        return self.status()["counters"]
+    def counters(self) -> Counters:
+        return flat_counters(self.status()["counters"])
 
-    def reload(self, config: dict[str, Any] | str) -> None:
-        """Rewrites the config file (a dict, or raw text to test bad input) and sends SIGHUP."""
+    def wait_counters(self, before: Counters, until: Mapping[str, int] | Callable[[Counters], bool],
+                      timeout: float = 10) -> Counters:
+        """How the counters moved since `before`, once they moved at least as
+        `until` says (each counter by at least that much, or a predicate on
+        the delta); after timeout, the last delta, for the caller's assertion
+        to show."""
+        reached = until if callable(until) else lambda d: all(d.get(k, 0) >= n for k, n in until.items())
+        last: Counters = {}
+
+        def moved() -> bool:
+            last.clear()
+            last.update(delta(before, self.counters()))
+            return reached(last)
+        try:
+            wait_until(moved, timeout)
+        except TimeoutError:
+            pass
+        return last
+
+    def reload(self, config: dict[str, Any] | str, timeout: float = 10) -> dict[str, Any]:
+        """Rewrites the config file (a dict, or raw text to test bad input),
+        sends SIGHUP and returns the status once the daemon has applied the
+        reload (its table generation then has moved on) or refused it."""
+        before = self.status()
         if isinstance(config, str):
             self.config_path.write_text(config)
         else:
@@ -82,6 +152,14 @@ class TunnelProcess:
             for path in (self.dir, self.config_path):
                 os.chown(path, owner, owner)
         self.proc.send_signal(signal.SIGHUP)
+
+        def answered() -> dict[str, Any] | None:
+            now = self.status()
+            return now if now["reloads"] != before["reloads"] else None
+        after = wait_until(answered, timeout, f"a reload of {self.node.name}'s daemon")
+        if after["reloads"]["applied"] > before["reloads"]["applied"]:
+            assert after["generation"] > before["generation"], (before, after)
+        return after
 
     def log(self) -> str:
         if self._final_log is not None:

@@ -1,6 +1,7 @@
 """`ipipfast demo`: two Calico-style nodes with a pod each, in network
 namespaces, joined by ipipfast; pings and a TCP transfer pod to pod, with
-the counters that show the traffic crossed the tunnel."""
+the counters that show the traffic crossed the tunnel, and a node's routes as
+`ipipfast show` gives them."""
 from __future__ import annotations
 
 import os
@@ -56,6 +57,9 @@ def demo(megabytes: int = 8, keep: bool = False) -> int:
             ok &= crossed
             _say()
             _say("the traffic crossed the tunnel both ways" if crossed else "the tunnel counters did not move")
+            _say()
+            _say(f"ipipfast show routes, on {a.name}:")
+            _say(tb.python(a, "-m", "ipipfast", "show", "routes").stdout.rstrip())
             if keep:
                 input(f"testbed {tb.prefix} is up (ip netns list); press Enter to tear it down ")
     _say("torn down")

@@ -25,6 +25,9 @@ Two underlays:
   unreachable by `router_unreachable(cidr)`. (Only net unreachable, 3/0, for
   addresses it has no route to, stays throttled by the kernel: 5 per sender,
   then 1/s.) `add_plain_routes()` also teaches the router every pod CIDR.
+
+Processes started in a namespace see a private /run/ipipfast (`run_dir`),
+so two nodes' daemons never meet in the one filesystem they share.
 """
 
 from __future__ import annotations
@@ -36,15 +39,20 @@ import ipaddress
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute, netns
 from pyroute2.ethtool import Ethtool
 from pyroute2.netns import NETNS_RUN_DIR
+
+from ipipfast.control import RUN_DIR
 
 POD_GATEWAY = "169.254.1.1"
 UNDERLAY_GATEWAY = "198.18.0.1"
@@ -55,6 +63,7 @@ BLACKHOLE_METRIC = 4000
 
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWNET = 0x40000000
+_MS_BIND = 0x1000
 _MS_REC = 0x4000
 _MS_SLAVE = 1 << 19
 _MNT_DETACH = 2
@@ -97,15 +106,17 @@ def _libc_check(ret: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _enter_netns(fd: int) -> None:
+def _enter_netns(fd: int, run_dir: bytes) -> None:
     """Join a netns in a fresh child; also remount /sys like `ip netns exec`,
-    so /sys/class/net and tools reading it see the namespace's interfaces."""
+    so /sys/class/net and tools reading it see the namespace's interfaces,
+    and put run_dir on /run/ipipfast."""
     _libc_check(_libc.setns(fd, _CLONE_NEWNET), "setns")
     _libc_check(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    # Keep our /sys mount private so the host's /sys is left alone.
+    # Keep our mounts private so the host's /sys and /run are left alone.
     _libc_check(_libc.mount(b"none", b"/", None, _MS_REC | _MS_SLAVE, None), "mount --make-rslave /")
     _libc.umount2(b"/sys", _MNT_DETACH)  # fails only if nothing was mounted there: fine
     _libc_check(_libc.mount(b"sysfs", b"/sys", b"sysfs", 0, None), "mount sysfs")
+    _libc_check(_libc.mount(run_dir, bytes(RUN_DIR), None, _MS_BIND, None), f"bind-mount {RUN_DIR}")
 
 
 def _write_sysctls(values: dict[str, str]) -> None:
@@ -186,6 +197,7 @@ class Testbed:
         self._procs: list[subprocess.Popen] = []
         self._plain: list[tuple[int, int, str]] = []  # (node, remote node) indices, gateway
         self._router_plain: list[int] = []  # nodes whose pod CIDR the router routes
+        self._run_root: Path | None = None  # holds each namespace's run_dir
         self._owner = os.getpid()
 
     # -- lifecycle ---------------------------------------------------------
@@ -231,6 +243,9 @@ class Testbed:
         self.namespaces.clear()
         self._plain.clear()
         self._router_plain.clear()
+        if self._run_root is not None:
+            shutil.rmtree(self._run_root, ignore_errors=True)
+            self._run_root = None
 
     # -- building ----------------------------------------------------------
 
@@ -490,12 +505,22 @@ class Testbed:
         """Write /proc/sys/<key with dots as slashes> inside `ns`."""
         self.sysctls(ns, {key: value})
 
+    def run_dir(self, ns: NsRef) -> Path:
+        """The directory that processes in `ns` see as /run/ipipfast (a
+        daemon's control socket is there), removed at teardown."""
+        if self._run_root is None:
+            RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)  # the mount point
+            self._run_root = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-run-"))
+        path = self._run_root / _ns_name(ns)
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
+
     def popen(self, ns: NsRef, argv: list[str], **kw: Any) -> subprocess.Popen:
         """Start argv inside `ns`; it is killed (by PID) at teardown."""
+        run_dir = bytes(self.run_dir(ns))
         fd = os.open(os.path.join(NETNS_RUN_DIR, _ns_name(ns)), os.O_RDONLY | os.O_CLOEXEC)
         try:
-            proc = subprocess.Popen(argv, preexec_fn=lambda: _enter_netns(fd),
-                                    **kw)
+            proc = subprocess.Popen(argv, preexec_fn=lambda: _enter_netns(fd, run_dir), **kw)
         finally:
             os.close(fd)
         self._procs = [p for p in self._procs if p.poll() is None] + [proc]

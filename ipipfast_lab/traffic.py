@@ -236,7 +236,9 @@ def cmd_udp_send(a: argparse.Namespace) -> None:
 
 def cmd_capture(a: argparse.Namespace) -> None:
     """Every frame on an interface, both directions, to a pcap file (read it
-    with scapy's rdpcap), until terminated or --seconds pass."""
+    with scapy's rdpcap), until terminated or --seconds pass. Terminated, it
+    writes out what its socket still holds first: every frame the interface
+    had passed by then."""
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
     # Room for a whole burst (a test's few MB at line rate), which arrives
     # faster than this loop writes it out: with the default 208 kB buffer a
@@ -246,23 +248,35 @@ def cmd_capture(a: argparse.Namespace) -> None:
     except PermissionError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _CAPTURE_BUFFER)
     sock.bind((a.iface, 0))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # SIGTERM wakes the select() through this pipe, between two frames.
+    wake, woken = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(woken)
+    signal.signal(signal.SIGTERM, lambda *_: None)
     frames = 0
     with open(a.out, "wb") as f:
         f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))  # pcap header, Ethernet
         emit({"event": "listening", "iface": a.iface})
+
+        def write(data: bytes) -> None:
+            nonlocal frames
+            now = time.time()
+            f.write(struct.pack("<IIII", int(now), int(now % 1 * 1e6), len(data), len(data)) + data)
+            frames += 1
         deadline = time.monotonic() + a.seconds
-        try:
-            while (left := deadline - time.monotonic()) > 0:
-                if not select.select([sock], [], [], left)[0]:
-                    continue
-                data = sock.recv(65535)
-                now = time.time()
-                f.write(struct.pack("<IIII", int(now), int(now % 1 * 1e6), len(data), len(data)) + data)
-                frames += 1
-        finally:
-            f.flush()
-            emit({"frames": frames, "out": a.out})
+        while (left := deadline - time.monotonic()) > 0:
+            ready = select.select([sock, wake], [], [], left)[0]
+            if wake in ready:
+                break
+            if ready:
+                write(sock.recv(65535))
+        sock.setblocking(False)
+        while True:
+            try:
+                write(sock.recv(65535))
+            except BlockingIOError:
+                break
+        f.flush()
+        emit({"frames": frames, "out": a.out})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,7 +38,7 @@ from kernelvm import KernelVM
 
 from ipipfast_lab.testbed import BLACKHOLE_METRIC, Node, Pod, Testbed
 from ipipfast_lab.traffic import inet_checksum
-from ipipfast_lab.daemons import TunnelProcess
+from ipipfast_lab.daemons import TunnelProcess, wait_until
 
 GATEWAY = "198.18.0.1"        # the switch namespace's bridge: router and injector
 IPF_NODE = "198.18.0.10"      # Testbed node n0
@@ -297,14 +297,13 @@ class Lab:
         if self.daemon is not None and self.daemon.proc.poll() is None and tunnel == self.tunnel_opts:
             return self.daemon
         self.stop_daemon()
-        d = TunnelProcess(self.tb, self.node, self.tb.node_config(self.node, **tunnel))
+        # --remove-device: the next start may ask for other TUN settings (workers=2), which
+        # a persistent device from this one would refuse.
+        d = TunnelProcess(self.tb, self.node, self.tb.node_config(self.node, **tunnel), args=["--remove-device"])
         try:
             d.wait_ready()
-            deadline = time.monotonic() + 10
-            while d.status()["next_hops"].get(VM_NODE) != self.vm.mac:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"ipipfast never resolved the VM's MAC: {d.status()}\n{d.log()}")
-                time.sleep(0.05)
+            wait_until(lambda: d.status()["next_hops"].get(VM_NODE) == self.vm.mac, 10,
+                       "ipipfast resolving the VM's MAC")
         except BaseException:
             d.stop()
             raise

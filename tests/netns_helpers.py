@@ -1,8 +1,7 @@
-"""Helpers of the netns tests: counters, frames on the underlay, injection."""
+"""Helpers of the netns tests: frames on the underlay, injection."""
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
 
 from scapy.layers.inet import ICMP, IP
@@ -12,10 +11,6 @@ from scapy.utils import rdpcap
 
 from ipipfast_lab import traffic
 from ipipfast_lab.testbed import Node, Pod, Testbed
-
-
-def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
 
 
 def node_mac(tb: Testbed, node: Node) -> bytes:
@@ -34,7 +29,9 @@ def inject(tb: Testbed, node: Node, frames: list[bytes]) -> None:
 
 
 class Capture:
-    """Frames on a node's underlay interface, or a pod's eth0, while the block runs."""
+    """Frames on a node's underlay interface, or a pod's eth0, while the block
+    runs: every frame the interface had passed when the block ends (the
+    capture writes out what its socket holds before it exits)."""
 
     def __init__(self, tb: Testbed, where: Node | Pod, tmp: Path) -> None:
         self.tb, self.where, self.path = tb, where, tmp / f"{where.name}.pcap"
@@ -45,7 +42,6 @@ class Capture:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        time.sleep(0.2)
         self.proc.terminate()
         traffic.collect(self.proc)
         self.frames = [Ether(raw(p)) for p in rdpcap(str(self.path))]

@@ -19,8 +19,8 @@ from scapy.layers.inet import IP, TCP
 from ipipfast_lab import traffic
 from ipipfast_lab.testbed import Testbed
 from ipipfast_lab.traffic import inet_checksum
-from ipipfast_lab.daemons import TunnelProcess
-from netns_helpers import Capture, delta
+from ipipfast_lab.daemons import TunnelProcess, delta
+from netns_helpers import Capture
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces, TUN and AF_PACKET")]

@@ -65,7 +65,6 @@ import os
 import socket
 import struct
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -110,6 +109,7 @@ from interop_helpers import (
 from kernelvm import KernelVMUnavailable
 
 from ipipfast_lab import traffic
+from ipipfast_lab.daemons import wait_until
 
 pytestmark = [pytest.mark.kernelvm, pytest.mark.netns]
 
@@ -327,7 +327,7 @@ def test_ecn_decap_table_matches_the_kernel(lab: Lab, outer: int, inner: int) ->
     if dropped:  # both count the drop
         k_delta = {k: v - k_before[k] for k, v in vm_dev_stats(lab.vm, "tunl0").items() if v != k_before[k]}
         assert k_delta.get("rx_frame_errors") == 1 and k_delta.get("rx_errors") == 1, k_delta
-        assert lab.counters()["rx_drop_ecn"] - f_before["rx_drop_ecn"] == 1
+        assert lab.daemon.wait_counters(f_before, {"rx_drop_ecn": 1})["rx_drop_ecn"] == 1
 
 
 # ---------------------------------------------------------------- 4. path MTU and ICMP
@@ -368,6 +368,15 @@ def _frag_needed_round_trip(lab: Lab, sender_ns: str, src: str, dst: str, node: 
     finally:
         icmp.close()
     return PmtuTrip(about_first, about_second, second)
+
+
+def _wait_path_mtu(lab: Lab, node: str) -> None:
+    """Until `node` (the VM's kernel, or ipipfast) has learnt PATH_MTU toward its peer."""
+    if node == VM_NODE:
+        wait_until(lambda: f"mtu {PATH_MTU}" in lab.vm.run(f"ip route get {IPF_NODE}"), what="the VM's path MTU")
+    else:
+        assert lab.daemon is not None
+        wait_until(lambda: lab.daemon.status()["path_mtu"] == {VM_NODE: PATH_MTU}, what="ipipfast's path MTU")
 
 
 def _check_frag_needed(got: bytes | None, src: str, dst: str, node: str) -> None:
@@ -416,7 +425,6 @@ def test_ipipfast_frag_needed_round_trip(lab: Lab, pmtudisc: bool) -> None:
         _check_frag_needed(trip.about_first, IPF_POD, VM_POD, IPF_NODE)
         _check_frag_needed(trip.about_second, IPF_POD, VM_POD, IPF_NODE)
         assert not trip.second, "the packet that cannot fit the path was sent anyway"
-        lab.daemon.counters(fresh=True)  # a status file written after the fact
         assert lab.daemon.status()["path_mtu"] == {VM_NODE: PATH_MTU}
     finally:
         lab.stop_daemon()  # forget the learnt PMTU
@@ -451,7 +459,7 @@ def test_outer_fragments_from_the_kernel_are_reassembled(lab: Lab) -> None:
         got = sn.wait_for(tunnelled(VM_NODE, IPF_NODE, first))
         assert got
         send_ip(lab.sw, icmp_error(GATEWAY, VM_NODE, 3, 4, ipv4(got[0])[:QUOTE], mtu=PATH_MTU))
-        time.sleep(0.2)
+        _wait_path_mtu(lab, VM_NODE)
         send_ip(lab.sw, echo(VM_OTHER, IPF_POD, ident=ident, size=BIG, df=False, icmp_type=0))
         frags = sn.wait_for(lambda f: (o := parse_ipip(f)) is not None and o.src == VM_NODE
                             and (o.mf or o.frag_offset > 0), count=2)
@@ -494,7 +502,7 @@ def test_df_clear_inner_over_the_learnt_path_mtu(lab: Lab, pmtudisc: bool) -> No
                 got = sn.wait_for(tunnelled(node, peer, first))
                 assert got, describe([f for _, f in sn.frames])
                 send_ip(lab.sw, icmp_error(GATEWAY, node, 3, 4, ipv4(got[0])[:QUOTE], mtu=PATH_MTU))
-                time.sleep(0.3)
+                _wait_path_mtu(lab, node)
                 before = _snmp_ip(lab.vm)
                 second = unique_id()
                 send_ip(ns, echo(src, dst, ident=second, size=BIG, df=False, icmp_type=0))
@@ -531,7 +539,7 @@ def test_ipip_from_an_unknown_node(lab: Lab) -> None:
         ours = ps.wait_for(plain(id_f, IPF_POD), timeout=1.0)
     assert kernel, "tunl0 did not decapsulate (and forward) the stranger's packet"
     assert not ours
-    assert lab.counters()["rx_drop_unknown_peer"] - before["rx_drop_unknown_peer"] == 1
+    assert lab.daemon.wait_counters(before, {"rx_drop_unknown_peer": 1})["rx_drop_unknown_peer"] == 1
 
 
 def _outer_error(lab: Lab, sender_ns: str, src: str, dst: str, node: str, peer: str,
@@ -574,7 +582,7 @@ def test_ipipfast_relays_icmp_errors_about_its_outer_packets(lab: Lab, icmp_type
     assert (got[20], got[21]) == (icmp_type, code)
     assert socket.inet_ntoa(got[12:16]) == IPF_NODE
     assert socket.inet_ntoa(quoted[12:16]) == IPF_POD and socket.inet_ntoa(quoted[16:20]) == VM_POD
-    assert lab.counters()["icmp_relayed"] - before["icmp_relayed"] == 1
+    assert lab.daemon.wait_counters(before, {"icmp_relayed": 1})["icmp_relayed"] == 1
 
 
 # ---------------------------------------------------------------- 5. wire comparison

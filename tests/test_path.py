@@ -13,7 +13,7 @@ import pytest
 from ipipfast_lab import traffic
 from ipipfast.icmp import IcmpErrors, PMTU_EXPIRES
 from ipipfast_lab.testbed import Testbed
-from ipipfast_lab.daemons import TunnelProcess, running_tunnels
+from ipipfast_lab.daemons import TunnelProcess, running_tunnels, wait_until
 from netns_helpers import Capture
 
 pytestmark = [pytest.mark.netns,
@@ -31,15 +31,6 @@ def routed() -> Iterator[tuple[Testbed, list[TunnelProcess]]]:
         yield tb, tunnels
 
 
-def wait_for(cond, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def test_path_mtu_is_learned_relayed_and_enforced(routed):
     tb, (ta, _) = routed
     n0, n1 = tb.nodes
@@ -51,7 +42,7 @@ def test_path_mtu_is_learned_relayed_and_enforced(routed):
     # that fits inside the tunnel.
     r = traffic.ping(tb, a1, b.ip, count=1, size=BIG, df=True)
     assert r["received"] == 0 and r["icmp_errors"] == {"3/4": 1}, r
-    assert wait_for(lambda: ta.status()["path_mtu"] == {n1.ip: ROUTER_MTU}), ta.status()
+    wait_until(lambda: ta.status()["path_mtu"] == {n1.ip: ROUTER_MTU}, what="the path MTU toward n1")
     c = ta.counters()
     assert c["pmtu_updates"] >= 1 and c["icmp_relayed"] >= 1
 
@@ -60,9 +51,8 @@ def test_path_mtu_is_learned_relayed_and_enforced(routed):
     before = ta.counters()
     r = traffic.ping(tb, a2, b.ip, count=1, size=BIG, df=True)
     assert r["received"] == 0 and r["icmp_errors"] == {"3/4": 1}, r
-    after = ta.counters()
-    assert after["tx_drop_too_big"] - before["tx_drop_too_big"] == 1
-    assert after["icmp_sent"] - before["icmp_sent"] == 1
+    d = ta.wait_counters(before, {"tx_drop_too_big": 1, "icmp_sent": 1})
+    assert (d["tx_drop_too_big"], d["icmp_sent"]) == (1, 1), d
 
     # Without DF the inner may be fragmented: it leaves whole with DF clear
     # and the router fragments it (tunl0's nopmtudisc does the same).
@@ -143,12 +133,14 @@ def test_cross_subnet_routes_same_subnet_peers_directly(tmp_path):
             running_tunnels(tb, mode="CrossSubnet") as (t0, _, _):
         n0, n1, n2 = tb.nodes
         assert t0.status()["routes_encapsulated"] == 1 and t0.status()["routes_direct"] == 1
+        routes = {r["cidr"]: (r["node"], r["kind"], r["mac_state"]) for r in t0.request("routes")["routes"]}
+        assert routes == {n1.pod_cidr: (n1.ip, "direct", "kernel"), n2.pod_cidr: (n2.ip, "encapsulated", "resolved")}
         before = t0.counters()
         with Capture(tb, n0, tmp_path) as cap:
             assert traffic.ping(tb, n0.pods[0], n1.pods[0].ip, count=5, interval=0.01)["received"] == 5
             assert traffic.ping(tb, n0.pods[0], n2.pods[0].ip, count=5, interval=0.01)["received"] == 5
-        after = t0.counters()
-        assert after["tx_packets"] - before["tx_packets"] == 5  # only node 2's pings took the tunnel
+        d = t0.wait_counters(before, {"tx_packets": 5, "rx_packets": 5})
+        assert d["tx_packets"] == 5, d  # only node 2's pings took the tunnel
         ipip_peers = {f["IP"].dst for f in cap.ipip() if f["IP"].src == n0.ip}
         assert ipip_peers == {n2.ip}
         plain = [f for f in cap.frames if f.haslayer("ICMP") and f["IP"].dst == n1.pods[0].ip]

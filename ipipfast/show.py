@@ -1,0 +1,129 @@
+"""`ipipfast show [routes|peers|counters] [--json]`: a running daemon's
+state, asked over its control socket, in the manner of `wg show`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .control import RUN_DIR, ControlError, NoDaemon, request, socket_path
+
+WHAT = ("routes", "peers", "counters")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("show", help="a running daemon's routes, peers and counters, from its control socket")
+    p.add_argument("what", nargs="?", choices=WHAT, help="only this part (default: all of them)")
+    p.add_argument("--json", action="store_true", help="the daemon's answer as JSON")
+    p.add_argument("--tunnel", help="the daemon of this tunnel (default: the only one running)")
+    p.add_argument("--socket", type=Path, help="the control socket's path (default: RUN_DIR/<tunnel>.sock)")
+    p.add_argument("--run-dir", type=Path, default=RUN_DIR, help=f"where daemons keep their sockets ({RUN_DIR})")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        path = _pick(args)
+        answer = _ask(path, args.what)
+    except (NoDaemon, ControlError, PermissionError, LookupError) as e:
+        print(f"ipipfast show: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(_TEXT[args.what](answer), end="")
+    return 0
+
+
+def _pick(args: argparse.Namespace) -> Path:
+    if args.socket:
+        return args.socket
+    if args.tunnel:
+        return socket_path(args.tunnel, args.run_dir)
+    if args.run_dir.is_dir() and not os.access(args.run_dir, os.R_OK | os.X_OK):
+        raise PermissionError(f"{args.run_dir} is the daemon's own (0700): run this as its user")
+    found = sorted(args.run_dir.glob("*.sock")) if args.run_dir.is_dir() else []
+    if not found:
+        raise NoDaemon(f"no ipipfast daemon running (no socket in {args.run_dir})")
+    if len(found) > 1:
+        raise LookupError(f"{len(found)} daemons in {args.run_dir} "
+                          f"({', '.join(p.stem for p in found)}): pick one with --tunnel")
+    return found[0]
+
+
+def _ask(path: Path, what: str | None) -> dict:
+    if what == "routes":
+        return request(path, "routes")
+    if what == "peers":
+        return peers(request(path, "routes"))
+    status = request(path, "status")
+    if what == "counters":
+        return {"tunnel": status["tunnel"], "generation": status["generation"], "counters": status["counters"]}
+    return {**status, "routes": request(path, "routes")["routes"]}
+
+
+def peers(routes: dict) -> dict:
+    """The routes reply grouped by the node they lead to."""
+    out: dict[str, dict] = {}
+    for r in routes["routes"]:
+        peer = out.setdefault(r["node"], {"node": r["node"], "kind": r["kind"], "mac": r["mac"],
+                                          "mac_state": r["mac_state"], "path_mtu": r["path_mtu"], "cidrs": []})
+        peer["cidrs"].append(r["cidr"])
+    return {"tunnel": routes["tunnel"], "generation": routes["generation"], "peers": list(out.values())}
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "".join("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n" for row in rows)
+
+
+def _mac(r: dict) -> str:
+    return r["mac"] or r["mac_state"].replace("_", " ")  # unresolved, kernel, not on underlay
+
+
+def _mtu(r: dict) -> str:
+    return str(r["path_mtu"]) if r["path_mtu"] else "-"
+
+
+def _routes_text(answer: dict) -> str:
+    head = f"routes of {answer['tunnel']} (table generation {answer['generation']}): {len(answer['routes'])}\n"
+    rows = [["cidr", "node", "kind", "next-hop mac", "path mtu", "source"]]
+    rows += [[r["cidr"], r["node"], r["kind"], _mac(r), _mtu(r), r["source"]] for r in answer["routes"]]
+    return head + (_table(rows) if answer["routes"] else "")
+
+
+def _peers_text(answer: dict) -> str:
+    head = f"peers of {answer['tunnel']} (table generation {answer['generation']}): {len(answer['peers'])}\n"
+    rows = [["node", "kind", "next-hop mac", "path mtu", "cidrs"]]
+    rows += [[p["node"], p["kind"], _mac(p), _mtu(p), " ".join(p["cidrs"])] for p in answer["peers"]]
+    return head + (_table(rows) if answer["peers"] else "")
+
+
+def _counters_text(answer: dict) -> str:
+    c = answer["counters"]
+    lines = [f"counters of {answer['tunnel']} (table generation {answer['generation']})"]
+    for d, offload in (("tx", "GSO super-packets segmented"), ("rx", "coalesced packets written")):
+        x = c[d]
+        drops = ", ".join(f"{r} {n}" for r, n in x["drops"].items() if n) or "none"
+        lines.append(f"  {d}: {x['packets']} packets, {x['bytes']} bytes, {x['offloaded']} {offload}; "
+                     f"dropped: {drops}")
+    i = c["icmp"]
+    lines.append(f"  icmp errors: {i['sent']} sent, {i['ratelimited']} rate-limited, {i['relayed']} relayed; "
+                 f"{i['pmtu_updates']} path MTU updates")
+    if len(c["workers"]) > 1:
+        lines += [f"  worker {n}: tx {w['tx']['packets']} rx {w['rx']['packets']} packets"
+                  for n, w in enumerate(c["workers"])]
+    return "".join(line + "\n" for line in lines)
+
+
+def _status_text(answer: dict) -> str:
+    r = answer["reloads"]
+    head = (f"tunnel {answer['tunnel']}: pid {answer['pid']}, {'ready' if answer['ready'] else 'starting'}, "
+            f"mode {answer['mode']}, table generation {answer['generation']}, "
+            f"reloads: {r['applied']} applied, {r['refused']} refused\n\n")
+    routes = {"tunnel": answer["tunnel"], "generation": answer["generation"], "routes": answer["routes"]}
+    return head + _routes_text(routes) + "\n" + _counters_text(answer)
+
+
+_TEXT = {None: _status_text, "routes": _routes_text, "peers": _peers_text, "counters": _counters_text}

@@ -1,0 +1,171 @@
+"""The Prometheus metrics: the collector on hand-built snapshots, parsed back
+by prometheus_client's own parser; a live daemon's scrape linted by promtool."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ipipfast.counters import Direction, Icmp, Snapshot, Worker
+from ipipfast.metrics import Reading, registry
+from ipipfast_lab import traffic
+from ipipfast_lab.daemons import TunnelProcess, wait_until
+from ipipfast_lab.testbed import Testbed
+
+Series = tuple[str, frozenset[tuple[str, str]]]
+TX_REASONS = ("no_route", "too_big")
+RX_REASONS = ("unknown_peer", "ring_full")
+
+
+def S(name: str, **labels: str) -> Series:
+    return name, frozenset(labels.items())
+
+
+def parse(text: str) -> tuple[dict[Series, float], dict[str, tuple[str, str]]]:
+    """(value per series, (type, help) per family), by prometheus_client's parser."""
+    samples, families = {}, {}
+    for fam in text_string_to_metric_families(text):
+        families[fam.name] = (fam.type, fam.documentation)
+        for s in fam.samples:
+            series = (s.name, frozenset(s.labels.items()))
+            assert series not in samples, f"repeated series {series}"
+            samples[series] = s.value
+    return samples, families
+
+
+def ours(samples: dict[Series, float]) -> dict[Series, float]:
+    return {k: v for k, v in samples.items() if k[0].startswith("ipipfast_")}
+
+
+def scrape(reading: Reading) -> str:
+    return generate_latest(registry(lambda: reading)).decode()
+
+
+def direction(packets: int, nbytes: int, offloaded: int, reasons: tuple[str, ...], *drops: int) -> Direction:
+    return Direction(packets, nbytes, offloaded, dict(zip(reasons, drops)))
+
+
+TWO_WORKERS = Snapshot(
+    workers=(Worker(tx=direction(10, 1500, 2, TX_REASONS, 3, 0), rx=direction(7, 900, 1, RX_REASONS, 0, 4)),
+             Worker(tx=direction(5, 500, 0, TX_REASONS, 1, 2), rx=direction(1, 100, 0, RX_REASONS, 6, 0))),
+    icmp=Icmp(sent=4, ratelimited=1, relayed=2, pmtu_updates=3),
+    generation=7,
+    queue_full=9,
+)
+ROUTES = {("file", "encapsulated"): 3, ("file", "direct"): 1}
+RELOADS = {"applied": 2, "refused": 1}
+
+
+def test_every_family_from_one_snapshot_summed_over_workers() -> None:
+    samples, _ = parse(scrape(Reading(TWO_WORKERS, ROUTES, RELOADS)))
+    assert ours(samples) == {
+        S("ipipfast_packets_total", direction="tx"): 15,
+        S("ipipfast_packets_total", direction="rx"): 8,
+        S("ipipfast_bytes_total", direction="tx"): 2000,
+        S("ipipfast_bytes_total", direction="rx"): 1000,
+        S("ipipfast_dropped_packets_total", direction="tx", reason="no_route"): 4,
+        S("ipipfast_dropped_packets_total", direction="tx", reason="too_big"): 2,
+        S("ipipfast_dropped_packets_total", direction="tx", reason="queue_full"): 9,
+        S("ipipfast_dropped_packets_total", direction="rx", reason="unknown_peer"): 6,
+        S("ipipfast_dropped_packets_total", direction="rx", reason="ring_full"): 4,
+        S("ipipfast_gso_packets_total"): 2,
+        S("ipipfast_gro_packets_total"): 1,
+        S("ipipfast_icmp_errors_sent_total"): 4,
+        S("ipipfast_icmp_errors_ratelimited_total"): 1,
+        S("ipipfast_icmp_errors_relayed_total"): 2,
+        S("ipipfast_pmtu_updates_total"): 3,
+        S("ipipfast_reloads_total", result="applied"): 2,
+        S("ipipfast_reloads_total", result="refused"): 1,
+        S("ipipfast_routes", source="file", kind="encapsulated"): 3,
+        S("ipipfast_routes", source="file", kind="direct"): 1,
+        S("ipipfast_table_generation"): 7,
+    }
+
+
+def test_types_and_help() -> None:
+    _, families = parse(scrape(Reading(TWO_WORKERS, ROUTES, RELOADS)))
+    gauges = {"ipipfast_routes", "ipipfast_table_generation"}
+    for name, (kind, help) in families.items():
+        if name.startswith("ipipfast_"):
+            assert kind == ("gauge" if name in gauges else "counter"), name
+            assert len(help) > 20, name
+
+
+def test_every_drop_reason_is_a_series_even_at_zero() -> None:
+    # rate() needs the series before the first drop
+    idle = Snapshot((Worker(direction(0, 0, 0, TX_REASONS, 0, 0), direction(0, 0, 0, RX_REASONS, 0, 0)),),
+                    Icmp(), generation=1)
+    samples, _ = parse(scrape(Reading(idle, {("file", "encapsulated"): 0, ("file", "direct"): 0},
+                                      {"applied": 0, "refused": 0})))
+    dropped = {dict(labels)["reason"]: v for (name, labels), v in samples.items()
+               if name == "ipipfast_dropped_packets_total"}
+    assert dropped == {r: 0 for r in TX_REASONS + RX_REASONS + ("queue_full",)}
+
+
+def test_huge_counters_survive() -> None:
+    big = Snapshot((Worker(direction(2**53, 2**64 - 1, 0, ()), direction(0, 0, 0, ())),), Icmp(), 1)
+    text = scrape(Reading(big, ROUTES, RELOADS))
+    assert 'ipipfast_bytes_total{direction="tx"} 1.8446744073709552e+19' in text
+    assert parse(text)[0][S("ipipfast_packets_total", direction="tx")] == 2**53
+
+
+def test_process_and_platform_metrics_beside_ours() -> None:
+    samples, families = parse(scrape(Reading(TWO_WORKERS, ROUTES, RELOADS)))
+    assert samples[S("process_resident_memory_bytes")] > 0
+    assert "process_open_fds" in families and "python_info" in families
+
+
+def test_each_scrape_reads_afresh() -> None:
+    readings = iter([Reading(TWO_WORKERS, ROUTES, RELOADS),
+                     Reading(Snapshot((), Icmp(), generation=8), ROUTES, RELOADS)])
+    reg = registry(lambda: next(readings))
+    first, second = (parse(generate_latest(reg).decode())[0] for _ in range(2))
+    assert first[S("ipipfast_table_generation")] == 7 and second[S("ipipfast_table_generation")] == 8
+    assert second[S("ipipfast_packets_total", direction="tx")] == 0
+
+
+SCRAPE = """
+import sys, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy from the environment
+print(opener.open("http://127.0.0.1:9464/metrics", timeout=5).read().decode(), end="")
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces, TUN and AF_PACKET")
+def test_a_live_scrape_parses_and_passes_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    with Testbed(nodes=2, pods_per_node=1) as tb:
+        tunnels = [TunnelProcess(tb, n, {**tb.node_config(n), "stats": {"listen": "127.0.0.1:9464"}})
+                   for n in tb.nodes]
+        try:
+            for t in tunnels:
+                t.wait_ready()
+            a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
+            assert traffic.ping(tb, a, b.ip, count=4, interval=0.01)["received"] == 4
+            ta = tunnels[0]
+            # the scrape comes after the counters show the pings: wait for that state first
+            wait_until(lambda: ta.counters()["rx_packets"] >= 4, what="four decapsulated replies")
+            text = tb.run(tb.nodes[0], [sys.executable, "-c", SCRAPE]).stdout
+            status = ta.status()
+        finally:
+            for t in tunnels:
+                t.stop()
+    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    samples, families = parse(text)
+    assert samples[S("ipipfast_packets_total", direction="tx")] >= 4
+    assert samples[S("ipipfast_dropped_packets_total", direction="rx", reason="unknown_peer")] == 0
+    assert samples[S("ipipfast_routes", source="file", kind="encapsulated")] == 1
+    assert samples[S("ipipfast_routes", source="file", kind="direct")] == 0
+    assert samples[S("ipipfast_table_generation")] == status["generation"] >= 1
+    assert samples[S("ipipfast_reloads_total", result="applied")] == 0
+    assert samples[S("process_resident_memory_bytes")] > 0
+    assert families["ipipfast_packets"][0] == "counter"
