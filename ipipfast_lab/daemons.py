@@ -5,7 +5,6 @@ of sleeping."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -69,13 +68,12 @@ class TunnelProcess:
 
     def __init__(self, tb: Testbed, node: Node, config: dict[str, Any], verbose: bool = False,
                  cwd: str | Path | None = None, args: Sequence[str] = (), wrapper: Sequence[str] = (),
-                 env: dict[str, str] | None = None, log_format: str = "text", owner: int | None = None) -> None:
+                 env: dict[str, str] | None = None, log_format: str = "text") -> None:
         """cwd: where the daemon starts, so `python -m ipipfast` imports the
         checkout there first (bench.ab runs another revision's build so);
         args: more options for `ipipfast run` (e.g. --remove-device);
         wrapper: a command it runs under (e.g. setpriv with fewer privileges);
-        env: its whole environment (default: ours); owner: a uid (and gid)
-        given the daemon's directory first, for one run as that user."""
+        env: its whole environment (default: ours)."""
         self.tb, self.node = tb, node
         self.dir = Path(tempfile.mkdtemp(prefix=f"{tb.prefix}-n{node.index}-"))
         self.config_path = self.dir / "node.yaml"
@@ -85,9 +83,6 @@ class TunnelProcess:
         tunnel = config.get("tunnel", {}).get("name", TunnelConfig.name)
         self.socket_path = control.socket_path(tunnel, tb.run_dir(node))
         self.write_config(config)
-        if owner is not None:
-            for path in (self.dir, self.config_path):
-                os.chown(path, owner, owner)
         argv = [*wrapper, sys.executable, "-m", "ipipfast", *(["-v"] if verbose else []),
                 *(["--log-format", log_format] if log_format != "text" else []), "run",
                 "--config", str(self.config_path), "--status-file", str(self.status_path), *args]
@@ -148,9 +143,6 @@ class TunnelProcess:
             self.config_path.write_text(config)
         else:
             self.write_config(config)
-        if owner is not None:
-            for path in (self.dir, self.config_path):
-                os.chown(path, owner, owner)
         self.proc.send_signal(signal.SIGHUP)
 
         def answered() -> dict[str, Any] | None:
