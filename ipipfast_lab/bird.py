@@ -3,11 +3,14 @@ routes into ipipfast's TUN as Calico's BIRD programs tunl0.
 
 Calico's fork writes `<block> via <node> dev tunl0 proto bird onlink` through
 its own `krt_tunnel` attribute, set in the kernel protocol's export filter.
-Stock BIRD 2 says the same with three route attributes, in that order:
-`onlink = true` (flags the next hop), `ifname = "<tun>"` (an interface BIRD's
-device protocol knows: the TUN must exist first) and `gw = bgp_next_hop` (an
-on-link next hop on that interface; without onlink BIRD refuses a gateway
-outside the interface's prefixes). They go where krt_tunnel goes, the kernel
+Stock BIRD 2 says the same with three route attributes: `onlink = true`
+(flags the next hop) and `ifname = "<tun>"` (an interface BIRD's device
+protocol knows: the TUN must exist first), then `gw = bgp_next_hop`, last
+because setting ifname clears the gateway. With the onlink flag, gw is taken
+on that interface as it is; without it BIRD looks the address up on every
+interface and finds it on the underlay: the route then lands silently as
+`via <node> dev <underlay>`, the failure of Calico's fork without a tunl0
+(projectcalico/bird#22). They go where krt_tunnel goes, the kernel
 export filter: BIRD's table keeps the BGP route as learned, and a route once
 installed that the kernel lost (its TUN went and came back) goes through the
 filter again at the next kernel scan. A route the filter refused because the
@@ -124,7 +127,7 @@ protocol static pods {{
   route {node.pod_cidr} blackhole;
 }}
 
-# Calico's krt_tunnel, in stock BIRD: onlink first, then the interface, then the gateway.
+# Calico's krt_tunnel in stock BIRD: gw last (ifname clears it), on-link (else it lands on the underlay).
 filter kernel_programming {{
   if proto = "pods" then accept;
   if source != RTS_BGP then reject;
