@@ -62,7 +62,38 @@ def flat_counters(c: Mapping[str, Any]) -> Counters:
     return out
 
 
-class TunnelProcess:
+class NodeProcess:
+    """A daemon inside a node's namespace, its output in a log file."""
+
+    def __init__(self, tb: Testbed, node: Node, argv: list[str], log_path: Path,
+                 cwd: str | Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.tb, self.node, self.log_path = tb, node, log_path
+        self._log = open(log_path, "wb")
+        self._final_log: str | None = None
+        self.proc = tb.popen(node, argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+
+    def log(self) -> str:
+        if self._final_log is not None:
+            return self._final_log
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 10, sig: int = signal.SIGTERM) -> int:
+        """Stops it (SIGTERM: cleanly; SIGKILL: as a crash would; SIGKILL
+        after `timeout` anyway); the log stays readable from log()."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._final_log is None:
+            self._log.close()
+            self._final_log = self.log()
+        return self.proc.returncode
+
+
+class TunnelProcess(NodeProcess):
     """`ipipfast run` inside a node's namespace, with its config and status
     file in a private directory; asked over its control socket."""
 
@@ -74,11 +105,9 @@ class TunnelProcess:
         args: more options for `ipipfast run` (e.g. --remove-device);
         wrapper: a command it runs under (e.g. setpriv with fewer privileges);
         env: its whole environment (default: ours)."""
-        self.tb, self.node = tb, node
         self.dir = Path(tempfile.mkdtemp(prefix=f"{tb.prefix}-n{node.index}-"))
         self.config_path = self.dir / "node.yaml"
         self.status_path = self.dir / "status.json"
-        self.log_path = self.dir / "daemon.log"
         # Where the test process reaches the socket the daemon makes in its /run/ipipfast.
         tunnel = config.get("tunnel", {}).get("name", TunnelConfig.name)
         self.socket_path = control.socket_path(tunnel, tb.run_dir(node))
@@ -86,9 +115,7 @@ class TunnelProcess:
         argv = [*wrapper, sys.executable, "-m", "ipipfast", *(["-v"] if verbose else []),
                 *(["--log-format", log_format] if log_format != "text" else []), "run",
                 "--config", str(self.config_path), "--status-file", str(self.status_path), *args]
-        self._log = open(self.log_path, "wb")
-        self._final_log: str | None = None
-        self.proc = tb.popen(node, argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        super().__init__(tb, node, argv, self.dir / "daemon.log", cwd, env)
 
     def write_config(self, config: dict[str, Any]) -> None:
         self.config_path.write_text(yaml.safe_dump(config))
@@ -153,32 +180,22 @@ class TunnelProcess:
             assert after["generation"] > before["generation"], (before, after)
         return after
 
-    def log(self) -> str:
-        if self._final_log is not None:
-            return self._final_log
-        return self.log_path.read_text(errors="replace")
-
     def stop(self, timeout: float = 10, sig: int = signal.SIGTERM) -> int:
-        """Stops the daemon (SIGTERM: cleanly; SIGKILL: as a crash would)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._final_log is None:
-            self._log.close()
-            self._final_log = self.log()  # kept for the caller; the directory goes
-            shutil.rmtree(self.dir, ignore_errors=True)
-        return self.proc.returncode
+        returncode = super().stop(timeout, sig)
+        shutil.rmtree(self.dir, ignore_errors=True)  # log() keeps the log for the caller
+        return returncode
 
 
-def start_tunnels(tb: Testbed, verbose: bool = False, cwd: str | Path | None = None,
+def start_tunnels(tb: Testbed, verbose: bool = False, cwd: str | Path | None = None, file_routes: bool = True,
                   **tunnel: Any) -> list[TunnelProcess]:
-    """One ipipfast per node, each with routes to every other node; returns
-    once all are up (their status files exist)."""
-    procs = [TunnelProcess(tb, n, tb.node_config(n, **tunnel), verbose, cwd) for n in tb.nodes]
+    """One ipipfast per node, each with routes to every other node (or with
+    `routes: []` if not file_routes: the table then comes from the kernel);
+    returns once all are up (their status files exist)."""
+    configs = [tb.node_config(n, **tunnel) for n in tb.nodes]
+    if not file_routes:
+        for config in configs:
+            config["routes"] = []
+    procs = [TunnelProcess(tb, n, config, verbose, cwd) for n, config in zip(tb.nodes, configs)]
     try:
         for p in procs:
             p.wait_ready()
