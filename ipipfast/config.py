@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from os import PathLike
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from yaml.representer import RepresenterError, SafeRepresenter
@@ -22,6 +24,7 @@ from .routes import DuplicateRouteError, Mode, Route, RouteTable, check_unicast,
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 100k routes compose in seconds, not minutes
 _NULL_TAG = "tag:yaml.org,2002:null"
 _UNSET = object()
+ETCD_TTL = (5, 86_400)  # flannel's leases last 24 h; under 5 s a keep-alive every ttl/3 has no room to retry
 # Integer tunnel keys: (lowest, highest, the value meaning None). 68 is IPv4's minimum
 # MTU, and the outer packet (inner + 20) must fit in 65535.
 _TUNNEL_INTS: dict[str, tuple[int, int, object]] = {
@@ -52,6 +55,7 @@ class ConfigError(ValueError):
 class NodeConfig:
     ip: IPv4Interface  # a bare address means /32: CrossSubnet then finds no peer local
     interface: str
+    pod_cidrs: tuple[IPv4Network, ...] = ()  # this node's pod blocks, registered in etcd
 
 
 @dataclass(frozen=True)
@@ -83,11 +87,40 @@ class StatsConfig:
 
 
 @dataclass(frozen=True)
+class EtcdTLS:
+    ca: str | None = None  # None: the system's CAs verify the server
+    cert: str | None = None  # client certificate and its key, both or neither
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class EtcdEndpoint:
+    scheme: str  # http or https
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """Where the node leases live, in flannel's schema (see ipipfast.etcd)."""
+
+    endpoints: tuple[EtcdEndpoint, ...]
+    prefix: str = "/coreos.com/network"
+    ttl: int = 30  # seconds of this node's lease; kept alive every ttl/3
+    tls: EtcdTLS | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig
     tunnel: TunnelConfig = TunnelConfig()
     stats: StatsConfig = StatsConfig()
     routes: RouteTable = RouteTable()
+    etcd: EtcdConfig | None = None
     # "source:line: text" for things that parse but are probably not meant; log them.
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -271,7 +304,7 @@ class _Reader:
     # -- sections ------------------------------------------------------------
 
     def config(self, root: yaml.Node) -> Config:
-        top = self.mapping(root, "", ("node", "tunnel", "stats", "routes"), required=("node",))
+        top = self.mapping(root, "", ("node", "tunnel", "stats", "routes", "etcd"), required=("node",))
         tunnel = self.tunnel(top.get("tunnel"))
         node = self.node(top["node"], tunnel.mode)
         return Config(
@@ -279,11 +312,12 @@ class _Reader:
             tunnel=tunnel,
             stats=self.stats(top.get("stats")),
             routes=self.routes(top.get("routes"), node),
+            etcd=self.etcd(top.get("etcd")),
             warnings=tuple(self.warnings),
         )
 
     def node(self, section: yaml.Node, mode: Mode) -> NodeConfig:
-        m = self.mapping(section, "node", ("ip", "interface"), required=("ip", "interface"))
+        m = self.mapping(section, "node", ("ip", "interface", "pod_cidrs"), required=("ip", "interface"))
         text = self.string(m["ip"], "node.ip")
         try:
             ip = IPv4Interface(text)
@@ -299,7 +333,35 @@ class _Reader:
                 f"node.ip {text} has no prefix length, so it is /32 and CrossSubnet encapsulates to every peer;"
                 f" give the underlay subnet (e.g. {text}/24) to reach same-subnet peers directly",
             )
-        return NodeConfig(ip=ip, interface=self.ifname(m["interface"], "node.interface"))
+        return NodeConfig(ip=ip, interface=self.ifname(m["interface"], "node.interface"),
+                          pod_cidrs=self.pod_cidrs(m.get("pod_cidrs"), ip))
+
+    def pod_cidrs(self, section: yaml.Node | None, ip: IPv4Interface) -> tuple[IPv4Network, ...]:
+        cidrs: dict[IPv4Network, yaml.Node] = {}
+        for i, item in enumerate(self.sequence(section, "node.pod_cidrs", "CIDRs")):
+            p = f"node.pod_cidrs[{i}]"
+            try:
+                cidr = parse_network(self.string(item, p))
+            except ValueError as e:
+                raise self.error(item, f"{p}: {e}") from None
+            if ip.ip in cidr:
+                raise self.error(item, f"{p}: {cidr} holds this node's own address {ip.ip} (node.ip)")
+            if cidr in cidrs:
+                raise self.error(item, f"{p}: duplicate {cidr} (first on line {_line(cidrs[cidr])})")
+            for other, other_node in cidrs.items():
+                if cidr.overlaps(other):
+                    raise self.error(item, f"{p}: {cidr} overlaps {other} (line {_line(other_node)})")
+            cidrs[cidr] = item
+        return tuple(cidrs)
+
+    def sequence(self, node: yaml.Node | None, path: str, what: str) -> list[yaml.Node]:
+        """The items of a list; an absent or null one is empty."""
+        if _is_null(node):
+            return []
+        assert node is not None
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.error(node, f"{path}: expected a list of {what}, got {self.describe(node, path)}")
+        return list(node.value)
 
     def tunnel(self, section: yaml.Node | None) -> TunnelConfig:
         m = self.mapping(section, "tunnel", [f.name for f in fields(TunnelConfig)])
@@ -359,14 +421,9 @@ class _Reader:
         return StatsConfig(listen=(host, int(port)))
 
     def routes(self, section: yaml.Node | None, node: NodeConfig) -> RouteTable:
-        if _is_null(section):
-            return RouteTable()
-        assert section is not None
-        if not isinstance(section, yaml.SequenceNode):
-            raise self.error(section, f"routes: expected a list of {{cidr, via}}, got {self.describe(section, 'routes')}")
         routes: list[Route] = []
         cidr_nodes: list[yaml.Node] = []
-        for i, item in enumerate(section.value):
+        for i, item in enumerate(self.sequence(section, "routes", "{cidr, via}")):
             p = f"routes[{i}]"
             m = self.mapping(item, p, ("cidr", "via"), required=("cidr", "via"))
             cidr_text, via_text = self.string(m["cidr"], p + ".cidr"), self.string(m["via"], p + ".via")
@@ -395,3 +452,59 @@ class _Reader:
                 f"routes[{e.second_index}]: duplicate route for {e.second.cidr};"
                 f" routes[{e.first_index}]{on_line} already routes it (via {e.first.via})",
             ) from None
+
+    def etcd(self, section: yaml.Node | None) -> EtcdConfig | None:
+        if _is_null(section):
+            return None
+        assert section is not None
+        m = self.mapping(section, "etcd", ("endpoints", "prefix", "ttl", "tls"), required=("endpoints",))
+        endpoints = tuple(self.endpoint(item, f"etcd.endpoints[{i}]")
+                          for i, item in enumerate(self.sequence(m["endpoints"], "etcd.endpoints", "URLs")))
+        if not endpoints:
+            raise self.error(m["endpoints"], "etcd.endpoints: name at least one, e.g. http://198.18.0.1:2379")
+        kw: dict[str, Any] = {}
+        if "prefix" in m:
+            kw["prefix"] = self.etcd_prefix(m["prefix"])
+        if "ttl" in m:
+            kw["ttl"] = self.integer(m["ttl"], "etcd.ttl", *ETCD_TTL)
+        if len({e.scheme for e in endpoints}) > 1:
+            raise self.error(m["endpoints"], "etcd.endpoints: mixes http:// and https://; one cluster speaks one")
+        tls = self.etcd_tls(m.get("tls"))
+        if tls is not None and endpoints[0].scheme != "https":
+            raise self.error(m["tls"], "etcd.tls: needs https:// endpoints; these are http://")
+        return EtcdConfig(endpoints=endpoints, tls=tls, **kw)
+
+    def endpoint(self, node: yaml.Node, path: str) -> EtcdEndpoint:
+        text = self.string(node, path)
+        try:
+            url = urlsplit(text)
+            port = url.port
+        except ValueError as e:
+            raise self.error(node, f"{path}: invalid URL {text!r}: {e}") from None
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise self.error(node, f"{path}: expected http://host:port or https://host:port, got {text!r}")
+        if url.path not in ("", "/") or url.query or url.fragment or url.username or url.password:
+            raise self.error(node, f"{path}: {text!r}: give only scheme, host and port (etcd's API path is found)")
+        return EtcdEndpoint(url.scheme, url.hostname, 2379 if port is None else port)
+
+    def etcd_prefix(self, node: yaml.Node) -> str:
+        prefix = self.string(node, "etcd.prefix")
+        if not prefix.startswith("/") or prefix.endswith("/") or "//" in prefix:
+            meant = "/" + "/".join(p for p in prefix.split("/") if p)
+            hint = f"; did you mean {meant!r}?" if meant != "/" else ""
+            raise self.error(node, f"etcd.prefix: {prefix!r} must start with '/', and not end with one{hint}")
+        return prefix
+
+    def etcd_tls(self, section: yaml.Node | None) -> EtcdTLS | None:
+        m = self.mapping(section, "etcd.tls", ("ca", "cert", "key"))
+        if not m:
+            return None
+        paths: dict[str, str] = {}
+        for key, node in m.items():
+            path = paths[key] = self.string(node, f"etcd.tls.{key}")
+            if not os.access(path, os.R_OK):
+                raise self.error(node, f"etcd.tls.{key}: cannot read {path!r}")
+        if ("cert" in m) != ("key" in m):
+            given, missing = ("cert", "key") if "cert" in m else ("key", "cert")
+            raise self.error(m[given], f"etcd.tls: {given} without {missing}; a client certificate needs both")
+        return EtcdTLS(**paths)

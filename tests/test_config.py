@@ -7,6 +7,9 @@ import yaml
 from ipipfast.config import (
     Config,
     ConfigError,
+    EtcdConfig,
+    EtcdEndpoint,
+    EtcdTLS,
     NodeConfig,
     StatsConfig,
     TunnelConfig,
@@ -78,6 +81,17 @@ GOOD = [
      Config(node=DEFAULT_NODE, routes=routes(("198.19.1.0/24", "198.18.0.11"), ("198.19.9.0/24", "198.18.0.11")))),
     ("host-route", NODE + "routes: [{cidr: 198.19.1.7, via: 198.18.0.11}]\n",
      Config(node=DEFAULT_NODE, routes=routes(("198.19.1.7/32", "198.18.0.11")))),
+    ("etcd", NODE + "  pod_cidrs: [198.19.1.0/24, 198.19.9.0/26]\n"
+     "etcd:\n  endpoints: [http://198.18.0.1:2379, 'http://[fd00::1]', http://etcd.example/]\n"
+     "  prefix: /my/network\n  ttl: 60\n",
+     Config(node=NodeConfig(IPv4Interface("198.18.0.10/24"), "eth0",
+                            (IPv4Network("198.19.1.0/24"), IPv4Network("198.19.9.0/26"))),
+            etcd=EtcdConfig((EtcdEndpoint("http", "198.18.0.1", 2379), EtcdEndpoint("http", "fd00::1", 2379),
+                             EtcdEndpoint("http", "etcd.example", 2379)), "/my/network", 60))),
+    ("etcd-defaults", NODE + "etcd: {endpoints: [http://198.18.0.1:2379]}\n",
+     Config(node=DEFAULT_NODE, etcd=EtcdConfig((EtcdEndpoint("http", "198.18.0.1", 2379),),
+                                               "/coreos.com/network", 30))),
+    ("etcd-null", NODE + "  pod_cidrs:\netcd:\n", Config(node=DEFAULT_NODE)),
 ]
 
 
@@ -153,6 +167,33 @@ BAD = [
     ("via-loopback", NODE + "routes:\n  - cidr: 198.19.1.0/24\n    via: 127.0.0.2\n", 6, "loopback"),
     ("via-inside-cidr", NODE + "routes:\n  - cidr: 198.19.1.0/24\n    via: 198.19.1.1\n", 6, "lies inside the routed CIDR"),
     ("via-self", NODE + "routes:\n  - cidr: 198.19.1.0/24\n    via: 198.18.0.10\n", 6, "this node's own address"),
+    ("pod-cidrs-scalar", NODE + "  pod_cidrs: 198.19.1.0/24\n", 4, "node.pod_cidrs: expected a list of CIDRs"),
+    ("pod-cidr-host-bits", NODE + "  pod_cidrs:\n    - 198.19.1.1/24\n", 5,
+     "node.pod_cidrs[0]: 198.19.1.1/24 has host bits set; did you mean 198.19.1.0/24?"),
+    ("pod-cidr-holds-node", NODE + "  pod_cidrs: [198.18.0.0/24]\n", 4, "holds this node's own address 198.18.0.10"),
+    ("pod-cidr-duplicate", NODE + "  pod_cidrs:\n    - 198.19.1.0/24\n    - 198.19.1.0/24\n", 6,
+     "node.pod_cidrs[1]: duplicate 198.19.1.0/24 (first on line 5)"),
+    ("pod-cidr-overlap", NODE + "  pod_cidrs:\n    - 198.19.0.0/16\n    - 198.19.1.0/24\n", 6,
+     "node.pod_cidrs[1]: 198.19.1.0/24 overlaps 198.19.0.0/16 (line 5)"),
+    ("etcd-no-endpoints-key", NODE + "etcd:\n  ttl: 30\n", 5, "missing required key 'endpoints' in etcd"),
+    ("etcd-no-endpoints", NODE + "etcd:\n  endpoints: []\n", 5, "etcd.endpoints: name at least one"),
+    ("etcd-endpoint-scheme", NODE + "etcd:\n  endpoints:\n    - 198.18.0.1:2379\n", 6,
+     "etcd.endpoints[0]: expected http://host:port or https://host:port, got '198.18.0.1:2379'"),
+    ("etcd-endpoint-path", NODE + "etcd:\n  endpoints: [http://198.18.0.1:2379/v3]\n", 5,
+     "give only scheme, host and port"),
+    ("etcd-endpoint-port", NODE + "etcd:\n  endpoints: ['http://198.18.0.1:99999']\n", 5, "etcd.endpoints[0]: invalid URL"),
+    ("etcd-endpoints-mixed", NODE + "etcd:\n  endpoints: [http://a:2379, https://b:2379]\n", 5,
+     "mixes http:// and https://"),
+    ("etcd-prefix-slash", NODE + "etcd:\n  endpoints: [http://a]\n  prefix: coreos.com/network/\n", 6,
+     "etcd.prefix: 'coreos.com/network/' must start with '/', and not end with one; did you mean '/coreos.com/network'?"),
+    ("etcd-ttl-low", NODE + "etcd:\n  endpoints: [http://a]\n  ttl: 2\n", 6, "etcd.ttl: 2 is out of range 5..86400"),
+    ("etcd-typo", NODE + "etcd:\n  endpoint: [http://a]\n", 5, "did you mean 'endpoints'?"),
+    ("etcd-tls-on-http", NODE + "etcd:\n  endpoints: [http://a]\n  tls: {ca: /dev/null}\n", 6,
+     "etcd.tls: needs https:// endpoints"),
+    ("etcd-tls-unreadable", NODE + "etcd:\n  endpoints: [https://a]\n  tls:\n    ca: /nonexistent/ca.pem\n", 7,
+     "etcd.tls.ca: cannot read '/nonexistent/ca.pem'"),
+    ("etcd-tls-cert-alone", NODE + "etcd:\n  endpoints: [https://a]\n  tls:\n    cert: /dev/null\n", 7,
+     "etcd.tls: cert without key"),
     ("duplicate-route", NODE + "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\n"
      "  - {cidr: 198.19.2.0/24, via: 198.18.0.11}\n  - {cidr: 198.19.1.0/24, via: 198.18.0.12}\n",
      7, "routes[2]: duplicate route for 198.19.1.0/24; routes[0] on line 5 already routes it"),
@@ -173,6 +214,17 @@ def test_empty_config_has_no_line() -> None:
         parse_config("# only a comment\n", "c.yaml")
     assert e.value.line is None
     assert str(e.value) == "c.yaml: the config is empty; it needs at least node.ip and node.interface"
+
+
+def test_etcd_tls(tmp_path: Path) -> None:
+    for name in ("ca.pem", "node.pem", "node-key.pem"):
+        (tmp_path / name).write_text("")
+    text = NODE + f"etcd:\n  endpoints: [https://198.18.0.1:2379]\n  tls:\n    ca: {tmp_path}/ca.pem\n" \
+        f"    cert: {tmp_path}/node.pem\n    key: {tmp_path}/node-key.pem\n"
+    assert parse_config(text).etcd == EtcdConfig(
+        (EtcdEndpoint("https", "198.18.0.1", 2379),),
+        tls=EtcdTLS(f"{tmp_path}/ca.pem", f"{tmp_path}/node.pem", f"{tmp_path}/node-key.pem"))
+    assert str(EtcdEndpoint("https", "fd00::1", 2379)) == "https://[fd00::1]:2379"
 
 
 def test_config_error_is_a_value_error() -> None:
