@@ -8,7 +8,10 @@ removed at teardown, whatever happened before.
 Two underlays:
 
 - "l2" (default): one shared subnet, 198.18.0.0/24, node i at 198.18.0.(10+i):
-  a veth pair for two nodes, a bridge in `{prefix}-ul` for more.
+  a veth pair for two nodes, a bridge in `{prefix}-ul` for more. With
+  `control_plane`, a host namespace `{prefix}-cp` at 198.18.0.2 sits on the
+  bridge too (then always there, even for two nodes): where a datastore such
+  as etcd runs; `control_plane_link(False)` cuts it off (a silent partition).
 - "routed": every underlay subnet 198.18.X.0/24 sits behind a router namespace
   `{prefix}-rt` (ip_forward=1) that owns 198.18.X.1, the default gateway of the
   nodes in it. By default node i is alone in subnet X = i+1; `subnets` picks X
@@ -56,6 +59,7 @@ from ipipfast.control import RUN_DIR
 
 POD_GATEWAY = "169.254.1.1"
 UNDERLAY_GATEWAY = "198.18.0.1"
+CONTROL_PLANE_IP = "198.18.0.2"
 UNDERLAY_PREFIXLEN = 24
 UNDERLAYS = ("l2", "routed")
 ROUTE_METRIC = 100
@@ -167,6 +171,7 @@ class Testbed:
         underlay: str = "l2",
         router_mtu: int | None = None,
         subnets: list[int] | None = None,
+        control_plane: bool = False,
     ) -> None:
         if not 2 <= nodes <= 200 or not 1 <= pods_per_node <= 200:
             raise ValueError("need 2..200 nodes and 1..200 pods per node")
@@ -176,6 +181,8 @@ class Testbed:
             raise ValueError(f"underlay must be 'l2' or 'routed', not {underlay!r}")
         if underlay != "routed" and (router_mtu is not None or subnets is not None):
             raise ValueError("router_mtu and subnets need underlay='routed'")
+        if control_plane and underlay != "l2":
+            raise ValueError("control_plane needs underlay='l2'")
         if router_mtu is not None and not 576 <= router_mtu <= underlay_mtu:
             raise ValueError(f"router_mtu must be 576..underlay_mtu ({underlay_mtu}), not {router_mtu}")
         if subnets is not None and (len(subnets) != nodes or not all(0 <= x <= 255 for x in subnets)):
@@ -191,6 +198,8 @@ class Testbed:
         # Routed underlay: the router namespace and its interface on each subnet X.
         self.router: str | None = None
         self.router_links: dict[int, str] = {}
+        self.want_control_plane = control_plane
+        self.control_plane: str | None = None  # its namespace, once built
         self.nodes: list[Node] = []
         self.namespaces: list[str] = []  # creation order
         self._ipr: dict[str, IPRoute] = {}
@@ -241,6 +250,7 @@ class Testbed:
             if os.path.exists(os.path.join(NETNS_RUN_DIR, name)):
                 netns.remove(name)
         self.namespaces.clear()
+        self.control_plane = None
         self._plain.clear()
         self._router_plain.clear()
         if self._run_root is not None:
@@ -343,7 +353,7 @@ class Testbed:
 
     def _build_l2(self) -> None:
         p = self.prefix
-        bridged = self.n_nodes > 2
+        bridged = self.n_nodes > 2 or self.want_control_plane
         self.nodes = []
         if bridged:
             ul = self._netns(f"{p}-ul", {"net.ipv4.ip_forward": "0"})
@@ -362,6 +372,16 @@ class Testbed:
                 ipr.link("set", index=ipr.link_lookup(ifname=f"{p}b{i}")[0], master=br, state="up")
             elif i == 1:
                 self._veth(self.nodes[0].name, self.nodes[0].interface, node.name, node.interface, self.underlay_mtu)
+
+        if self.want_control_plane:
+            self.control_plane = cp = self._netns(f"{p}-cp", {"net.ipv4.ip_forward": "0"})
+            self._veth(ul, f"{p}bcp", cp, f"{p}cp", self.underlay_mtu)
+            ipr = self.ipr(ul)
+            ipr.link("set", index=ipr.link_lookup(ifname=f"{p}bcp")[0], master=br, state="up")
+            ipr = self.ipr(cp)
+            idx = ipr.link_lookup(ifname=f"{p}cp")[0]
+            ipr.addr("add", index=idx, address=CONTROL_PLANE_IP, prefixlen=UNDERLAY_PREFIXLEN)
+            ipr.link("set", index=idx, state="up")
 
         if bridged and self.profile == "wire":
             self.in_netns(ul, _offloads_off, [f"{p}b{i}" for i in range(self.n_nodes)])
@@ -451,6 +471,16 @@ class Testbed:
         ipr = self.ipr(self.router)
         nx = ipr.link_lookup(ifname=f"{self.prefix}nx")[0]
         ipr.route("del" if remove else "add", dst=str(net), oif=nx, scope=_SCOPE_LINK)
+
+    # -- control plane -----------------------------------------------------------
+
+    def control_plane_link(self, up: bool) -> None:
+        """Connects (up) or cuts off the control-plane host at its bridge port:
+        its packets are dropped there, nobody is told (no RST, no ICMP)."""
+        if self.control_plane is None:
+            raise RuntimeError("control_plane_link needs Testbed(control_plane=True)")
+        ipr = self.ipr(f"{self.prefix}-ul")
+        ipr.link("set", index=ipr.link_lookup(ifname=f"{self.prefix}bcp")[0], state="up" if up else "down")
 
     # -- helpers ---------------------------------------------------------------
 

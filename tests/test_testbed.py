@@ -12,7 +12,7 @@ import pytest
 from pyroute2 import IPRoute, netns
 
 from ipipfast_lab import traffic
-from ipipfast_lab.testbed import BLACKHOLE_METRIC, POD_GATEWAY, ROUTE_METRIC, NsRef, Testbed
+from ipipfast_lab.testbed import BLACKHOLE_METRIC, CONTROL_PLANE_IP, POD_GATEWAY, ROUTE_METRIC, NsRef, Testbed
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
@@ -180,6 +180,22 @@ def gateways(tb: Testbed, ns: NsRef) -> dict[str, tuple[str, int]]:
             if r.get("gateway") and r["dst_len"] and r["type"] == 1}
 
 
+def test_control_plane_host() -> None:
+    with Testbed(nodes=2, control_plane=True) as bed:
+        cp = bed.control_plane
+        assert cp == f"{bed.prefix}-cp" and sorted(leftovers(bed.prefix)) == sorted(bed.namespaces)
+        addrs = [a.get_attr("IFA_ADDRESS") for a in bed.ipr(cp).get_addr(label=f"{bed.prefix}cp")]
+        assert addrs == [CONTROL_PLANE_IP]
+        for node in bed.nodes:  # on the nodes' own subnet, through the bridge
+            assert traffic.ping(bed, node, CONTROL_PLANE_IP, count=3)["received"] == 3
+        assert traffic.ping(bed, bed.nodes[0], bed.nodes[1].ip, count=3)["received"] == 3
+        bed.control_plane_link(False)
+        assert traffic.ping(bed, bed.nodes[0], CONTROL_PLANE_IP, count=3, timeout=0.3)["received"] == 0
+        bed.control_plane_link(True)
+        assert traffic.ping(bed, bed.nodes[0], CONTROL_PLANE_IP, count=3)["received"] == 3
+    assert leftovers(bed.prefix) == [] and bed.control_plane is None
+
+
 @pytest.fixture(scope="module")
 def routed() -> Iterator[Testbed]:
     with Testbed(nodes=2, underlay="routed", router_mtu=1400, pod_mtu=1500) as bed:
@@ -189,7 +205,7 @@ def routed() -> Iterator[Testbed]:
 def test_bad_underlay_arguments() -> None:
     for kw in ({"underlay": "l3"}, {"router_mtu": 1400}, {"subnets": [1, 2]},
                {"underlay": "routed", "router_mtu": 1600}, {"underlay": "routed", "subnets": [1]},
-               {"underlay": "routed", "subnets": [1, 256]}):
+               {"underlay": "routed", "subnets": [1, 256]}, {"underlay": "routed", "control_plane": True}):
         with pytest.raises(ValueError):
             Testbed(**kw)
 
