@@ -1,0 +1,246 @@
+"""A real etcd on the testbed's control-plane host, and etcd sources on its
+nodes, as real processes.
+
+EtcdServer runs Debian's `etcd` (3.4) in the `{prefix}-cp` namespace, on
+198.18.0.2 only, with its data in a private temporary directory; stop() and
+start() keep that data, close() removes it. etcdctl() runs `etcdctl` there
+(for leases written by hand, compaction, the oracle's reads).
+
+SourceProcess runs `python -m ipipfast_lab.etcd source` in a node's
+namespace: an EtcdSource alone (no tunnel), which writes its routes, status
+and counters as JSON to a file whenever they change, for tests to wait on.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ipipfast.config import load_config
+from ipipfast.etcd import EtcdSource
+
+from .testbed import CONTROL_PLANE_IP, Node, Testbed
+
+CLIENT_PORT, PEER_PORT = 2379, 2380
+SNAPSHOT_INTERVAL = 0.05  # seconds between the source process's looks at its state
+
+
+class EtcdServer:
+    """One etcd member on the control-plane host; a context manager (start, close)."""
+
+    def __init__(self, tb: Testbed) -> None:
+        if tb.control_plane is None:
+            raise ValueError("EtcdServer needs Testbed(control_plane=True)")
+        self.tb, self.host = tb, tb.control_plane
+        self.endpoint = f"http://{CONTROL_PLANE_IP}:{CLIENT_PORT}"
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{tb.prefix}-etcd-"))
+        self.log_path = self.dir / "etcd.log"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> EtcdServer:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self, timeout: float = 30) -> None:
+        """Starts etcd (on the data it has, if any) and waits until it serves."""
+        peer = f"http://{CONTROL_PLANE_IP}:{PEER_PORT}"
+        argv = ["etcd", "--name", "cp", "--data-dir", str(self.dir / "data"),
+                "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"cp={peer}", "--logger", "zap"]
+        with open(self.log_path, "ab") as log:
+            self.proc = self.tb.popen(self.host, argv, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while self.etcdctl("endpoint", "health", check=False).returncode != 0:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"etcd exited {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"etcd not healthy after {timeout}s:\n{self.log()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stops etcd (SIGTERM, then SIGKILL); its data stays for start()."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def etcdctl(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+        """`etcdctl --endpoints=<ours> <args>` on the control-plane host."""
+        return self.tb.run(self.host, ["etcdctl", f"--endpoints={self.endpoint}", "--command-timeout=5s", *args],
+                           check=check, timeout=timeout)
+
+    def get(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """Key -> {"value" (text), "lease", "mod_revision", ...} under `prefix`, read by etcdctl."""
+        out = json.loads(self.etcdctl("get", "--prefix", prefix, "-w", "json").stdout)
+        return {_unb64(kv["key"]): {**kv, "key": _unb64(kv["key"]), "value": _unb64(kv.get("value", "")),
+                                    "lease": int(kv.get("lease", 0))} for kv in out.get("kvs", [])}
+
+    def revision(self) -> int:
+        return int(json.loads(self.etcdctl("get", "/", "-w", "json").stdout)["header"]["revision"])
+
+    def lease_grant(self, ttl: int) -> int:
+        out = self.etcdctl("lease", "grant", str(ttl)).stdout  # "lease 694d7a3b5e0d2a0b granted with TTL(30s)"
+        return int(out.split()[1], 16)
+
+    def lease(self, lease: int) -> tuple[int, int, list[str]]:
+        """(granted TTL, remaining TTL, its keys) as etcdctl reports them; the
+        remaining TTL is -1 for a lease etcd does not have."""
+        out = json.loads(self.etcdctl("lease", "timetolive", f"{lease:x}", "--keys", "-w", "json").stdout)
+        return int(out.get("granted-ttl", 0)), int(out.get("ttl", -1)), [_unb64(k) for k in out.get("keys") or ()]
+
+
+def _unb64(text: str) -> str:
+    return base64.b64decode(text).decode()
+
+
+class SourceProcess:
+    """An EtcdSource alone in a node's namespace, writing its snapshot to a file."""
+
+    def __init__(self, tb: Testbed, node: Node, server: EtcdServer, pod_cidrs: Sequence[str] = (),
+                 prefix: str = "/coreos.com/network", ttl: int = 30, ip: str | None = None) -> None:
+        """ip: the PublicIP it registers (the node's own by default)."""
+        self.tb, self.node = tb, node
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{tb.prefix}-n{node.index}-etcd-"))
+        self.snapshot_path = self.dir / "snapshot.json"
+        self.log_path = self.dir / "source.log"
+        config = {
+            "node": {"ip": f"{ip or node.ip}/{node.prefixlen}", "interface": node.interface,
+                     "pod_cidrs": list(pod_cidrs)},
+            "etcd": {"endpoints": [server.endpoint], "prefix": prefix, "ttl": ttl},
+        }
+        config_path = self.dir / "node.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        self._log = open(self.log_path, "wb")
+        self.proc = tb.popen(node, [sys.executable, "-m", "ipipfast_lab.etcd", "source", "--config",
+                                    str(config_path), "--snapshot", str(self.snapshot_path)],
+                             stdout=self._log, stderr=subprocess.STDOUT)
+
+    def snapshot(self) -> dict[str, Any]:
+        """{"routes": {cidr: {"via", "key", "mod_revision"}}, "status": ..., "counters": ...,
+        "changes": on_change() calls}; empty until the first write."""
+        try:
+            return json.loads(self.snapshot_path.read_text())
+        except FileNotFoundError:
+            return {}
+
+    def wait_for(self, what: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30) -> dict[str, Any]:
+        """The first snapshot for which predicate holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            snap = self.snapshot()
+            if snap and predicate(snap):
+                return snap
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"source on {self.node.name} exited {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"source on {self.node.name}: not {what} after {timeout}s; last snapshot "
+                                   f"{json.dumps(snap, indent=1)}\n{self.log()}")
+            time.sleep(SNAPSHOT_INTERVAL)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL: nothing is cleaned up, as when a node dies."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> str:
+        """SIGTERM (SIGKILL if it lingers); removes its directory, returns its log."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        text = self.log()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return text
+
+
+# ---- the source process ----------------------------------------------------------------
+
+
+def _snapshot(source: EtcdSource, changes: int) -> dict[str, Any]:
+    return {
+        "routes": {str(r.route.cidr): {"via": str(r.route.via), "key": r.key, "mod_revision": r.mod_revision}
+                   for r in sorted(source.routes(), key=lambda r: r.route)},
+        "status": source.status(),
+        "counters": source.counters(),
+        "changes": changes,
+    }
+
+
+def run_source(config_path: str, snapshot_path: str) -> int:
+    logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(threadName)s %(levelname)s %(message)s")
+    logging.getLogger("urllib3").setLevel(logging.INFO)  # a line per request otherwise
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    changes = 0
+
+    def changed() -> None:
+        nonlocal changes
+        changes += 1
+
+    source = EtcdSource.from_config(load_config(config_path), on_change=changed)
+    source.start()
+    out, tmp = Path(snapshot_path), Path(snapshot_path + ".tmp")
+    last = ""
+    try:
+        while not stopping.wait(SNAPSHOT_INTERVAL):
+            text = json.dumps(_snapshot(source, changes), sort_keys=True)
+            if text != last:
+                tmp.write_text(text)
+                tmp.replace(out)
+                last = text
+    finally:
+        source.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ipipfast_lab.etcd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("source", help="run an etcd source alone, writing its snapshot as it changes")
+    p.add_argument("--config", required=True, help="a node config with an etcd section")
+    p.add_argument("--snapshot", required=True, help="where to write the JSON snapshot")
+    args = parser.parse_args(argv)
+    return run_source(args.config, args.snapshot)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
