@@ -18,10 +18,10 @@ A key attached to a lease goes when the lease expires; a key without one (a
 flannel reservation) stays until deleted.
 
 The client is etcd3gw: etcd's v3 JSON gateway over HTTP (no gRPC, no
-protobuf), on every etcd from 3.3 (/v3beta) on (/v3). Its unary calls carry
-registration and the lease; the watch stream is read here, because its watch
-helper neither reports a watch that etcd cancelled for compaction nor a stream
-that broke, and its range helper drops the revision a watch resumes from.
+protobuf), at /v3/ (etcd 3.4 on). Its unary calls carry registration and the
+lease; the watch stream is read here, because its watch helper neither
+reports a watch that etcd cancelled for compaction nor a stream that broke,
+and its range helper drops the revision a watch resumes from.
 
 Two threads. The lease thread grants the lease, claims each pod CIDR with a
 transaction conditioned on Version(key) == 0 (or on the key already holding
@@ -60,6 +60,7 @@ from .routes import Route, parse_address, parse_network
 log = logging.getLogger(__name__)
 
 BACKEND = "ipip"
+API_PATH = "/v3/"  # the JSON gateway's, etcd 3.4 on (3.4 also serves /v3beta/, which 3.5 dropped)
 RETRY_FIRST = 0.1  # seconds before the first retry; doubled per failure...
 RETRY_CAP = 5.0  # ...up to this (flannel's watch uses the same two)
 REQUEST_TIMEOUT_CAP = 5.0  # seconds; a request also gets at most half the keep-alive interval
@@ -143,15 +144,21 @@ class _Backoff:
 
 
 class _Api:
-    """One thread's HTTP connection to the cluster; after a failure, the next endpoint."""
+    """One thread's HTTP connection to the cluster; after a failure, the next endpoint.
+
+    The CA goes with every request: requests lets REQUESTS_CA_BUNDLE (or
+    CURL_CA_BUNDLE) from the environment override a session's own CA. The
+    API path is /v3/, etcd's since 3.4, rather than found by a request to
+    /version that would not carry it."""
 
     def __init__(self, config: EtcdConfig, timeout: float) -> None:
         tls = config.tls or EtcdTLS()
         self.endpoints = config.endpoints
         self.timeout = timeout
+        self._verify: str | bool = tls.ca or True
         self._clients = [
             etcd3gw.Etcd3Client(host=e.host, port=e.port, protocol=e.scheme, ca_cert=tls.ca,
-                                cert_cert=tls.cert, cert_key=tls.key, timeout=timeout)
+                                cert_cert=tls.cert, cert_key=tls.key, timeout=timeout, api_path=API_PATH)
             for e in config.endpoints
         ]
         self._i = 0
@@ -169,7 +176,7 @@ class _Api:
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         client = self._clients[self._i]
         try:
-            return client.post(client.get_url(path), json=body)
+            return client.post(client.get_url(path), json=body, verify=self._verify)
         except (Etcd3Exception, requests.RequestException, ValueError) as e:
             raise self._fail(path.strip("/"), e) from e
 
@@ -177,7 +184,8 @@ class _Api:
         """A streaming POST; its reads block until data, the stream's end or close_stream()."""
         client = self._clients[self._i]
         try:
-            resp = client.session.post(client.get_url(path), json=body, stream=True, timeout=(self.timeout, None))
+            resp = client.session.post(client.get_url(path), json=body, stream=True, verify=self._verify,
+                                       timeout=(self.timeout, None))
         except (Etcd3Exception, requests.RequestException) as e:
             raise self._fail(path.strip("/"), e) from e
         if resp.status_code != 200:

@@ -4,7 +4,9 @@ nodes, as real processes.
 EtcdServer runs Debian's `etcd` (3.4) in the `{prefix}-cp` namespace, on
 198.18.0.2 only, with its data in a private temporary directory; stop() and
 start() keep that data, close() removes it. etcdctl() runs `etcdctl` there
-(for leases written by hand, compaction, the oracle's reads).
+(for leases written by hand, compaction, the oracle's reads). With tls=True
+it serves https only to clients with a certificate of its own throwaway CA
+(made by openssl in that directory), as a production etcd does.
 
 SourceProcess runs `python -m ipipfast_lab.etcd source` in a node's
 namespace: an EtcdSource alone (no tunnel), which writes its routes, status
@@ -41,14 +43,47 @@ SNAPSHOT_INTERVAL = 0.05  # seconds between the source process's looks at its st
 class EtcdServer:
     """One etcd member on the control-plane host; a context manager (start, close)."""
 
-    def __init__(self, tb: Testbed) -> None:
+    def __init__(self, tb: Testbed, tls: bool = False) -> None:
         if tb.control_plane is None:
             raise ValueError("EtcdServer needs Testbed(control_plane=True)")
         self.tb, self.host = tb, tb.control_plane
-        self.endpoint = f"http://{CONTROL_PLANE_IP}:{CLIENT_PORT}"
+        self.endpoint = f"{'https' if tls else 'http'}://{CONTROL_PLANE_IP}:{CLIENT_PORT}"
         self.dir = Path(tempfile.mkdtemp(prefix=f"{tb.prefix}-etcd-"))
         self.log_path = self.dir / "etcd.log"
         self.proc: subprocess.Popen | None = None
+        # The client's files, as the config's etcd.tls takes them; None without TLS.
+        self.client_tls: dict[str, str] | None = None
+        self._server_flags: list[str] = []
+        self._client_flags: list[str] = []
+        if tls:
+            try:
+                self._make_pki(self.dir / "pki")
+            except BaseException:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise
+
+    def _make_pki(self, pki: Path) -> None:
+        pki.mkdir()
+
+        def openssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], cwd=pki, check=True, capture_output=True)
+
+        key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=lab-ca")
+        # The server's certificate is a client's too: etcd's JSON gateway calls etcd's gRPC
+        # with it, and client-cert-auth refuses it without clientAuth ("incompatible key usage").
+        for name, ext in (("server", f"subjectAltName=IP:{CONTROL_PLANE_IP}\n"
+                                     "extendedKeyUsage=serverAuth,clientAuth"),
+                          ("client", "extendedKeyUsage=clientAuth")):
+            (pki / f"{name}.ext").write_text(ext + "\n")
+            openssl("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=lab-{name}")
+            openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                    "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+        self.client_tls = {"ca": str(pki / "ca.pem"), "cert": str(pki / "client.pem"), "key": str(pki / "client.key")}
+        self._server_flags = ["--cert-file", str(pki / "server.pem"), "--key-file", str(pki / "server.key"),
+                              "--trusted-ca-file", str(pki / "ca.pem"), "--client-cert-auth"]
+        self._client_flags = [f"--cacert={pki / 'ca.pem'}", f"--cert={pki / 'client.pem'}",
+                              f"--key={pki / 'client.key'}"]
 
     def __enter__(self) -> EtcdServer:
         try:
@@ -67,7 +102,7 @@ class EtcdServer:
         argv = ["etcd", "--name", "cp", "--data-dir", str(self.dir / "data"),
                 "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"cp={peer}", "--logger", "zap"]
+                "--initial-cluster", f"cp={peer}", "--logger", "zap", *self._server_flags]
         with open(self.log_path, "ab") as log:
             self.proc = self.tb.popen(self.host, argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -98,8 +133,8 @@ class EtcdServer:
 
     def etcdctl(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
         """`etcdctl --endpoints=<ours> <args>` on the control-plane host."""
-        return self.tb.run(self.host, ["etcdctl", f"--endpoints={self.endpoint}", "--command-timeout=5s", *args],
-                           check=check, timeout=timeout)
+        return self.tb.run(self.host, ["etcdctl", f"--endpoints={self.endpoint}", "--command-timeout=5s",
+                                       *self._client_flags, *args], check=check, timeout=timeout)
 
     def get(self, prefix: str) -> dict[str, dict[str, Any]]:
         """Key -> {"value" (text), "lease", "mod_revision", ...} under `prefix`, read by etcdctl."""
@@ -129,16 +164,16 @@ class SourceProcess:
     """An EtcdSource alone in a node's namespace, writing its snapshot to a file."""
 
     def __init__(self, tb: Testbed, node: Node, server: EtcdServer, pod_cidrs: Sequence[str] = (),
-                 prefix: str = "/coreos.com/network", ttl: int = 30, ip: str | None = None) -> None:
-        """ip: the PublicIP it registers (the node's own by default)."""
+                 prefix: str = "/coreos.com/network", ttl: int = 30, endpoints: Sequence[str] = ()) -> None:
+        """endpoints: the config's etcd.endpoints (default: the server's alone)."""
         self.tb, self.node = tb, node
         self.dir = Path(tempfile.mkdtemp(prefix=f"{tb.prefix}-n{node.index}-etcd-"))
         self.snapshot_path = self.dir / "snapshot.json"
         self.log_path = self.dir / "source.log"
         config = {
-            "node": {"ip": f"{ip or node.ip}/{node.prefixlen}", "interface": node.interface,
-                     "pod_cidrs": list(pod_cidrs)},
-            "etcd": {"endpoints": [server.endpoint], "prefix": prefix, "ttl": ttl},
+            "node": {"ip": f"{node.ip}/{node.prefixlen}", "interface": node.interface, "pod_cidrs": list(pod_cidrs)},
+            "etcd": {"endpoints": list(endpoints or [server.endpoint]), "prefix": prefix, "ttl": ttl,
+                     "tls": server.client_tls},
         }
         config_path = self.dir / "node.yaml"
         config_path.write_text(yaml.safe_dump(config))

@@ -238,3 +238,26 @@ def test_hand_written_flannel_leases(start: Start, etcd: EtcdServer, prefix: str
     # Their lease revoked: the leased ones go, the reservation stays.
     etcd.etcdctl("lease", "revoke", f"{lease:x}")
     a.wait_for("without them", routes_to({"198.19.53.0/24": "198.18.0.53"}))
+
+
+def test_next_endpoint_after_a_dead_one(start: Start, etcd: EtcdServer, prefix: str) -> None:
+    dead = "http://198.18.0.2:2390"  # the same host, a closed port: refused at once
+    a = start(0, ["198.19.0.0/24"], endpoints=[dead, etcd.endpoint])
+    snap = a.wait_for("registered", registered("198.19.0.0/24"))
+    assert snap["status"]["endpoint"] == etcd.endpoint
+    assert list(subnets(etcd, prefix)) == [f"{prefix}/subnets/198.19.0.0-24"]
+
+
+def test_tls_with_client_certificates() -> None:
+    with Testbed(nodes=2, control_plane=True) as bed, EtcdServer(bed, tls=True) as server:
+        assert server.endpoint.startswith("https://")
+        a = SourceProcess(bed, bed.nodes[0], server, ["198.19.0.0/24"])
+        b = SourceProcess(bed, bed.nodes[1], server, ["198.19.1.0/24"])
+        try:
+            a.wait_for("seeing b", routes_to({"198.19.1.0/24": "198.18.0.11"}))
+            b.wait_for("seeing a", routes_to({"198.19.0.0/24": "198.18.0.10"}))
+            assert sorted(server.get("/coreos.com/network/subnets/")) == [
+                "/coreos.com/network/subnets/198.19.0.0-24", "/coreos.com/network/subnets/198.19.1.0-24"]
+        finally:
+            for p in (a, b):
+                print(f"--- source on {p.node.name}:\n{p.stop()[-4000:]}")
