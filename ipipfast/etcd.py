@@ -616,12 +616,11 @@ class EtcdSource:
                      f"lease {self._lease:x}, {self.config.ttl} s" if how == "lease" else "a reservation")
 
     def _refuse(self, cidr: IPv4Network, message: str) -> None:
+        if self._conflicts.get(cidr) != message:  # only this thread writes it
+            log.error("etcd: %s", message)
         with self._lock:
-            new = self._conflicts.get(cidr) != message
             self._conflicts[cidr] = message
             self._held.pop(cidr, None)
-        if new:
-            log.error("etcd: %s", message)
 
 
 _NONE = _Entry("", 0, 0, None, None)  # a key not in the view

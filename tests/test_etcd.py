@@ -110,7 +110,7 @@ def test_conflicting_cidr_refused_naming_the_holder(start: Start, etcd: EtcdServ
     lease_a = int(a.wait_for("registered", registered("198.19.0.0/24"))["status"]["lease"], 16)
     b = start(1, ["198.19.0.0/24", "198.19.1.0/24"])
     snap = b.wait_for("refused", lambda s: "198.19.0.0/24" in s["status"]["conflicts"]
-                      and "198.19.1.0/24" in s["status"]["registered"])
+                      and "198.19.1.0/24" in s["status"]["registered"] and key in s["status"]["ignored"])
     message = snap["status"]["conflicts"]["198.19.0.0/24"]
     assert f"{key} is held by 198.18.0.10 (lease {lease_a:x})" in message
     assert "198.19.0.0/24" not in snap["status"]["registered"] and snap["routes"] == {}
@@ -119,14 +119,14 @@ def test_conflicting_cidr_refused_naming_the_holder(start: Start, etcd: EtcdServ
     stored = subnets(etcd, prefix)[key]
     assert json.loads(stored["value"])["PublicIP"] == "198.18.0.10" and stored["lease"] == lease_a
 
-    # The holder's lease goes (revoked, as an expiry would): b claims the CIDR,
-    # and a, registering again on a new lease, is the one refused now.
+    # The holder dies and its lease goes (revoked, as its expiry would): b
+    # claims the CIDR, and the holder, back, is the one refused.
+    a.kill()
     etcd.etcdctl("lease", "revoke", f"{lease_a:x}")
-    b.wait_for("holding it", registered("198.19.0.0/24", "198.19.1.0/24"))
-    snap = a.wait_for("refused", lambda s: "198.19.0.0/24" in s["status"]["conflicts"])
-    assert "is held by 198.18.0.11" in snap["status"]["conflicts"]["198.19.0.0/24"]
-    assert snap["counters"]["etcd_lease_expired"] == 1
+    lease_b = int(b.wait_for("holding it", registered("198.19.0.0/24", "198.19.1.0/24"))["status"]["lease"], 16)
     assert json.loads(subnets(etcd, prefix)[key]["value"])["PublicIP"] == "198.18.0.11"
+    snap = start(0, ["198.19.0.0/24"]).wait_for("refused", lambda s: "198.19.0.0/24" in s["status"]["conflicts"])
+    assert f"{key} is held by 198.18.0.11 (lease {lease_b:x})" in snap["status"]["conflicts"]["198.19.0.0/24"]
 
 
 def test_killed_owner_expires_from_the_others_view(start: Start, etcd: EtcdServer, prefix: str) -> None:
