@@ -213,10 +213,14 @@ class _Entry:
     """One key under <prefix>/subnets/, read."""
 
     key: str
-    mod_revision: int
     lease: int
-    route: Route | None  # None: not routed, for `reason` (or this node's own registration)
+    route: EtcdRoute | None  # None: not routed, for `reason` (or this node's own registration)
     reason: str | None
+
+    @property
+    def target(self) -> Route | None:
+        """What routes() would route: a change of it, not of the revision, is a change."""
+        return self.route.route if self.route is not None else None
 
 
 class EtcdSource:
@@ -300,9 +304,10 @@ class EtcdSource:
         by_cidr: dict[IPv4Network, EtcdRoute] = {}
         for e in entries:
             if e.route is not None:
-                first = by_cidr.get(e.route.cidr)
+                cidr = e.route.route.cidr
+                first = by_cidr.get(cidr)
                 if first is None or e.key < first.key:
-                    by_cidr[e.route.cidr] = EtcdRoute(e.route, e.key, e.mod_revision)
+                    by_cidr[cidr] = e.route
         return tuple(by_cidr.values())
 
     def status(self) -> dict[str, Any]:
@@ -313,7 +318,7 @@ class EtcdSource:
             ignored = {e.key: e.reason for e in self._entries.values() if e.reason is not None}
             for e in self._entries.values():
                 if e.route is not None and e.key not in winners:
-                    ignored[e.key] = f"another key already routes {e.route.cidr}"
+                    ignored[e.key] = f"another key already routes {e.route.route.cidr}"
             shown = dict(sorted(ignored.items())[:IGNORED_SHOWN])
             return {
                 "connected": self._connected,
@@ -419,7 +424,7 @@ class EtcdSource:
             for key in self._wanted:
                 self._check_ours(key, entries.get(key))
         log.info("etcd: listed %d keys under %s at revision %d", len(entries), self.subnets, revision)
-        self._changed(any(old.get(k, _NONE).route != e.route for k, e in entries.items())
+        self._changed(any(old.get(k, _NONE).target != e.target for k, e in entries.items())
                       or any(e.route is not None and k not in entries for k, e in old.items()))
 
     def _watch(self, api: _Api) -> bool:
@@ -478,7 +483,7 @@ class EtcdSource:
                     self._entries.pop(key, None)
                 else:
                     new = self._entries[key] = self._entry(kv)
-                changed |= old.route != (new or _NONE).route
+                changed |= old.target != (new or _NONE).target
                 revision = max(revision, int(kv.get("mod_revision", 0)))
                 if key in self._wanted:
                     self._check_ours(key, new)
@@ -509,7 +514,6 @@ class EtcdSource:
 
     def _entry(self, kv: dict[str, Any]) -> _Entry:
         key = self._key_of(kv)
-        mod_revision, lease = int(kv.get("mod_revision", 0)), int(kv.get("lease", 0))
         route, reason = None, None
         try:
             cidr = parse_subnet_key(key[len(self.subnets):])
@@ -522,10 +526,10 @@ class EtcdSource:
             elif cidr in self.pod_cidrs:
                 reason = f"this node's own pod CIDR, held by {ip}"
             else:
-                route = Route(cidr, ip)
+                route = EtcdRoute(Route(cidr, ip), key, int(kv.get("mod_revision", 0)))
         except ValueError as e:
             reason = str(e)
-        return _Entry(key, mod_revision, lease, route, reason)
+        return _Entry(key, int(kv.get("lease", 0)), route, reason)
 
     # ---- the lease thread --------------------------------------------------------------
 
@@ -623,4 +627,4 @@ class EtcdSource:
             self._held.pop(cidr, None)
 
 
-_NONE = _Entry("", 0, 0, None, None)  # a key not in the view
+_NONE = _Entry("", 0, None, None)  # a key not in the view
