@@ -15,7 +15,11 @@ CIDRs. Everything else under the prefix is listed in status()["ignored"] with
 the reason. BackendData is not read (flannel's ipip backend writes none).
 
 A key attached to a lease goes when the lease expires; a key without one (a
-flannel reservation) stays until deleted.
+flannel reservation) stays until deleted. A reservation naming this node is
+held as it is, not moved onto the lease. stop() leaves the lease to expire,
+as flannel does: a node back within its TTL moves its keys to its new lease
+(the others' routes never change), one that stays away leaves the others'
+tables within the TTL.
 
 The client is etcd3gw: etcd's v3 JSON gateway over HTTP (no gRPC, no
 protobuf), at /v3/ (etcd 3.4 on). Its unary calls carry registration and the
@@ -283,8 +287,7 @@ class EtcdSource:
             self._threads.append(t)
 
     def stop(self) -> None:
-        """Stops both threads. The lease is left to expire, as flannel leaves
-        its own: a restart within the TTL takes its keys over."""
+        """Stops both threads; the lease is left to expire (see the module's doc)."""
         self._stopping.set()
         self._wake.set()
         with self._lock:

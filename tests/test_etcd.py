@@ -141,6 +141,22 @@ def test_killed_owner_expires_from_the_others_view(start: Start, etcd: EtcdServe
     assert list(subnets(etcd, prefix)) == [f"{prefix}/subnets/198.19.1.0-24"]
 
 
+def test_restart_takes_over_its_own_key(start: Start, etcd: EtcdServer, prefix: str) -> None:
+    """A node back within its TTL moves its key to its new lease: no gap, no flap."""
+    key = f"{prefix}/subnets/198.19.0.0-24"
+    a, b = start(0, ["198.19.0.0/24"]), start(1, ["198.19.1.0/24"])
+    old = int(a.wait_for("registered", registered("198.19.0.0/24"))["status"]["lease"], 16)
+    changes = b.wait_for("seeing a", routes_to({"198.19.0.0/24": "198.18.0.10"}))["changes"]
+    a.kill()
+    new = int(start(0, ["198.19.0.0/24"]).wait_for("registered", registered("198.19.0.0/24"))["status"]["lease"], 16)
+    assert new != old and subnets(etcd, prefix)[key]["lease"] == new
+    granted, remaining, keys = etcd.lease(old)
+    assert remaining > 0 and keys == []  # the old lease lives on until its TTL, holding nothing
+    snap = b.wait_for("at the new revision", lambda s: s["routes"]["198.19.0.0/24"]["mod_revision"]
+                      == subnets(etcd, prefix)[key]["mod_revision"])
+    assert snap["changes"] == changes  # the route itself never changed
+
+
 def test_etcd_down_keeps_routes_then_resyncs(start: Start, etcd: EtcdServer, prefix: str) -> None:
     a, b = start(0, ["198.19.0.0/24"]), start(1, ["198.19.1.0/24"])
     a.wait_for("seeing b", routes_to({"198.19.1.0/24": "198.18.0.11"}))
