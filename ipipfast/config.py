@@ -421,9 +421,14 @@ class _Reader:
         return StatsConfig(listen=(host, int(port)))
 
     def routes(self, section: yaml.Node | None, node: NodeConfig) -> RouteTable:
+        if _is_null(section):
+            return RouteTable()
+        assert section is not None
+        if not isinstance(section, yaml.SequenceNode):
+            raise self.error(section, f"routes: expected a list of {{cidr, via}}, got {self.describe(section, 'routes')}")
         routes: list[Route] = []
         cidr_nodes: list[yaml.Node] = []
-        for i, item in enumerate(self.sequence(section, "routes", "{cidr, via}")):
+        for i, item in enumerate(section.value):
             p = f"routes[{i}]"
             m = self.mapping(item, p, ("cidr", "via"), required=("cidr", "via"))
             cidr_text, via_text = self.string(m["cidr"], p + ".cidr"), self.string(m["via"], p + ".via")
