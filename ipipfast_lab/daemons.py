@@ -62,6 +62,18 @@ def flat_counters(c: Mapping[str, Any]) -> Counters:
     return out
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10, sig: int = signal.SIGTERM) -> None:
+    """Sends sig (SIGTERM: cleanly; SIGKILL: as a crash would), SIGKILL after
+    `timeout` anyway, and reaps it."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class NodeProcess:
     """A daemon inside a node's namespace, its output in a log file."""
 
@@ -80,13 +92,7 @@ class NodeProcess:
     def stop(self, timeout: float = 10, sig: int = signal.SIGTERM) -> int:
         """Stops it (SIGTERM: cleanly; SIGKILL: as a crash would; SIGKILL
         after `timeout` anyway); the log stays readable from log()."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout, sig)
         if self._final_log is None:
             self._log.close()
             self._final_log = self.log()

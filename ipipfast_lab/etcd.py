@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import yaml
 from ipipfast.config import load_config
 from ipipfast.etcd import EtcdSource
 
+from .daemons import NodeProcess, stop_process, wait_until
 from .testbed import CONTROL_PLANE_IP, Node, Testbed
 
 CLIENT_PORT, PEER_PORT = 2379, 2380
@@ -105,23 +105,21 @@ class EtcdServer:
                 "--initial-cluster", f"cp={peer}", "--logger", "zap", *self._server_flags]
         with open(self.log_path, "ab") as log:
             self.proc = self.tb.popen(self.host, argv, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while self.etcdctl("endpoint", "health", check=False).returncode != 0:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"etcd not healthy after {timeout}s:\n{self.log()}")
-            time.sleep(0.1)
+        proc = self.proc
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"etcd exited {proc.returncode}:\n{self.log()}")
+            return self.etcdctl("endpoint", "health", check=False).returncode == 0
+        try:
+            wait_until(healthy, timeout, "etcd healthy")
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}:\n{self.log()}") from None
 
     def stop(self) -> None:
         """Stops etcd (SIGTERM, then SIGKILL); its data stays for start()."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         self.proc = None
 
     def close(self) -> None:
@@ -160,16 +158,14 @@ def _unb64(text: str) -> str:
     return base64.b64decode(text).decode()
 
 
-class SourceProcess:
+class SourceProcess(NodeProcess):
     """An EtcdSource alone in a node's namespace, writing its snapshot to a file."""
 
     def __init__(self, tb: Testbed, node: Node, server: EtcdServer, pod_cidrs: Sequence[str] = (),
                  prefix: str = "/coreos.com/network", ttl: int = 30, endpoints: Sequence[str] = ()) -> None:
         """endpoints: the config's etcd.endpoints (default: the server's alone)."""
-        self.tb, self.node = tb, node
         self.dir = Path(tempfile.mkdtemp(prefix=f"{tb.prefix}-n{node.index}-etcd-"))
         self.snapshot_path = self.dir / "snapshot.json"
-        self.log_path = self.dir / "source.log"
         config = {
             "node": {"ip": f"{node.ip}/{node.prefixlen}", "interface": node.interface, "pod_cidrs": list(pod_cidrs)},
             "etcd": {"endpoints": list(endpoints or [server.endpoint]), "prefix": prefix, "ttl": ttl,
@@ -177,10 +173,8 @@ class SourceProcess:
         }
         config_path = self.dir / "node.yaml"
         config_path.write_text(yaml.safe_dump(config))
-        self._log = open(self.log_path, "wb")
-        self.proc = tb.popen(node, [sys.executable, "-m", "ipipfast_lab.etcd", "source", "--config",
-                                    str(config_path), "--snapshot", str(self.snapshot_path)],
-                             stdout=self._log, stderr=subprocess.STDOUT)
+        super().__init__(tb, node, [sys.executable, "-m", "ipipfast_lab.etcd", "source", "--config",
+                                    str(config_path), "--snapshot", str(self.snapshot_path)], self.dir / "source.log")
 
     def snapshot(self) -> dict[str, Any]:
         """{"routes": {cidr: {"via", "key", "mod_revision"}}, "status": ..., "counters": ...,
@@ -190,41 +184,23 @@ class SourceProcess:
         except FileNotFoundError:
             return {}
 
-    def wait_for(self, what: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30) -> dict[str, Any]:
-        """The first snapshot for which predicate holds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            snap = self.snapshot()
-            if snap and predicate(snap):
-                return snap
+    def wait_for(self, what: str, holds: Callable[[dict[str, Any]], bool], timeout: float = 30) -> dict[str, Any]:
+        """The first snapshot for which holds(snapshot) is true."""
+        def reached() -> dict[str, Any] | None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"source on {self.node.name} exited {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"source on {self.node.name}: not {what} after {timeout}s; last snapshot "
-                                   f"{json.dumps(snap, indent=1)}\n{self.log()}")
-            time.sleep(SNAPSHOT_INTERVAL)
+            snap = self.snapshot()
+            return snap if snap and holds(snap) else None
+        try:
+            return wait_until(reached, timeout, f"{what} on {self.node.name}")
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; last snapshot {json.dumps(self.snapshot(), indent=1)}\n{self.log()}") from None
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        """SIGKILL: nothing is cleaned up, as when a node dies."""
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self) -> str:
-        """SIGTERM (SIGKILL if it lingers); removes its directory, returns its log."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        text = self.log()
+    def stop(self, timeout: float = 15, sig: int = signal.SIGTERM) -> int:
+        """SIGTERM, or SIGKILL as when a node dies; log() keeps the log, the directory goes."""
+        returncode = super().stop(timeout, sig)
         shutil.rmtree(self.dir, ignore_errors=True)
-        return text
+        return returncode
 
 
 # ---- the source process ----------------------------------------------------------------
