@@ -111,6 +111,7 @@ def _counters_text(answer: dict) -> str:
     i = c["icmp"]
     lines.append(f"  icmp errors: {i['sent']} sent, {i['ratelimited']} rate-limited, {i['relayed']} relayed; "
                  f"{i['pmtu_updates']} path MTU updates")
+    lines.append(f"  tc egress: {c['foreign_ipip']} IPIP packets not ipipfast's (pods') dropped")
     if len(c["workers"]) > 1:
         lines += [f"  worker {n}: tx {w['tx']['packets']} rx {w['rx']['packets']} packets"
                   for n, w in enumerate(c["workers"])]

@@ -58,7 +58,7 @@ def flat_counters(c: Mapping[str, Any]) -> Counters:
     out["tx_gso"], out["rx_gro"] = c["tx"]["offloaded"], c["rx"]["offloaded"]
     i = c["icmp"]
     out.update(icmp_sent=i["sent"], icmp_ratelimited=i["ratelimited"], icmp_relayed=i["relayed"],
-               pmtu_updates=i["pmtu_updates"])
+               pmtu_updates=i["pmtu_updates"], foreign_ipip=c["foreign_ipip"])
     return out
 
 
