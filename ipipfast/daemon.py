@@ -22,7 +22,7 @@ from .config import Config, ConfigError, load_config
 from .control import RUN_DIR, ControlServer, socket_path
 from .counters import Snapshot, to_json
 from .icmp import IcmpErrors
-from .kernel import Kernel, Link, NextHop, ipip_module_loaded
+from .kernel import EventsLost, Kernel, Link, NeighbourEvents, NextHop, ipip_module_loaded
 from .routes import RouteTable
 from .service import Service
 from .tun import open_tun
@@ -156,7 +156,8 @@ class Daemon:
         for i, w in enumerate(workers):
             loops += [(f"encap{i}", partial(w.run_encap, f"ipf-encap{i}")),
                       (f"decap{i}", partial(w.run_decap, f"ipf-decap{i}"))]
-        loops += [("neighbours", self._neighbour_loop), ("status", self._status_loop),
+        loops += [("neighbours", self._neighbour_loop), ("neighbour-events", self._neighbour_event_loop),
+                  ("status", self._status_loop),
                   ("icmp", lambda: self.icmp.run(self.stopping))]
         started: list[threading.Event] = []
         for name, target in loops:
@@ -331,6 +332,9 @@ class Daemon:
             if mac is None:
                 self.kernel.solicit(hop.ip, hop.ifindex)
             macs[peer] = mac
+        self._set_macs(macs, push)
+
+    def _set_macs(self, macs: dict[IPv4Address, bytes | None], push: bool = True) -> None:
         if macs != self.macs:
             for peer, mac in macs.items():
                 if mac != self.macs.get(peer):
@@ -365,6 +369,27 @@ class Daemon:
                         for hop in self.nexthops.values():
                             self.kernel.solicit(hop.ip, hop.ifindex)
                     self._refresh_macs()
+        finally:
+            self.kernel.close_thread()
+
+    def _neighbour_event_loop(self) -> None:
+        """Follows a next hop's new MAC as soon as the kernel learns it (a
+        peer that moved announces itself with a gratuitous ARP), instead of
+        at the next periodic check. Only usable MACs are taken from events:
+        an entry that fails or goes is the periodic check's to handle."""
+        try:
+            with NeighbourEvents() as events:
+                while not self.stopping.is_set():
+                    try:
+                        learned = {(n.ip, n.ifindex): n.mac for n in events.read(timeout=0.2) if n.mac}
+                    except EventsLost:
+                        with self.lock:
+                            self._refresh_macs()
+                        continue
+                    if learned:
+                        with self.lock:
+                            self._set_macs({p: learned.get((h.ip, h.ifindex), self.macs.get(p))
+                                            for p, h in self.nexthops.items()})
         finally:
             self.kernel.close_thread()
 
