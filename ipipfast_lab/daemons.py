@@ -115,6 +115,7 @@ class TunnelProcess(NodeProcess):
         argv = [*wrapper, sys.executable, "-m", "ipipfast", *(["-v"] if verbose else []),
                 *(["--log-format", log_format] if log_format != "text" else []), "run",
                 "--config", str(self.config_path), "--status-file", str(self.status_path), *args]
+        self._final_status: dict[str, Any] | None = None
         super().__init__(tb, node, argv, self.dir / "daemon.log", cwd, env)
 
     def write_config(self, config: dict[str, Any]) -> None:
@@ -137,7 +138,7 @@ class TunnelProcess(NodeProcess):
         """The daemon's status now; once it has exited, its status file's last word."""
         if self.proc.poll() is None:
             return self.request("status")
-        return json.loads(self.status_path.read_text())
+        return self._final_status or json.loads(self.status_path.read_text())
 
     def counters(self) -> Counters:
         return flat_counters(self.status()["counters"])
@@ -182,7 +183,9 @@ class TunnelProcess(NodeProcess):
 
     def stop(self, timeout: float = 10, sig: int = signal.SIGTERM) -> int:
         returncode = super().stop(timeout, sig)
-        shutil.rmtree(self.dir, ignore_errors=True)  # log() keeps the log for the caller
+        if self._final_status is None and self.status_path.exists():  # kept for status(), as log() keeps the log
+            self._final_status = json.loads(self.status_path.read_text())
+        shutil.rmtree(self.dir, ignore_errors=True)
         return returncode
 
 
