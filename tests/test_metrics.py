@@ -165,6 +165,7 @@ def test_a_live_scrape_parses_and_passes_promtool() -> None:
     samples, families = parse(text)
     assert samples[S("ipipfast_packets_total", direction="tx")] >= 4
     assert samples[S("ipipfast_dropped_packets_total", direction="rx", reason="unknown_peer")] == 0
+    assert samples[S("ipipfast_foreign_ipip_dropped_packets_total")] == 0  # the tunnel's own frames pass
     assert samples[S("ipipfast_routes", source="file", kind="encapsulated")] == 1
     assert samples[S("ipipfast_routes", source="file", kind="direct")] == 0
     assert samples[S("ipipfast_table_generation")] == status["generation"] >= 1
