@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="the node's YAML config (names the TUN and the underlay)")
 
     show.add_parser(sub)
+    p = sub.add_parser("top", help="a running daemon's rates, drops, workers and next hops, live")
+    p.add_argument("--once", action="store_true",
+                   help="print one frame (from two samples a second apart) and exit, for scripts")
+    show.add_target_arguments(p)
 
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
     for ep in entry_points(group=PLUGIN_GROUP):
@@ -108,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.command == "show":
         return show.main(args)
+    if args.command == "top":
+        from . import top
+        return top.main(args)
     if args.command in handlers:
         return handlers[args.command](args)
     return 2

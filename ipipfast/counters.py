@@ -51,6 +51,10 @@ class Snapshot:
     # read them (its tx_dropped since the daemon started): not the
     # datapath's to count, so the daemon adds them; `tx` includes them.
     queue_full: int = 0
+    # IPIP frames the node tried to send that the datapath did not make (a
+    # pod's, masqueraded), dropped by the underlay's tc egress (tc_drops.py):
+    # no direction of the tunnel, so counted beside them.
+    foreign_ipip: int = 0
 
     @property
     def tx(self) -> Direction:
@@ -75,4 +79,5 @@ def to_json(snapshot: Snapshot) -> dict:
     def direction(d: Direction) -> dict:
         return {"packets": d.packets, "bytes": d.bytes, "offloaded": d.offloaded, "drops": dict(d.drops)}
     return {"tx": direction(snapshot.tx), "rx": direction(snapshot.rx), "icmp": asdict(snapshot.icmp),
+            "foreign_ipip": snapshot.foreign_ipip,
             "workers": [{"tx": direction(w.tx), "rx": direction(w.rx)} for w in snapshot.workers]}

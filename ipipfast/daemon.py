@@ -17,12 +17,12 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
-from . import _datapath, ingress, metrics
+from . import _datapath, metrics, tc_drops
 from .config import Config, ConfigError, load_config
 from .control import RUN_DIR, ControlServer, socket_path
 from .counters import Snapshot, to_json
 from .icmp import IcmpErrors
-from .kernel import Kernel, Link, NextHop, ipip_module_loaded
+from .kernel import EventsLost, Kernel, Link, NeighbourEvents, NextHop, ipip_module_loaded
 from .routes import RouteTable
 from .service import Service
 from .tun import open_tun
@@ -93,7 +93,7 @@ class Daemon:
         self.reloads = {"applied": 0, "refused": 0}
         self.tun_fds: list[int] = []
         self.tun_created = False
-        self.ingress_attached = False
+        self.tc: tc_drops.Drops | None = None  # the tc drops on the underlay, once attached
         self.datapath: _datapath.Datapath | None = None
         self.csum_offload = False
         self.ring_frames = 0
@@ -143,12 +143,12 @@ class Daemon:
         workers = self.datapath.add_workers(self.tun_fds)
         self.ring_frames = workers[0].ring_frames
         self.icmp = IcmpErrors(self.datapath, cfg.node.ip.ip)
+        tc_drops.mark_packet_sockets()  # before the first frame: the egress drop lets marked ones by
         try:
-            ingress.attach(self.underlay.index, cfg.node.ip.ip)
-            self.ingress_attached = True
+            self.tc = tc_drops.attach(self.underlay.index, cfg.node.ip.ip)
         except OSError as e:  # NetlinkError is an OSError too
-            log.warning("tc ingress drop not attached (%s): the kernel also processes every IPIP "
-                        "frame, which costs CPU but nothing else", e)
+            log.warning("tc drops not attached (%s): the kernel also processes every IPIP frame, which costs "
+                        "CPU, and IPIP that pods send leaves the node unchecked", e)
         with self.lock:
             self._apply(self.plan, previous=None)
         self._await_nexthops(timeout=2.0)
@@ -156,7 +156,8 @@ class Daemon:
         for i, w in enumerate(workers):
             loops += [(f"encap{i}", partial(w.run_encap, f"ipf-encap{i}")),
                       (f"decap{i}", partial(w.run_decap, f"ipf-decap{i}"))]
-        loops += [("neighbours", self._neighbour_loop), ("status", self._status_loop),
+        loops += [("neighbours", self._neighbour_loop), ("neighbour-events", self._neighbour_event_loop),
+                  ("status", self._status_loop),
                   ("icmp", lambda: self.icmp.run(self.stopping))]
         started: list[threading.Event] = []
         for name, target in loops:
@@ -217,9 +218,12 @@ class Daemon:
         finally:
             self._write_status()
             self.datapath = None  # frees the rings and sockets once the loops have returned
+            if self.tc:
+                self.tc.close()  # the filters stay (see below) and count on, unread
             # The TUN is persistent: it stays, with every route into it (ours,
-            # BIRD's, felix's), as tunl0 outlives any daemon; the tc drop stays
-            # too, so the kernel does not answer IPIP until the next run.
+            # BIRD's, felix's), as tunl0 outlives any daemon; the tc drops stay
+            # too, so the kernel does not answer IPIP until the next run and
+            # pods' IPIP stays in.
             for fd in self.tun_fds:
                 os.close(fd)
             self.tun_fds = []
@@ -294,11 +298,10 @@ class Daemon:
         self.kernel.replace_direct_routes([(r.cidr, r.via) for r in added], self.underlay.index)
 
     def _withdraw(self, plan: Plan) -> None:
-        """Removes the tc drop and our direct routes (routes into the TUN go
+        """Removes the tc drops and our direct routes (routes into the TUN go
         with it, when it is removed)."""
-        if self.ingress_attached:
-            ingress.detach(self.underlay.index)
-            self.ingress_attached = False
+        if self.tc:
+            tc_drops.detach(self.underlay.index)
         self.kernel.remove_direct_routes([r.cidr for r in plan.direct.routes], self.underlay.index)
 
     def _push_table(self) -> None:
@@ -329,6 +332,9 @@ class Daemon:
             if mac is None:
                 self.kernel.solicit(hop.ip, hop.ifindex)
             macs[peer] = mac
+        self._set_macs(macs, push)
+
+    def _set_macs(self, macs: dict[IPv4Address, bytes | None], push: bool = True) -> None:
         if macs != self.macs:
             for peer, mac in macs.items():
                 if mac != self.macs.get(peer):
@@ -366,6 +372,27 @@ class Daemon:
         finally:
             self.kernel.close_thread()
 
+    def _neighbour_event_loop(self) -> None:
+        """Follows a next hop's new MAC as soon as the kernel learns it (a
+        peer that moved announces itself with a gratuitous ARP), instead of
+        at the next periodic check. Only usable MACs are taken from events:
+        an entry that fails or goes is the periodic check's to handle."""
+        try:
+            with NeighbourEvents() as events:
+                while not self.stopping.is_set():
+                    try:
+                        learned = {(n.ip, n.ifindex): n.mac for n in events.read(timeout=0.2) if n.mac}
+                    except EventsLost:
+                        with self.lock:
+                            self._refresh_macs()
+                        continue
+                    if learned:
+                        with self.lock:
+                            self._set_macs({p: learned.get((h.ip, h.ifindex), self.macs.get(p))
+                                            for p, h in self.nexthops.items()})
+        finally:
+            self.kernel.close_thread()
+
     # ---- observability ----------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
@@ -375,7 +402,8 @@ class Daemon:
         snap = self.datapath.snapshot()
         icmp = replace(snap.icmp, relayed=self.icmp.relayed, pmtu_updates=self.icmp.pmtu_updates)
         queue_full = self.kernel.tx_dropped(self.tun.name) - self.tun_drops_at_start
-        return replace(snap, icmp=icmp, queue_full=queue_full)
+        foreign_ipip = self.tc.foreign_ipip() if self.tc else 0
+        return replace(snap, icmp=icmp, queue_full=queue_full, foreign_ipip=foreign_ipip)
 
     def reading(self) -> metrics.Reading:
         with self.lock:
@@ -449,25 +477,28 @@ def run(config_path: str, status_file: str | None = None, overrides: dict | None
 
 def down(config: Config) -> list[str]:
     """Removes what ipipfast puts on a node: its TUN (and with it every route
-    into it), its direct routes on the underlay, the tc drop. Returns what
-    it removed; refuses while a daemon holds the device."""
+    into it), its direct routes on the underlay, the tc drops. Returns what
+    it removed; refuses, removing nothing, while a daemon holds the device
+    (its tc egress drop is what keeps pods' IPIP in)."""
     kernel = Kernel()
     removed: list[str] = []
     try:
         underlay = kernel.link(config.node.interface)
-        if ingress.detach(underlay.index):
-            removed.append(f"the tc ingress drop on {underlay.name}")
+        try:
+            tun: Link | None = kernel.link(config.tunnel.name)
+        except LookupError:
+            tun = None
+        if tun and kernel.tun_attached(tun.name):
+            raise StartError(f"{tun.name} is held by a running ipipfast: stop it first")
+        hooks = tc_drops.detach(underlay.index)
+        if hooks:
+            removed.append(f"the tc {' and '.join(hooks)} drops on {underlay.name}")
         n = kernel.remove_own_routes(underlay.index)
         if n:
             removed.append(f"{n} direct routes on {underlay.name}")
-        try:
-            tun = kernel.link(config.tunnel.name)
-        except LookupError:
-            return removed
-        if kernel.tun_attached(tun.name):
-            raise StartError(f"{tun.name} is held by a running ipipfast: stop it first")
-        kernel.remove_link(tun.index)
-        removed.append(f"{tun.name} and the routes into it")
+        if tun:
+            kernel.remove_link(tun.index)
+            removed.append(f"{tun.name} and the routes into it")
         return removed
     finally:
         kernel.close()

@@ -1,10 +1,14 @@
 """The kernel's side of the tunnel, through netlink (pyroute2): links,
-routes into the TUN, and next-hop MACs for the AF_PACKET socket."""
+routes into the TUN, next-hop MACs for the AF_PACKET socket, and the
+neighbour changes that move them."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import select
 import socket
+import struct
 import threading
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -25,6 +29,10 @@ RT_SCOPE_LINK = 253
 TUN_TXQUEUELEN = 1000
 NTF_USE = 0x01      # neighbour flag: ask the kernel to resolve it now
 NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE PERMANENT NOARP
+RTMGRP_NEIGH = 0x4  # the multicast group of neighbour changes
+RTM_NEWNEIGH = 28
+NDA_DST, NDA_LLADDR = 1, 2
+EVENTS_RCVBUF = 1 << 20  # a burst of neighbour changes (a whole subnet's ARP) fits
 # A single get (not a dump) goes without NLM_F_ACK. pyroute2 0.9 asks for the
 # ACK, returns at the reply and leaves the ACK behind in a queue that nobody
 # reads: about 1.5 kB per call for the life of the socket.
@@ -202,3 +210,82 @@ class Kernel:
             self.ipr.neigh("replace", dst=str(ip), ifindex=ifindex, flags=NTF_USE, state=0)
         except NetlinkError as e:
             log.debug("neighbour solicit %s: %s", ip, e)
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """An IPv4 neighbour as a change announced it."""
+    ip: IPv4Address
+    ifindex: int
+    mac: bytes | None  # None unless the entry holds a usable one (NUD_VALID)
+
+
+class EventsLost(Exception):
+    """The kernel dropped notifications we were too slow to read: read the
+    neighbour table again."""
+
+
+class NeighbourEvents:
+    """The kernel's RTM_NEWNEIGH notifications, on a netlink socket of its
+    own (a plain one: pyroute2 would keep memory per message): a neighbour
+    learned, re-confirmed, or changed, as a peer's gratuitous ARP after it
+    moved changes it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, EVENTS_RCVBUF)
+        self.sock.bind((0, RTMGRP_NEIGH))
+
+    def __enter__(self) -> NeighbourEvents:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def read(self, timeout: float) -> list[Neighbour]:
+        """The IPv4 neighbours announced within timeout seconds (none if
+        nothing came); EventsLost if the kernel dropped some."""
+        if not select.select([self.sock], [], [], timeout)[0]:
+            return []
+        out: list[Neighbour] = []
+        while True:
+            try:
+                data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return out
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    raise EventsLost() from None
+                raise
+            out += _neighbours(data)
+
+
+def _neighbours(data: bytes) -> list[Neighbour]:
+    """The RTM_NEWNEIGH messages (AF_INET) of one netlink datagram."""
+    out = []
+    at = 0
+    while at + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, at)
+        if length < 16:
+            break
+        if kind == RTM_NEWNEIGH and length >= 28:
+            family, ifindex, state = struct.unpack_from("=B3xiH", data, at + 16)
+            attrs = _attrs(data[at + 28:at + length])
+            if family == socket.AF_INET and len(attrs.get(NDA_DST, b"")) == 4:
+                mac = attrs.get(NDA_LLADDR)
+                out.append(Neighbour(IPv4Address(attrs[NDA_DST]), ifindex,
+                                     mac if mac and state & NUD_VALID else None))
+        at += (length + 3) & ~3
+    return out
+
+
+def _attrs(data: bytes) -> dict[int, bytes]:
+    out = {}
+    at = 0
+    while at + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, at)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = data[at + 4:at + length]  # without NLA_F_NESTED / NET_BYTEORDER
+        at += (length + 3) & ~3
+    return out

@@ -59,6 +59,9 @@ class NodeCollector(Collector):
                        samples={(): s.icmp.relayed})
         yield _counter("pmtu_updates", "Path MTUs toward peers learned from fragmentation-needed errors.",
                        samples={(): s.icmp.pmtu_updates})
+        yield _counter("foreign_ipip_dropped_packets", "IPIP packets the node tried to send on the underlay "
+                       "that ipipfast did not make (a pod's, masqueraded to the node's address, which every "
+                       "other node would accept), dropped by the tc egress filter.", samples={(): s.foreign_ipip})
         yield _counter("reloads", "Route reloads (SIGHUP) by result: applied, or refused for a bad file "
                        "(the running table stays).", ("result",), {(k,): n for k, n in r.reloads.items()})
         routes = GaugeMetricFamily(f"{PREFIX}_routes", "Routes in the running table, by where they came from "

@@ -17,6 +17,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("show", help="a running daemon's routes, peers and counters, from its control socket")
     p.add_argument("what", nargs="?", choices=WHAT, help="only this part (default: all of them)")
     p.add_argument("--json", action="store_true", help="the daemon's answer as JSON")
+    add_target_arguments(p)
+
+
+def add_target_arguments(p: argparse.ArgumentParser) -> None:
+    """Which daemon to ask: the options of `show` and `top`."""
     p.add_argument("--tunnel", help="the daemon of this tunnel (default: the only one running)")
     p.add_argument("--socket", type=Path, help="the control socket's path (default: RUN_DIR/<tunnel>.sock)")
     p.add_argument("--run-dir", type=Path, default=RUN_DIR, help=f"where daemons keep their sockets ({RUN_DIR})")
@@ -24,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        path = _pick(args)
+        path = pick(args)
         answer = _ask(path, args.what)
     except (NoDaemon, ControlError, PermissionError, LookupError) as e:
         print(f"ipipfast show: {e}", file=sys.stderr)
@@ -36,7 +41,8 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pick(args: argparse.Namespace) -> Path:
+def pick(args: argparse.Namespace) -> Path:
+    """The control socket that args (add_target_arguments) point at."""
     if args.socket:
         return args.socket
     if args.tunnel:
@@ -78,25 +84,25 @@ def _table(rows: list[list[str]]) -> str:
     return "".join("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n" for row in rows)
 
 
-def _mac(r: dict) -> str:
+def mac_text(r: dict) -> str:
     return r["mac"] or r["mac_state"].replace("_", " ")  # unresolved, kernel, not on underlay
 
 
-def _mtu(r: dict) -> str:
+def mtu_text(r: dict) -> str:
     return str(r["path_mtu"]) if r["path_mtu"] else "-"
 
 
 def _routes_text(answer: dict) -> str:
     head = f"routes of {answer['tunnel']} (table generation {answer['generation']}): {len(answer['routes'])}\n"
     rows = [["cidr", "node", "kind", "next-hop mac", "path mtu", "source"]]
-    rows += [[r["cidr"], r["node"], r["kind"], _mac(r), _mtu(r), r["source"]] for r in answer["routes"]]
+    rows += [[r["cidr"], r["node"], r["kind"], mac_text(r), mtu_text(r), r["source"]] for r in answer["routes"]]
     return head + (_table(rows) if answer["routes"] else "")
 
 
 def _peers_text(answer: dict) -> str:
     head = f"peers of {answer['tunnel']} (table generation {answer['generation']}): {len(answer['peers'])}\n"
     rows = [["node", "kind", "next-hop mac", "path mtu", "cidrs"]]
-    rows += [[p["node"], p["kind"], _mac(p), _mtu(p), " ".join(p["cidrs"])] for p in answer["peers"]]
+    rows += [[p["node"], p["kind"], mac_text(p), mtu_text(p), " ".join(p["cidrs"])] for p in answer["peers"]]
     return head + (_table(rows) if answer["peers"] else "")
 
 
@@ -111,6 +117,7 @@ def _counters_text(answer: dict) -> str:
     i = c["icmp"]
     lines.append(f"  icmp errors: {i['sent']} sent, {i['ratelimited']} rate-limited, {i['relayed']} relayed; "
                  f"{i['pmtu_updates']} path MTU updates")
+    lines.append(f"  tc egress: {c['foreign_ipip']} IPIP packets not ipipfast's (pods') dropped")
     if len(c["workers"]) > 1:
         lines += [f"  worker {n}: tx {w['tx']['packets']} rx {w['rx']['packets']} packets"
                   for n, w in enumerate(c["workers"])]

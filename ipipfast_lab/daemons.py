@@ -58,7 +58,7 @@ def flat_counters(c: Mapping[str, Any]) -> Counters:
     out["tx_gso"], out["rx_gro"] = c["tx"]["offloaded"], c["rx"]["offloaded"]
     i = c["icmp"]
     out.update(icmp_sent=i["sent"], icmp_ratelimited=i["ratelimited"], icmp_relayed=i["relayed"],
-               pmtu_updates=i["pmtu_updates"])
+               pmtu_updates=i["pmtu_updates"], foreign_ipip=c["foreign_ipip"])
     return out
 
 
@@ -121,6 +121,7 @@ class TunnelProcess(NodeProcess):
         argv = [*wrapper, sys.executable, "-m", "ipipfast", *(["-v"] if verbose else []),
                 *(["--log-format", log_format] if log_format != "text" else []), "run",
                 "--config", str(self.config_path), "--status-file", str(self.status_path), *args]
+        self._final_status: dict[str, Any] | None = None
         super().__init__(tb, node, argv, self.dir / "daemon.log", cwd, env)
 
     def write_config(self, config: dict[str, Any]) -> None:
@@ -143,7 +144,7 @@ class TunnelProcess(NodeProcess):
         """The daemon's status now; once it has exited, its status file's last word."""
         if self.proc.poll() is None:
             return self.request("status")
-        return json.loads(self.status_path.read_text())
+        return self._final_status or json.loads(self.status_path.read_text())
 
     def counters(self) -> Counters:
         return flat_counters(self.status()["counters"])
@@ -188,7 +189,9 @@ class TunnelProcess(NodeProcess):
 
     def stop(self, timeout: float = 10, sig: int = signal.SIGTERM) -> int:
         returncode = super().stop(timeout, sig)
-        shutil.rmtree(self.dir, ignore_errors=True)  # log() keeps the log for the caller
+        if self._final_status is None and self.status_path.exists():  # kept for status(), as log() keeps the log
+            self._final_status = json.loads(self.status_path.read_text())
+        shutil.rmtree(self.dir, ignore_errors=True)
         return returncode
 
 

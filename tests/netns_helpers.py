@@ -9,6 +9,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import raw
 from scapy.utils import rdpcap
 
+from ipipfast import tc_drops
 from ipipfast_lab import traffic
 from ipipfast_lab.testbed import Node, Pod, Testbed
 
@@ -19,9 +20,11 @@ def node_mac(tb: Testbed, node: Node) -> bytes:
 
 
 def inject(tb: Testbed, node: Node, frames: list[bytes]) -> None:
-    """Sends raw frames out of node's underlay interface."""
+    """Sends raw frames out of node's underlay interface, marked as its
+    datapath's are: past the tc egress drop of a daemon running there."""
     def send() -> None:
         with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, tc_drops.MARK)
             s.bind((node.interface, 0))
             for f in frames:
                 s.send(f)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ipipfast import daemon, ingress
+from ipipfast import daemon, tc_drops
 from ipipfast.config import config_from_dict
 from ipipfast.kernel import RTPROT_IPIPFAST
 from ipipfast_lab import traffic
@@ -42,8 +42,12 @@ def _tun_index(tb: Testbed, node: Node) -> int | None:
 
 
 def _tc_drop(tb: Testbed, node: Node) -> bool:
+    """Whether both tc drops are on the node's underlay (False if neither; an error if one alone)."""
     idx = tb.ipr(node).link_lookup(ifname=node.interface)[0]
-    return any(f.get_attr("TCA_KIND") for f in tb.ipr(node).get_filters(index=idx, parent=ingress.INGRESS))
+    hooks = [any(f.get_attr("TCA_KIND") for f in tb.ipr(node).get_filters(index=idx, parent=hook))
+             for hook in (tc_drops.INGRESS, tc_drops.EGRESS)]
+    assert hooks[0] == hooks[1], f"only one of the tc drops: ingress {hooks[0]}, egress {hooks[1]}"
+    return hooks[0]
 
 
 def _ipipfast(tb: Testbed, node: Node, config: Path, *args: str) -> tuple[int, str]:
@@ -100,9 +104,11 @@ def test_remove_device_and_down_leave_the_node_as_before(tmp_path: Path) -> None
         with running_tunnels(tb):
             rc, out = _ipipfast(tb, n0, tmp_path / "node.yaml", "down")
             assert rc == 1 and "held by a running ipipfast" in out, out
+            assert _tc_drop(tb, n0)  # refused, it removed nothing
         assert _tun_index(tb, n0) is not None  # a plain stop leaves it
         rc, out = _ipipfast(tb, n0, tmp_path / "node.yaml", "down")
         assert rc == 0 and f"{tb.prefix}t0 and the routes into it" in out, out
+        assert f"the tc ingress and egress drops on {n0.interface}" in out, out
         assert _tun_index(tb, n0) is None and not _tc_drop(tb, n0)
         assert _routes_to(tb, n0, n1.pod_cidr) == blackhole_only
         rc, out = _ipipfast(tb, n0, tmp_path / "node.yaml", "down")

@@ -61,3 +61,34 @@ def test_the_daemons_periodic_gets_hold_no_memory():
     r = json.loads(out)
     assert r["hop_ifindex"] == r["ifindex"]
     assert r["grown_kb"] < GROWTH_KB, f"{CALLS} rounds of next-hop and TUN-drop gets grew RSS by {r['grown_kb']} kB"
+
+
+NEIGHBOUR_EVENTS = """
+import json, subprocess, sys
+from ipipfast.kernel import NeighbourEvents
+interface, ip = sys.argv[1], sys.argv[2]
+seen = []
+with NeighbourEvents() as events:
+    for mac in ("02:00:5e:00:00:01", "02:00:5e:00:00:02"):
+        subprocess.run(["ip", "neigh", "replace", ip, "lladdr", mac, "dev", interface, "nud", "stale"], check=True)
+        while not any(n.mac == bytes.fromhex(mac.replace(":", "")) for n in seen):
+            seen += events.read(timeout=5) or [None]
+    subprocess.run(["ip", "neigh", "replace", ip, "dev", interface, "nud", "failed"], check=True)
+    while seen[-1] is None or seen[-1].mac is not None:
+        seen += events.read(timeout=5) or [None]
+print(json.dumps([n and [str(n.ip), n.ifindex, n.mac.hex(":") if n.mac else None] for n in seen]))
+"""
+
+
+def test_neighbour_events_announce_each_change():
+    """What the daemon follows between its periodic checks: a neighbour's new
+    MAC as the kernel announces it, and an entry that failed, without one."""
+    with Testbed(nodes=2, pods_per_node=1) as tb:
+        node = tb.nodes[0]
+        index = tb.ipr(node).link_lookup(ifname=node.interface)[0]
+        out = tb.run(node, [sys.executable, "-c", NEIGHBOUR_EVENTS, node.interface, "198.18.0.99"], timeout=60).stdout
+    seen = [tuple(n) for n in json.loads(out) if n and n[0] == "198.18.0.99"]
+    assert ("198.18.0.99", index, "02:00:5e:00:00:01") in seen
+    assert ("198.18.0.99", index, "02:00:5e:00:00:02") in seen
+    assert seen[-1] == ("198.18.0.99", index, None)
+    assert None not in json.loads(out)  # every read in time: none timed out

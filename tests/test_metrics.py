@@ -56,6 +56,7 @@ TWO_WORKERS = Snapshot(
     icmp=Icmp(sent=4, ratelimited=1, relayed=2, pmtu_updates=3),
     generation=7,
     queue_full=9,
+    foreign_ipip=5,
 )
 ROUTES = {("file", "encapsulated"): 3, ("file", "direct"): 1}
 RELOADS = {"applied": 2, "refused": 1}
@@ -79,6 +80,7 @@ def test_every_family_from_one_snapshot_summed_over_workers() -> None:
         S("ipipfast_icmp_errors_ratelimited_total"): 1,
         S("ipipfast_icmp_errors_relayed_total"): 2,
         S("ipipfast_pmtu_updates_total"): 3,
+        S("ipipfast_foreign_ipip_dropped_packets_total"): 5,
         S("ipipfast_reloads_total", result="applied"): 2,
         S("ipipfast_reloads_total", result="refused"): 1,
         S("ipipfast_routes", source="file", kind="encapsulated"): 3,
@@ -163,6 +165,7 @@ def test_a_live_scrape_parses_and_passes_promtool() -> None:
     samples, families = parse(text)
     assert samples[S("ipipfast_packets_total", direction="tx")] >= 4
     assert samples[S("ipipfast_dropped_packets_total", direction="rx", reason="unknown_peer")] == 0
+    assert samples[S("ipipfast_foreign_ipip_dropped_packets_total")] == 0  # the tunnel's own frames pass
     assert samples[S("ipipfast_routes", source="file", kind="encapsulated")] == 1
     assert samples[S("ipipfast_routes", source="file", kind="direct")] == 0
     assert samples[S("ipipfast_table_generation")] == status["generation"] >= 1

@@ -129,7 +129,7 @@ def test_under_a_service_manager(tmp_path: Path) -> None:
 @pytest.mark.netns
 def test_the_units_capabilities_are_enough() -> None:
     """The daemon with only the unit's capabilities (setpriv's bounding set;
-    no-new-privs) comes up, loads its tc drop and forwards, JSON logs
+    no-new-privs) comes up, loads its tc drops and forwards, JSON logs
     throughout. The uid stays 0: here /dev/net/tun is 0600 and the
     interpreter lives under /root (0700); the unit's DynamicUser relies on
     the 0666 /dev/net/tun that distributions' udev rules make."""

@@ -15,7 +15,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
-from ipipfast import ingress
+from ipipfast import tc_drops
 from ipipfast_lab import traffic
 from ipipfast_lab.testbed import Node, Testbed
 from ipipfast_lab.daemons import TunnelProcess, delta, running_tunnels, tx_accounted, wait_until
@@ -525,6 +525,6 @@ def test_kernel_ip_stack_never_sees_the_ipip_frames():
         with_drop = ip_packets_for_200_requests()
         assert 400 <= with_drop < 440, with_drop
         # ...until the tc drop is gone (the tunnel still works, slower).
-        tb.in_netns(n1, ingress.detach, idx)
+        tb.in_netns(n1, tc_drops.detach, idx)
         without = ip_packets_for_200_requests()
         assert without - with_drop >= 190, (with_drop, without)
