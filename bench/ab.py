@@ -73,7 +73,8 @@ def stale_build(root: Path) -> str:
     built = list((root / "ipipfast").glob("_datapath*.so"))
     if not built:
         return "no built extension"
-    sources = [*(root / "ipipfast").glob("_datapath.p*"), *(root / "ipipfast" / "includes").iterdir()]
+    sources = [*(root / "ipipfast").glob("_datapath.p*"), *(root / "ipipfast" / "datapath").glob("*.pyx"),
+               *(root / "ipipfast" / "includes").iterdir()]
     newer = [s.name for s in sources if s.stat().st_mtime > built[0].stat().st_mtime]
     return f"{', '.join(newer)} changed since the extension was built" if newer else ""
 

@@ -16,7 +16,7 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.packet import Raw, raw
 
-from ipipfast._datapath import Lpm, Tunnel, checksum, coalesce_rounds
+from ipipfast_lab.packets import Lpm, Tunnel, checksum, coalesce_rounds
 
 LOCAL, PEER = "198.18.0.10", "198.18.0.11"
 BATCH, ROUNDS = 64, 200

@@ -399,11 +399,9 @@ class Daemon:
         """Every counter, read once; cheap enough for any thread (a scrape,
         the control socket)."""
         assert self.datapath is not None
-        snap = self.datapath.snapshot()
-        icmp = replace(snap.icmp, relayed=self.icmp.relayed, pmtu_updates=self.icmp.pmtu_updates)
         queue_full = self.kernel.tx_dropped(self.tun.name) - self.tun_drops_at_start
         foreign_ipip = self.tc.foreign_ipip() if self.tc else 0
-        return replace(snap, icmp=icmp, queue_full=queue_full, foreign_ipip=foreign_ipip)
+        return replace(self.datapath.snapshot(), queue_full=queue_full, foreign_ipip=foreign_ipip)
 
     def reading(self) -> metrics.Reading:
         with self.lock:

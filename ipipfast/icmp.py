@@ -74,8 +74,6 @@ class IcmpErrors:
         self.sock = socket.socket(fileno=os.dup(datapath.sink_fileno()))
         self._pmtu: dict[IPv4Address, tuple[int, float]] = {}
         self.lock = threading.Lock()
-        self.relayed = 0
-        self.pmtu_updates = 0
 
     def pmtu(self, peer: IPv4Address) -> int:
         """The path MTU learned toward peer, 0 when none (or expired)."""
@@ -86,19 +84,14 @@ class IcmpErrors:
     def pmtus(self) -> dict[str, int]:
         return {str(p): m for p in list(self._pmtu) if (m := self.pmtu(p))}
 
-    def counters(self) -> dict[str, int]:
-        return {"icmp_relayed": self.relayed, "pmtu_updates": self.pmtu_updates}
-
     def handle(self, icmp_type: int, code: int, info: int, quote: bytes) -> Decision:
         d = decide(self.node, icmp_type, code, info, quote)
         if d.pmtu is not None and d.peer is not None:
             with self.lock:
                 self._pmtu[d.peer] = (d.pmtu, time.monotonic() + PMTU_EXPIRES)
             self.datapath.set_peer_pmtu(str(d.peer), d.pmtu)
-            self.pmtu_updates += 1
             events.log(logging.INFO, "pmtu", "path MTU toward %s: %d", d.peer, d.pmtu)
         if d.relay is not None and self.datapath.send_icmp_error(*d.relay):
-            self.relayed += 1
             events.log(logging.INFO, "relay", "relayed ICMP %d/%d about a packet to %s to its sender %s",
                        d.relay[1], d.relay[2], IPv4Address(d.relay[0][16:20]), IPv4Address(d.relay[0][12:16]))
         return d

@@ -47,7 +47,11 @@ class Capture:
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
         traffic.collect(self.proc)
-        self.frames = [Ether(raw(p)) for p in rdpcap(str(self.path))]
+        self.frames = []
+        for p in rdpcap(str(self.path)):
+            f = Ether(raw(p))
+            f.time = p.time  # when the capture read it, so after it was sent
+            self.frames.append(f)
 
     def ipip(self) -> list[Ether]:
         return [f for f in self.frames if IP in f and f[IP].proto == 4]

@@ -8,7 +8,7 @@ from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
-from ipipfast._datapath import Dropped, Tunnel
+from ipipfast_lab.packets import Dropped, Tunnel
 
 LOCAL, PEER, STRANGER = "198.18.0.11", "198.18.0.10", "198.18.0.99"
 

@@ -9,7 +9,7 @@ from scapy.layers.l2 import Ether
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw, raw
 
-from ipipfast._datapath import Dropped, Tunnel
+from ipipfast_lab.packets import Dropped, Tunnel
 
 LOCAL, PEER = "198.18.0.10", "198.18.0.11"
 LOCAL_MAC, PEER_MAC = "02:00:00:00:00:0a", "02:00:00:00:00:0b"

@@ -12,7 +12,8 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
-from ipipfast._datapath import GRO_FLOWS, RX_REASONS, TX_REASONS, Dropped, Tunnel, coalesce
+from ipipfast._datapath import RX_REASONS, TX_REASONS
+from ipipfast_lab.packets import GRO_FLOWS, Dropped, Tunnel, coalesce
 from ipipfast_lab.traffic import inet_checksum
 
 LOCAL, PEER = "198.18.0.11", "198.18.0.10"

@@ -48,7 +48,7 @@ def test_decide(name, t, code, info, q, want):
 
 def test_relayed_error_is_valid_icmp():
     """The relayed message, built by the datapath, parsed by scapy."""
-    from ipipfast._datapath import icmp_error
+    from ipipfast_lab.packets import icmp_error
     out = IP(icmp_error(INNER, str(NODE), 3, 4, 1380))
     assert (out.src, out.dst, out[ICMP].type, out[ICMP].code, out[ICMP].nexthopmtu) == (
         str(NODE), "198.19.0.2", 3, 4, 1380)

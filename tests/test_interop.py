@@ -53,7 +53,7 @@ Differences, each asserted:
 | ... with tunnel.workers > 1 | never repeats toward a peer | never repeats (blocks from the shared counter) | same | test_wire_ip_id_unique_per_peer_across_workers |
 | the packet a router refused with frag-needed | not reported to its sender (ipip_err only learns the MTU) | relayed at once as frag-needed(PMTU - 20) (RFC 2003 4.1) | yes | test_*_frag_needed_round_trip |
 | host/net unreachable, TTL exceeded about an outer packet | dropped (ipip_err: -ENOENT when parms.iph.daddr == 0) | relayed to the inner sender, same type and code, from the node address | yes | test_kernel_tunl0_drops_..., test_ipipfast_relays_... |
-| DF-clear inner over the learnt PMTU, nopmtudisc | outer fragmented locally to the PMTU (1300 + 140) | sent whole (1420, DF clear): the path fragments | yes (ipip.h ipf_encap_classify) | test_df_clear_inner_over_the_learnt_path_mtu |
+| DF-clear inner over the learnt PMTU, nopmtudisc | outer fragmented locally to the PMTU (1300 + 140) | sent whole (1420, DF clear): the path fragments | yes (encap.h ipf_encap_classify) | test_df_clear_inner_over_the_learnt_path_mtu |
 | DF-clear inner over the learnt PMTU, pmtudisc | dropped before the wire (Ip FragFails) | sent with DF (1420): the bottleneck drops it | equivalent loss | test_df_clear_inner_over_the_learnt_path_mtu |
 | IPIP from a node not in the routes | decapsulated (remote any) | dropped, rx_drop_unknown_peer | yes | test_ipip_from_an_unknown_node |
 """
@@ -483,7 +483,7 @@ def test_df_clear_inner_over_the_learnt_path_mtu(lab: Lab, pmtudisc: bool) -> No
     """A DF-clear inner packet that no longer fits the learnt path MTU (nobody
     may be told: no DF).  nopmtudisc - the kernel fragments the outer packet to
     the PMTU (ip_finish_output -> ip_fragment, DF clear); ipipfast sends it
-    whole with DF clear and leaves fragmenting to the path (intended, ipip.h
+    whole with DF clear and leaves fragmenting to the path (intended, encap.h
     ipf_encap_classify).  pmtudisc - the outer must carry DF: the kernel drops
     it before the wire (ip_fragment: DF set -> IPSTATS FragFails, frag-needed to
     itself; forwarded inners are not fragmented against the PMTU unless

@@ -6,7 +6,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from ipipfast._datapath import Lpm
+from ipipfast_lab.packets import Lpm
 from ipipfast.routes import Route, RouteTable
 
 

@@ -7,8 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
@@ -196,6 +198,56 @@ def test_icmp_errors_are_rate_limited_per_destination(bed):
         assert r["icmp_errors"] == {"3/0": 6}, r
         d = ta.wait_counters(before, {"icmp_sent": 6, "icmp_ratelimited": 4})
         assert (d["icmp_sent"], d["icmp_ratelimited"]) == (6, 4), d
+
+
+FLOOD_SOURCES = "198.19.64.0/20"
+# Paced UDP from many sources (argv: destination, seconds, packets a second,
+# first source): every packet another flow, so both TUN queues get them.
+SOURCES_FLOOD = """
+import socket, struct, sys, time
+dst, seconds, rate = socket.inet_aton(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+first = int.from_bytes(socket.inet_aton(sys.argv[4]), "big")
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+start, sent = time.monotonic(), 0
+while (now := time.monotonic()) < start + seconds:
+    while sent < (now - start) * rate:
+        src = (first + sent % 4096).to_bytes(4, "big")
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, src, dst)
+        s.sendto(ip + struct.pack("!HHHH", 1024 + sent % 50000, 9, 8, 0), (sys.argv[1], 0))
+        sent += 1
+    time.sleep(0.005)
+"""
+
+
+def test_icmp_budget_is_one_for_the_node(tmp_path):
+    """The node's ICMP errors share one budget, 1000 a second with a burst
+    of 50, as the kernel's icmp_global_allow keeps one per network
+    namespace: a flood of 4000 packets a second from 4096 sources (the
+    per-destination limit never holds one back) to an address the table
+    has no route for, spread over two workers' TUN queues, gets at most
+    1000 errors a second plus the burst at the sender, however many
+    workers send them."""
+    sources = IPv4Network(FLOOD_SOURCES)
+    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb, workers=2) as (ta, _):
+        n0 = tb.nodes[0]
+        pod = n0.pods[0]
+        assert len(ta.status()["counters"]["workers"]) == 2
+        # The errors to the flood's sources lead back to the pod.
+        ipr = tb.ipr(n0)
+        ipr.route("add", dst=str(sources), gateway=pod.ip, oif=ipr.link_lookup(ifname=pod.host_veth)[0])
+        with route_into_tun_only(tb, ta, "198.19.9.0/24"):
+            before = ta.counters()
+            with Capture(tb, pod, tmp_path) as cap:
+                start = time.time()  # no error can leave before the flood starts
+                tb.run(pod, [sys.executable, "-c", SOURCES_FLOOD, "198.19.9.5", "1.5", "4000",
+                             str(sources.network_address)])
+            d = delta(before, ta.counters())
+            counted = time.time()
+    errors = [f for f in cap.icmp_errors() if IPv4Address(f[IP].dst) in sources]
+    assert errors and d["icmp_ratelimited"] > 0, d  # the budget was spent
+    seconds = float(max(f.time for f in errors)) - start  # each was captured after it was sent
+    assert len(errors) <= 50 + 1000 * seconds + 1, (len(errors), seconds, d)
+    assert d["icmp_sent"] <= 50 + 1000 * (counted - start) + 1, (d, counted - start)
 
 
 def test_reload_bad_config_keeps_table_then_good_config_applies():

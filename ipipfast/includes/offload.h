@@ -14,8 +14,9 @@
 #include <string.h>
 #include <sys/uio.h>
 #include <linux/virtio_net.h>
+#include "ip.h"
 #include "csum.h"
-#include "ipip.h"
+#include "encap.h"
 
 #ifndef VIRTIO_NET_HDR_GSO_UDP_L4
 #define VIRTIO_NET_HDR_GSO_UDP_L4 5  /* uapi since 6.2; older headers lack it */
@@ -23,8 +24,6 @@
 
 #define IPF_VNET_HLEN ((uint32_t)sizeof(struct virtio_net_hdr))
 #define IPF_SEG_SLOT 256   /* scratch per segment: Ethernet + outer + inner IPv4 + L4 headers */
-#define IPF_PROTO_TCP 6
-#define IPF_PROTO_UDP 17
 #define IPF_TCP_FIN 0x01
 #define IPF_TCP_SYN 0x02
 #define IPF_TCP_RST 0x04
@@ -376,6 +375,41 @@ static inline void ipf_gro_begin(ipf_gro_set *s, int k, uint8_t *in, uint32_t le
     ipf_gro_start(&s->train[k], in, len, proto, partial);
     s->train[k].born = s->born++;
     s->train[k].round = s->round;
+}
+
+/* The end of a batch. A train waits for more only while its flow keeps
+ * coming: one that did not grow in this batch is written, or a flow gone
+ * quiet would hold its slots while the others keep the loop busy; so is a
+ * full one, and every one unless hold (trains may stay open across
+ * batches). Puts the trains to write now in due, in place order, returns
+ * how many, and starts the next round. */
+static inline uint32_t ipf_gro_batch_end(ipf_gro_set *s, int hold, int *due)
+{
+    uint32_t n = 0;
+    for (int k = 0; k < IPF_GRO_FLOWS; k++) {
+        const ipf_gro *g = &s->train[k];
+        if (g->nseg && (!hold || g->round != s->round || ipf_gro_full(g)))
+            due[n++] = k;
+    }
+    s->round++;
+    return n;
+}
+
+/* Every open train, in the order they started: how they are all written
+ * when no more is looked for (the ring ran dry), or before a packet that
+ * joins none, which comes after its flow's train. Returns how many. */
+static inline uint32_t ipf_gro_all(const ipf_gro_set *s, int *order)
+{
+    uint32_t n = 0;
+    for (int k = 0; k < IPF_GRO_FLOWS; k++) {
+        if (!s->train[k].nseg)
+            continue;
+        uint32_t i = n++;
+        for (; i > 0 && (int32_t)(s->train[k].born - s->train[order[i - 1]].born) < 0; i--)
+            order[i] = order[i - 1];
+        order[i] = k;
+    }
+    return n;
 }
 
 /* Finishes the super-packet's headers and virtio_net_hdr; returns the

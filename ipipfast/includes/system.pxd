@@ -1,4 +1,4 @@
-# Linux system headers used by the datapath.
+# The libc and Linux declarations that the datapath uses.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -155,3 +155,42 @@ cdef extern from "<net/if.h>" nogil:
     enum:
         IF_NAMESIZE
     char *if_indextoname(unsigned int ifindex, char *name)
+
+cdef extern from "<stdlib.h>" nogil:
+    void *aligned_alloc(size_t alignment, size_t size)
+
+cdef extern from "<arpa/inet.h>" nogil:
+    uint32_t htonl(uint32_t)
+    uint32_t ntohl(uint32_t)
+    uint16_t htons(uint16_t)
+    uint16_t ntohs(uint16_t)
+
+cdef extern from "<time.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    enum:
+        CLOCK_MONOTONIC
+
+cdef extern from "<sys/prctl.h>" nogil:
+    int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4, unsigned long arg5)
+    enum:
+        PR_SET_NAME
+        PR_SET_TIMERSLACK
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
+cdef extern from "<linux/virtio_net.h>" nogil:
+    struct virtio_net_hdr:
+        uint8_t flags
+        uint8_t gso_type
+        uint16_t hdr_len
+        uint16_t gso_size
+        uint16_t csum_start
+        uint16_t csum_offset
+    enum:
+        VIRTIO_NET_HDR_F_NEEDS_CSUM
+        VIRTIO_NET_HDR_F_DATA_VALID
+        VIRTIO_NET_HDR_GSO_NONE

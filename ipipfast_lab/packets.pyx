@@ -1,6 +1,29 @@
-# Entry points into the per-packet C code for the tests and the micro
-# benchmarks: the very functions the loops call, one packet or one batch at a
-# time, without sockets. Included by _datapath.pyx.
+# Entry points into the datapath's per-packet C for the tests and the micro
+# benchmarks: the very functions the loops call (the headers in
+# ipipfast/includes, and the cdef helpers that ipipfast._datapath exports),
+# one packet or one batch at a time, without sockets. A second extension,
+# so that the one a node loads holds none of this.
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdlib cimport malloc, calloc, free
+from libc.string cimport memcpy, memset
+
+from ipipfast._datapath cimport HEADROOM, ip4, lpm_routes, set_tunnel, build_table
+from ipipfast.includes cimport system as c
+from ipipfast.includes.system cimport ntohs, virtio_net_hdr
+from ipipfast.includes.ip cimport IPF_ETH_HLEN, IPF_ENCAP_HLEN
+from ipipfast.includes.csum cimport ipf_csum
+from ipipfast.includes.lpm cimport *
+from ipipfast.includes.counters cimport IPF_TX_OK, IPF_RX_OK, IPF_TX_SEND_FAILED
+from ipipfast.includes.table cimport ipf_peer, ipf_table, ipf_table_free, ipf_load_status, ipf_store_status
+from ipipfast.includes.encap cimport *
+from ipipfast.includes.decap cimport ipf_decap
+from ipipfast.includes.icmp cimport ipf_icmp_error, IPF_ICMP_MAX
+from ipipfast.includes.offload cimport *
+from ipipfast.includes.worker cimport ipf_tx, ipf_ring_slot, ipf_tx_free, ipf_tx_put, ipf_tx_sent
+
+from ipipfast._datapath import RX_REASONS, TX_REASONS
+
 
 class Dropped(Exception):
     """The datapath would drop this packet; .reason names the counter."""
@@ -23,6 +46,24 @@ def icmp_error(bytes packet not None, str src, int type, int code, uint32_t info
     cdef uint32_t n = ipf_icmp_error(out, ip4(src), <const uint8_t *><const char *>packet,
                                      len(packet), type, code, info)
     return PyBytes_FromStringAndSize(<char *>out, n) if n else None
+
+
+cdef uint8_t *copy_in(list items, uint32_t stride, uint32_t at, uint32_t limit, uint32_t *lens,
+                     str too_big) except NULL:
+    """One buffer (to free()) holding items, item i at i * stride + at, as a
+    batch lies in the loop's memory; their lengths go to lens. An item
+    longer than limit raises ValueError(too_big)."""
+    cdef Py_ssize_t i
+    cdef uint8_t *bufs = <uint8_t *>malloc((len(items) or 1) * <size_t>stride)
+    if bufs == NULL:
+        raise MemoryError()
+    for i, item in enumerate(items):
+        if len(item) > limit:
+            free(bufs)
+            raise ValueError(too_big)
+        lens[i] = len(item)
+        memcpy(bufs + i * stride + at, <const char *>item, len(item))
+    return bufs
 
 
 cdef class Tunnel:
@@ -48,6 +89,7 @@ cdef class Tunnel:
         """The Ethernet frame that carries inner, or Dropped(reason)."""
         cdef uint32_t n = len(inner), length
         cdef const ipf_peer *peer
+        cdef int reason
         cdef uint8_t *buf = <uint8_t *>malloc(HEADROOM + n + 1)
         if buf == NULL:
             raise MemoryError()
@@ -66,6 +108,7 @@ cdef class Tunnel:
         """The inner packet that frame carries, or Dropped(reason)."""
         cdef uint32_t n = len(frame), inner_len
         cdef uint8_t *inner
+        cdef int reason
         cdef uint8_t *buf = <uint8_t *>malloc(n + 1)
         if buf == NULL:
             raise MemoryError()
@@ -90,6 +133,7 @@ cdef class Tunnel:
         cdef virtio_net_hdr vh
         cdef uint8_t slot[IPF_SEG_SLOT]
         cdef c.iovec iov[2]
+        cdef int reason
         memset(&vh, 0, sizeof(vh))
         vh.gso_type = gso_type
         vh.gso_size = gso_size
@@ -142,22 +186,16 @@ cdef class Tunnel:
         loop does for one batch (for benchmarks); returns how many passed."""
         cdef Py_ssize_t count = len(packets), i
         cdef uint32_t *lens = <uint32_t *>malloc((count or 1) * sizeof(uint32_t))
-        cdef uint8_t *bufs = <uint8_t *>malloc((count or 1) * <size_t>(HEADROOM + self.tn.mtu))
+        cdef uint8_t *bufs = NULL
         cdef uint64_t ok = 0
         cdef uint32_t length, stride = HEADROOM + self.tn.mtu
         cdef const ipf_peer *peer
         cdef int r
         cdef uint8_t *pkt
-        if lens == NULL or bufs == NULL:
-            free(lens)
-            free(bufs)
-            raise MemoryError()
         try:
-            for i, p in enumerate(packets):
-                if len(p) > self.tn.mtu:
-                    raise ValueError("packet larger than the tunnel MTU")
-                lens[i] = len(p)
-                memcpy(bufs + i * stride + HEADROOM, <const char *>p, len(p))
+            if lens == NULL:
+                raise MemoryError()
+            bufs = copy_in(packets, stride, HEADROOM, self.tn.mtu, lens, "packet larger than the tunnel MTU")
             with nogil:
                 for r in range(rounds):
                     for i in range(count):
@@ -176,21 +214,15 @@ cdef class Tunnel:
         cdef Py_ssize_t count = len(frames), i
         cdef uint32_t stride = self.tn.mtu + IPF_ETH_HLEN
         cdef uint32_t *lens = <uint32_t *>malloc((count or 1) * sizeof(uint32_t))
-        cdef uint8_t *bufs = <uint8_t *>malloc((count or 1) * <size_t>stride)
+        cdef uint8_t *bufs = NULL
         cdef uint64_t ok = 0
         cdef uint8_t *inner
         cdef uint32_t inner_len
         cdef int r
-        if lens == NULL or bufs == NULL:
-            free(lens)
-            free(bufs)
-            raise MemoryError()
         try:
-            for i, f in enumerate(frames):
-                if len(f) > stride:
-                    raise ValueError("frame larger than the underlay MTU")
-                lens[i] = len(f)
-                memcpy(bufs + i * stride, <const char *>f, len(f))
+            if lens == NULL:
+                raise MemoryError()
+            bufs = copy_in(frames, stride, 0, stride, lens, "frame larger than the underlay MTU")
             with nogil:
                 for r in range(rounds):
                     for i in range(count):
@@ -228,24 +260,37 @@ cdef tuple gro_offer(ipf_gro_set *s, uint8_t *p, uint32_t n, uint8_t proto, int 
     return written
 
 
-cdef list gro_take_all(ipf_gro_set *s):
-    """The writes of every open train, in the order they started."""
-    cdef int k = ipf_gro_oldest(s)
+cdef list gro_take_due(ipf_gro_set *s, bint hold):
+    """The writes at the end of a batch, as the decap loop makes them."""
+    cdef int due[IPF_GRO_FLOWS]
+    cdef uint32_t i, n = ipf_gro_batch_end(s, hold, due)
     out = []
-    while k >= 0:
-        out.append(gro_take(&s.train[k]))
-        k = ipf_gro_oldest(s)
+    for i in range(n):
+        out.append(gro_take(&s.train[due[i]]))
     return out
 
 
-def coalesce(list packets not None, bint partial=False, bint udp=True):
+cdef list gro_take_all(ipf_gro_set *s):
+    """The writes of every open train, in the order they started."""
+    cdef int order[IPF_GRO_FLOWS]
+    cdef uint32_t i, n = ipf_gro_all(s, order)
+    out = []
+    for i in range(n):
+        out.append(gro_take(&s.train[order[i]]))
+    return out
+
+
+def coalesce(list packets not None, bint partial=False, bint udp=True, int batch=0, bint hold=True):
     """What the decap loop writes to the TUN for these decapsulated inner
-    packets, found in one batch, in order: (virtio_net_hdr as bytes, packet
-    bytes) per write. partial: they arrived with their L4 checksum left
-    partial (the pseudo-header sum), which is trusted, not verified; udp:
-    the TUN takes UDP GSO packets."""
+    packets, in order: (virtio_net_hdr as bytes, packet bytes) per write.
+    They come in batches of `batch` (0: one batch), each ended as the loop
+    ends one, and then the ring runs dry; hold: trains may stay open across
+    batches, as in a ring of 2048 frames or more. partial: they arrived
+    with their L4 checksum left partial (the pseudo-header sum), which is
+    trusted, not verified; udp: the TUN takes UDP GSO packets."""
     cdef ipf_gro_set *s = <ipf_gro_set *>calloc(1, sizeof(ipf_gro_set))
     cdef list bufs = [bytearray(pkt) for pkt in packets]  # GRO rewrites the first header in place
+    cdef Py_ssize_t size = batch or len(bufs) + 1, first
     cdef bytearray b
     cdef uint8_t *p
     cdef uint8_t proto
@@ -253,16 +298,19 @@ def coalesce(list packets not None, bint partial=False, bint udp=True):
     if s == NULL:
         raise MemoryError()
     try:
-        for b in bufs:
-            p = <uint8_t *>(<char *>b)
-            proto = ipf_gro_eligible(p, len(b), partial, udp)
-            if proto:
-                written = gro_offer(s, p, len(b), proto, partial)
-                if written is not None:
-                    out.append(written)
-                continue
-            out += gro_take_all(s)
-            out.append((bytes(IPF_VNET_HLEN), bytes(b)))
+        # The loop looks again after a full batch: the last one is short.
+        for first in range(0, len(bufs) + 1, size):
+            for b in bufs[first:first + size]:
+                p = <uint8_t *>(<char *>b)
+                proto = ipf_gro_eligible(p, len(b), partial, udp)
+                if proto:
+                    written = gro_offer(s, p, len(b), proto, partial)
+                    if written is not None:
+                        out.append(written)
+                    continue
+                out += gro_take_all(s)
+                out.append((bytes(IPF_VNET_HLEN), bytes(b)))
+            out += gro_take_due(s, hold)
         return out + gro_take_all(s)
     finally:
         free(s)
@@ -273,22 +321,20 @@ def coalesce_rounds(list packets not None, int rounds=1):
     between rounds (for benchmarks); returns the number of trains."""
     cdef Py_ssize_t count = len(packets), i
     cdef uint32_t stride = 2048
-    cdef uint8_t *bufs = <uint8_t *>malloc((count or 1) * <size_t>stride)
+    cdef uint8_t *bufs = NULL
     cdef uint32_t *lens = <uint32_t *>malloc((count or 1) * sizeof(uint32_t))
     cdef ipf_gro_set *s = <ipf_gro_set *>calloc(1, sizeof(ipf_gro_set))
     cdef uint8_t saved[64]
     cdef uint64_t trains = 0
     cdef int r, k
+    cdef int order[IPF_GRO_FLOWS]
+    cdef uint32_t j, n
     cdef uint8_t *p
     cdef uint8_t proto
     try:
-        if bufs == NULL or lens == NULL or s == NULL:
+        if lens == NULL or s == NULL:
             raise MemoryError()
-        for i, pkt in enumerate(packets):
-            if len(pkt) > stride:
-                raise ValueError("packet larger than 2048 bytes")
-            lens[i] = len(pkt)
-            memcpy(bufs + i * stride, <const char *>pkt, len(pkt))
+        bufs = copy_in(packets, stride, 0, stride, lens, "packet larger than 2048 bytes")
         memcpy(saved, bufs, 64)
         with nogil:
             for r in range(rounds):
@@ -303,18 +349,92 @@ def coalesce_rounds(list packets not None, int rounds=1):
                                 ipf_gro_finish(&s.train[k])
                                 trains += 1
                             ipf_gro_begin(s, k, p, lens[i], proto, 0)
-                k = ipf_gro_oldest(s)
-                while k >= 0:
-                    ipf_gro_finish(&s.train[k])
-                    s.train[k].nseg = 0
-                    trains += 1
-                    k = ipf_gro_oldest(s)
+                n = ipf_gro_all(s, order)
+                for j in range(n):
+                    ipf_gro_finish(&s.train[order[j]])
+                    s.train[order[j]].nseg = 0
+                trains += n
                 memcpy(bufs, saved, 64)  # the first header was rewritten
         return trains
     finally:
         free(bufs)
         free(lens)
         free(s)
+
+
+cdef class TxRing:
+    """A worker's TX ring (ipf_tx) in plain memory, kept by the encap loop's
+    own bookkeeping (worker.h); the caller plays the kernel and the device
+    by setting the slots' statuses (TP_STATUS_* of linux/if_packet.h)."""
+
+    cdef ipf_tx *tx
+
+    def __cinit__(self, uint32_t frames=8, uint32_t frame_size=256, uint32_t head=0, bint partial=False):
+        if frames & (frames - 1) or head >= frames:
+            raise ValueError("frames must be a power of two, head one of them")
+        self.tx = <ipf_tx *>c.aligned_alloc(64, sizeof(ipf_tx))
+        if self.tx == NULL:
+            raise MemoryError()
+        memset(self.tx, 0, sizeof(ipf_tx))
+        self.tx.ring.base = <uint8_t *>calloc(frames, frame_size)
+        if self.tx.ring.base == NULL:
+            raise MemoryError()
+        self.tx.ring.frames, self.tx.ring.frame_size, self.tx.ring.head = frames, frame_size, head
+        self.tx.partial = partial
+        self.tx.data_off = c.TPACKET2_HDRLEN - sizeof(c.sockaddr_ll)
+
+    def __dealloc__(self):
+        if self.tx != NULL:
+            free(self.tx.ring.base)
+            free(self.tx)
+
+    def put(self, bytes frame not None, bint partial=False, uint16_t cstart=0, uint16_t coff=0):
+        """Queues frame as the encap loop does once the slot at head is
+        free; False (and nothing queued) when it is not."""
+        cdef c.iovec iov
+        if len(frame) + IPF_VNET_HLEN + self.tx.data_off > self.tx.ring.frame_size:
+            raise ValueError("frame larger than a slot")
+        if not ipf_tx_free(self.tx):
+            return False
+        iov.iov_base = <char *>frame
+        iov.iov_len = len(frame)
+        ipf_tx_put(self.tx, &iov, 1, partial, cstart, coff)
+        return True
+
+    def sent(self, bint refused=False):
+        """What the encap loop does after a send(), the device having
+        refused the frames or not."""
+        ipf_tx_sent(self.tx, refused)
+
+    def status(self, uint32_t i):
+        return ipf_load_status(&ipf_ring_slot(&self.tx.ring, i % self.tx.ring.frames).tp_status)
+
+    def set_status(self, uint32_t i, uint32_t status):
+        ipf_store_status(&ipf_ring_slot(&self.tx.ring, i % self.tx.ring.frames).tp_status, status)
+
+    def slot(self, uint32_t i):
+        """What slot i holds: (virtio_net_hdr as bytes, frame)."""
+        cdef c.tpacket2_hdr *h = ipf_ring_slot(&self.tx.ring, i % self.tx.ring.frames)
+        cdef char *vh = <char *>h + self.tx.data_off
+        return (PyBytes_FromStringAndSize(vh, IPF_VNET_HLEN),
+                PyBytes_FromStringAndSize(vh + IPF_VNET_HLEN, h.tp_len - IPF_VNET_HLEN))
+
+    @property
+    def head(self):
+        return self.tx.ring.head
+
+    @property
+    def queued(self):
+        return self.tx.queued
+
+    @property
+    def queued_bytes(self):
+        return self.tx.queued_bytes
+
+    @property
+    def counters(self):
+        """(packets, bytes, send_failed) as the loop counts them."""
+        return self.tx.stats.packets, self.tx.stats.bytes, self.tx.stats.drops[IPF_TX_SEND_FAILED]
 
 
 cdef class Lpm:
@@ -324,18 +444,9 @@ cdef class Lpm:
 
     def __init__(self, entries):
         """entries: (prefix as host-order int, length, value)."""
-        cdef Py_ssize_t n = len(entries), i
-        cdef ipf_lpm_route *r = <ipf_lpm_route *>malloc((n or 1) * sizeof(ipf_lpm_route))
-        if r == NULL:
-            raise MemoryError()
+        cdef ipf_lpm_route *r = lpm_routes(entries, <uint64_t>IPF_LPM_MAX_VALUE + 1)
         try:
-            for i, (prefix, length, value) in enumerate(entries):
-                if not 0 <= length <= 32 or not 0 <= value <= IPF_LPM_MAX_VALUE:
-                    raise ValueError(f"bad entry {(prefix, length, value)!r}")
-                r[i].prefix = prefix
-                r[i].len = length
-                r[i].value = value
-            if ipf_lpm_build(&self.lpm, r, n) < 0:
+            if ipf_lpm_build(&self.lpm, r, len(entries)) < 0:
                 raise MemoryError()
         finally:
             free(r)

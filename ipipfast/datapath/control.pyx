@@ -1,0 +1,252 @@
+# The control API that the daemon calls from Python threads: the datapath
+# and its workers, the table swap, path MTUs, relayed ICMP errors, and the
+# counters as one snapshot.
+
+cdef enum:
+    CACHE_LINE = 64
+
+
+cdef void *aligned_zeroed(size_t size) except NULL:
+    """size bytes (a multiple of CACHE_LINE) on their own cache lines, zeroed."""
+    cdef void *p = c.aligned_alloc(CACHE_LINE, size)
+    if p == NULL:
+        raise MemoryError()
+    memset(p, 0, size)
+    return p
+
+
+cdef class Datapath:
+    """One tunnel endpoint: the outer-header rules, the forwarding table that
+    every worker reads, and the sockets they share. Workers are added with
+    add_workers(); each runs run_encap() and run_decap() on its own threads
+    until stop()."""
+
+    def __cinit__(self):
+        self.sink_fd = self.relay.fd = -1
+
+    def __init__(self, int ifindex, str local_ip, bytes local_mac, *, int mtu=1500, ttl=None, tos=0,
+                 bint pmtudisc=False, bint ignore_df=False, int batch=64, int ring_frames=4096,
+                 bint vnet_hdr=False, bint csum_offload=False, bint udp_gso=False, int coalesce_us=0,
+                 int busy_poll_us=0):
+        """ifindex, local_ip, local_mac: the underlay interface; mtu: its
+        MTU (the largest outer packet); vnet_hdr: the TUN queues carry a
+        virtio_net_hdr with offloads (tun.py); csum_offload: the underlay
+        device completes any L4 checksum at the offset it is given
+        (NETIF_F_HW_CSUM), so frames leave with their inner TCP/UDP
+        checksum partial (with vnet_hdr only); udp_gso: the TUN takes UDP
+        GSO packets too (USO), so UDP datagrams of a flow are coalesced as
+        TCP segments are; coalesce_us: how long the decap loop naps under
+        load before it looks at its ring again, instead of sleeping until
+        the next frame wakes it; busy_poll_us: how long an
+        idle loop keeps looking for work before it sleeps in poll()."""
+        if not 1 <= batch <= 1024:
+            raise ValueError(f"batch {batch} out of range 1..1024")
+        if not 0 <= coalesce_us <= 10000:
+            raise ValueError(f"coalesce_us {coalesce_us} out of range 0..10000")
+        set_tunnel(&self.tn, local_ip, local_mac, mtu, ttl, tos, pmtudisc, ignore_df)
+        self.ifindex, self.mtu, self.batch, self.ring_frames, self.vnet = ifindex, mtu, batch, ring_frames, vnet_hdr
+        self.tx_partial = vnet_hdr and csum_offload
+        self.udp_gro = vnet_hdr and udp_gso
+        self.busy_poll_ns = <uint64_t>busy_poll_us * 1000
+        self.coalesce_us = coalesce_us
+        # The group that spreads received frames over the workers' rings by
+        # flow; one per datapath in the namespace.
+        self.fanout_id = hash((os.getpid(), id(self))) & 0xffff
+        self.lock = threading.Lock()
+        self.workers = []
+        self.shared = <ipf_shared *>aligned_zeroed(sizeof(ipf_shared))
+        self.shared.stop_fd = -1
+        self.shared.table = build_table((), (), 0)
+        self.shared.stop_fd = check(c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC), "eventfd")
+        self.sink_fd = open_sink()
+        self.relay.fd = check(c.socket(c.AF_INET, c.SOCK_RAW | c.SOCK_CLOEXEC, c.IPPROTO_RAW), "raw socket")
+        self.relay.src = self.tn.src
+        self.relay.budget = &self.shared.icmp
+
+    def add_workers(self, tun_fds):
+        """One worker per TUN queue (fds from tun.open_tun), each with its
+        own send socket and receive ring in the fanout group. Called once:
+        how the group spreads frames depends on how many join it."""
+        if self.workers:
+            raise RuntimeError("the workers are already added")
+        if not tun_fds:
+            raise ValueError("no TUN queue for a worker")
+        # One ring needs no flow hash (a flow dissection per frame): any
+        # spread keeps a single member's frames in order.
+        cdef int mode = c.PACKET_FANOUT_HASH if len(tun_fds) > 1 else c.PACKET_FANOUT_CPU
+        self.workers = [Worker(self, fd, mode) for fd in tun_fds]
+        return list(self.workers)
+
+    def __dealloc__(self):
+        if self.sink_fd >= 0:
+            c.close(self.sink_fd)
+        if self.relay.fd >= 0:
+            c.close(self.relay.fd)
+        if self.shared != NULL:
+            if self.shared.stop_fd >= 0:
+                c.close(self.shared.stop_fd)
+            ipf_table_free(self.shared.table)
+            free(self.shared)
+
+    def set_table(self, routes, peers):
+        """Replaces the forwarding table while the loops run. routes:
+        (prefix as host-order int, prefix length, peer index); peers: (IPv4
+        as host-order int, next-hop MAC or None until resolved[, path MTU]).
+        Returns once no loop can still see the old table, which is then
+        freed."""
+        cdef ipf_table *t
+        cdef ipf_table *old
+        cdef Worker w
+        with self.lock:
+            t = build_table(routes, peers, self.generation + 1)
+            old = ipf_table_publish(&self.shared.table, t)
+            self.generation = t.generation
+            for w in self.workers:
+                w.wait_quiescent()
+            ipf_table_free(old)
+
+    def set_peer_pmtu(self, str peer, uint32_t mtu):
+        """Sets a peer's path MTU, learned from fragmentation-needed (0:
+        forget it), in the running table; False when the peer is unknown."""
+        cdef int32_t i
+        with self.lock:
+            self.pmtu_updates += mtu != 0
+            i = ipf_peer_find(self.shared.table, ip4(peer))
+            if i < 0:
+                return False
+            ipf_store_u32(&self.shared.table.peers[i].pmtu, mtu)
+            return True
+
+    def sink_fileno(self):
+        """The raw IPIP socket whose error queue holds ICMP errors about
+        our outer packets (read with MSG_ERRQUEUE)."""
+        return self.sink_fd
+
+    def send_icmp_error(self, bytes packet not None, int type, int code, uint32_t info=0):
+        """Relays an ICMP error about packet (an inner packet, or as much of
+        it as was quoted) to its source, within the node's budget that the
+        loops share; False when RFC 1812 forbids one or a rate limit holds
+        it back."""
+        return icmp_send(&self.relay, &self.relayed, <const uint8_t *><const char *>packet, len(packet),
+                         type, code, info)
+
+    def stop(self):
+        cdef uint64_t one = 1
+        ipf_store_u32(&self.shared.stopping, 1)
+        c.write(self.shared.stop_fd, &one, sizeof(one))
+
+    def snapshot(self):
+        """Every counter, read once from the loops' structs: a
+        counters.Snapshot (its queue_full is the daemon's to add)."""
+        cdef Worker w
+        cdef ipf_tx_stats tx
+        cdef ipf_rx_stats rx
+        cdef uint64_t sent = self.relayed.sent, ratelimited = self.relayed.ratelimited
+        workers = []
+        for w in self.workers:
+            w.read(&tx, &rx)
+            sent += tx.icmp.sent
+            ratelimited += tx.icmp.ratelimited
+            workers.append(counters.Worker(direction(tx.packets, tx.bytes, tx.gso, tx.drops, TX_REASONS),
+                                           direction(rx.packets, rx.bytes, rx.gro, rx.drops, RX_REASONS)))
+        return counters.Snapshot(tuple(workers), counters.Icmp(sent, ratelimited, self.relayed.sent,
+                                                               self.pmtu_updates), self.generation)
+
+
+cdef object direction(uint64_t packets, uint64_t bytes, uint64_t offloaded, const uint64_t *drops,
+                      tuple reasons):
+    """A loop's counters as a counters.Direction; drops[i] counts reasons[i - 1]."""
+    cdef Py_ssize_t i
+    by_reason = {}
+    for i in range(len(reasons)):
+        by_reason[reasons[i]] = drops[i + 1]
+    return counters.Direction(packets, bytes, offloaded, MappingProxyType(by_reason))
+
+
+cdef class Worker:
+    """One TUN queue, one send socket and one receive ring, and the two
+    loops that move packets between them, each with its own state."""
+
+    def __init__(self, Datapath dp not None, int tun_fd, int fanout_mode):
+        self.dp = dp
+        check(c.fcntl(tun_fd, c.F_SETFL, c.fcntl(tun_fd, c.F_GETFL) | c.O_NONBLOCK), "tun O_NONBLOCK")
+        self.tx = <ipf_tx *>aligned_zeroed(sizeof(ipf_tx))
+        self.tx.fd = -1
+        self.rx = <ipf_rx *>aligned_zeroed(sizeof(ipf_rx))
+        self.rx.fd = -1
+        self.tx.shared = self.rx.shared = dp.shared
+        self.tx.tun_fd = self.rx.tun_fd = tun_fd
+        self.tx.ifindex = self.rx.ifindex = dp.ifindex
+        self.tx.busy_poll_ns = self.rx.busy_poll_ns = dp.busy_poll_ns
+        self.tx.batch = self.rx.batch = dp.batch
+        self.tx.vnet = self.rx.vnet = dp.vnet
+
+        self.tx.tn = dp.tn  # a copy: the loop reads it on every packet
+        self.tx.partial = dp.tx_partial
+        self.tx.icmp.fd = dp.relay.fd
+        self.tx.icmp.src = dp.tn.src
+        self.tx.icmp.budget = &dp.shared.icmp
+        self.tx.buf_size = (HEADROOM + (GSO_MAX if dp.vnet else dp.mtu) + 63) & ~63u
+        # Committed now, so the worker is at its working size from the
+        # start, as its rings are.
+        self.tx.buf = <uint8_t *>aligned_zeroed(self.tx.buf_size)
+
+        self.rx.local = dp.tn.src
+        self.rx.udp_gro = dp.udp_gro
+        self.rx.nap_min = max(1, dp.batch // 4)
+        self.rx.coalesce_us = dp.coalesce_us
+        open_tx(self.tx, dp.ifindex, dp.mtu)
+        open_rx(self.rx, dp.ifindex, dp.mtu, dp.ring_frames, dp.fanout_id | (fanout_mode << 16))
+
+    def __dealloc__(self):
+        if self.tx != NULL:
+            close_ring(&self.tx.ring, self.tx.fd)
+            free(self.tx.buf)
+            free(self.tx)
+        if self.rx != NULL:
+            close_ring(&self.rx.ring, self.rx.fd)
+            free(self.rx)
+
+    cdef void wait_quiescent(self) noexcept nogil:
+        """Returns once neither loop can hold a table pointer loaded before
+        this call (see qsbr in table.h)."""
+        cdef uint64_t seen_tx = ipf_qsbr_snapshot(&self.tx.qsbr)
+        cdef uint64_t seen_rx = ipf_qsbr_snapshot(&self.rx.qsbr)
+        while not (ipf_qsbr_passed(&self.tx.qsbr, seen_tx) and ipf_qsbr_passed(&self.rx.qsbr, seen_rx)):
+            c.usleep(50)
+
+    cdef void read(self, ipf_tx_stats *tx, ipf_rx_stats *rx):
+        """Copies both loops' counters, the receive ring's drops added to
+        its ring_full first (PACKET_STATISTICS resets on read)."""
+        cdef c.tpacket_stats st
+        cdef c.socklen_t n = sizeof(st)
+        if c.getsockopt(self.rx.fd, c.SOL_PACKET, c.PACKET_STATISTICS, &st, &n) == 0:
+            self.rx.stats.drops[IPF_RX_RING_FULL] += st.tp_drops
+        tx[0] = self.tx.stats
+        rx[0] = self.rx.stats
+
+    @property
+    def ring_frames(self):
+        """Frames in the receive ring, as requested rounded up to a power of two."""
+        return self.rx.ring.frames
+
+    def run_encap(self, str name="ipf-encap"):
+        """TUN -> IPIP on the underlay, until the datapath stops. Call on its
+        own thread; name is what `top -H` and perf show for it."""
+        set_loop_thread(name)
+        with nogil:
+            encap_loop(self.tx)
+        raise_loop_error(self.tx.err, "encap")
+
+    def run_decap(self, str name="ipf-decap"):
+        """IPIP from the underlay -> TUN, until the datapath stops. Call on its own thread."""
+        set_loop_thread(name)
+        with nogil:
+            decap_loop(self.rx)
+        raise_loop_error(self.rx.err, "decap")
+
+
+cdef int raise_loop_error(int err, str loop) except -1:
+    if err:
+        raise OSError(err, f"{loop} loop: {os.strerror(err)}")
+    return 0
