@@ -181,57 +181,82 @@ cdef class Tunnel:
         free(slots)
         return made
 
-    def encap_batch(self, list packets not None, int rounds=1):
+    def encap_batch(self, list packets not None, int rounds=1, list frames=None):
         """Encapsulates packets in place `rounds` times over, as the encap
-        loop does for one batch (for benchmarks); returns how many passed."""
+        loop does for one batch, each with its place as the outer IP ID
+        (for benchmarks); returns how many passed. frames, when given, gets
+        what the last round made of each packet: its frame, or Dropped."""
         cdef Py_ssize_t count = len(packets), i
         cdef uint32_t *lens = <uint32_t *>malloc((count or 1) * sizeof(uint32_t))
+        cdef int *reasons = <int *>calloc(count or 1, sizeof(int))
         cdef uint8_t *bufs = NULL
         cdef uint64_t ok = 0
         cdef uint32_t length, stride = HEADROOM + self.tn.mtu
         cdef const ipf_peer *peer
-        cdef int r
+        cdef int r, reason
         cdef uint8_t *pkt
         try:
-            if lens == NULL:
+            if lens == NULL or reasons == NULL:
                 raise MemoryError()
             bufs = copy_in(packets, stride, HEADROOM, self.tn.mtu, lens, "packet larger than the tunnel MTU")
             with nogil:
                 for r in range(rounds):
                     for i in range(count):
                         pkt = bufs + i * stride + HEADROOM
-                        if ipf_encap_classify(self.table, &self.tn, pkt, lens[i], 0, &length, &peer) == IPF_TX_OK:
+                        reason = ipf_encap_classify(self.table, &self.tn, pkt, lens[i], 0, &length, &peer)
+                        if reason == IPF_TX_OK:
                             ipf_encap_write(&self.tn, peer, pkt, length, <uint16_t>i)
                             ok += 1
+                        else:
+                            reasons[i] = reason
+            if frames is not None:
+                for i in range(count):
+                    pkt = bufs + i * stride + HEADROOM
+                    frames.append(Dropped(TX_REASONS[reasons[i] - 1]) if reasons[i] else
+                                  PyBytes_FromStringAndSize(<char *>pkt - IPF_ENCAP_HLEN,
+                                                            IPF_ENCAP_HLEN + (pkt[2] << 8 | pkt[3])))
             return ok
         finally:
             free(lens)
+            free(reasons)
             free(bufs)
 
-    def decap_batch(self, list frames not None, int rounds=1):
-        """Decapsulates frames `rounds` times over (for benchmarks); returns
-        how many passed."""
+    def decap_batch(self, list frames not None, int rounds=1, list inners=None):
+        """Decapsulates frames in place `rounds` times over, as the decap
+        loop does for one batch (for benchmarks); returns how many passed.
+        inners, when given, gets what the last round made of each frame:
+        its inner packet, or Dropped."""
         cdef Py_ssize_t count = len(frames), i
         cdef uint32_t stride = self.tn.mtu + IPF_ETH_HLEN
         cdef uint32_t *lens = <uint32_t *>malloc((count or 1) * sizeof(uint32_t))
+        cdef int *reasons = <int *>calloc(count or 1, sizeof(int))
         cdef uint8_t *bufs = NULL
         cdef uint64_t ok = 0
         cdef uint8_t *inner
         cdef uint32_t inner_len
-        cdef int r
+        cdef int r, reason
         try:
-            if lens == NULL:
+            if lens == NULL or reasons == NULL:
                 raise MemoryError()
             bufs = copy_in(frames, stride, 0, stride, lens, "frame larger than the underlay MTU")
             with nogil:
                 for r in range(rounds):
                     for i in range(count):
-                        if ipf_decap(self.table, self.tn.src, bufs + i * stride, lens[i],
-                                     &inner, &inner_len) == IPF_RX_OK:
+                        reason = ipf_decap(self.table, self.tn.src, bufs + i * stride, lens[i], &inner, &inner_len)
+                        if reason == IPF_RX_OK:
                             ok += 1
+                        else:
+                            reasons[i] = reason
+            if inners is not None:
+                for i in range(count):
+                    inner = bufs + i * stride + IPF_ETH_HLEN
+                    inner += (inner[0] & 0x0f) * 4
+                    inners.append(Dropped(RX_REASONS[reasons[i] - 1]) if reasons[i] else
+                                  PyBytes_FromStringAndSize(<char *>inner, inner[2] << 8 | inner[3]))
             return ok
         finally:
             free(lens)
+            free(reasons)
             free(bufs)
 
 

@@ -100,5 +100,19 @@ def test_unresolved_next_hop_is_dropped():
 
 
 def test_batch_matches_single():
-    pkts = [inner(size=n) for n in (0, 100, 1000)] + [raw(IPv6() / UDP())]
-    assert tunnel().encap_batch(pkts, rounds=3) == 9
+    """A batch, encapsulated in place as the encap loop does it, makes of each
+    packet byte for byte what single encapsulation makes with its place as
+    the IP ID, and drops what that drops, for the same reason."""
+    pkts = [inner(size=n) for n in (0, 100, 1000)] + [raw(IPv6() / UDP()), inner(ttl=3, tos=0x03, df=False),
+                                                      inner(size=1480 - 28 + 1), inner()[:-1]]
+    t, frames = tunnel(), []
+    assert t.encap_batch(pkts, rounds=3, frames=frames) == 3 * 4
+    assert [f if isinstance(f, bytes) else f.reason for f in frames] == [single(t, p, i) for i, p in enumerate(pkts)]
+
+
+def single(t: Tunnel, pkt: bytes, ip_id: int) -> bytes | str:
+    """The frame for pkt, or the reason it is dropped."""
+    try:
+        return t.encapsulate(pkt, ip_id=ip_id)
+    except Dropped as e:
+        return e.reason
