@@ -94,8 +94,6 @@ class RouteTable:
 
     routes: tuple[Route, ...] = ()
     peers: tuple[IPv4Address, ...] = field(init=False)
-    # (netmask, {network: route}) per prefix length, longest first, for lookup().
-    _by_length: tuple[tuple[int, dict[int, Route]], ...] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         given = tuple(self.routes)
@@ -105,16 +103,8 @@ class RouteTable:
             if keys[a] == keys[b]:
                 raise DuplicateRouteError(given[a], given[b], a, b)
         routes = tuple(given[i] for i in order)
-        by_length: dict[int, dict[int, Route]] = {}
-        for (net, plen), route in zip((keys[i] for i in order), routes):
-            by_length.setdefault(plen, {})[net] = route
         object.__setattr__(self, "routes", routes)
         object.__setattr__(self, "peers", tuple(sorted({r.via for r in routes}, key=int)))
-        object.__setattr__(
-            self,
-            "_by_length",
-            tuple(((0xFFFFFFFF << (32 - n)) & 0xFFFFFFFF, by_length[n]) for n in sorted(by_length, reverse=True)),
-        )
 
     @classmethod
     def from_routes(cls, routes: Iterable[Route]) -> RouteTable:
@@ -126,15 +116,6 @@ class RouteTable:
 
     def __repr__(self) -> str:
         return f"<RouteTable {len(self.routes)} routes, {len(self.peers)} peers>"
-
-    def lookup(self, addr: IPv4Address | str | int) -> Route | None:
-        """Longest-prefix match: the reference the C LPM is tested against."""
-        a = int(IPv4Address(addr))
-        for mask, nets in self._by_length:
-            route = nets.get(a & mask)
-            if route is not None:
-                return route
-        return None
 
     def split(self, mode: Mode | str, node: IPv4Interface) -> tuple[RouteTable, RouteTable]:
         """(encapsulated, direct) as Calico's ipipMode decides.
