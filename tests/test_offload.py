@@ -235,6 +235,34 @@ def test_what_comes_after_a_train_waits_for_it():
     assert writes[1:] == [(bytes(10), fin)]
 
 
+def flow(f: int, n: int) -> list[bytes]:
+    return [segment(i, sport=1000 + f, ip_id0=100 * f) for i in range(n)]
+
+
+A, B = flow(0, 4), flow(1, 3)
+A_PSH = [segment(0, sport=1000), segment(1, sport=1000, flags="PA")]
+# (name, packets found in the ring in batches of 2, hold, the trains written in order)
+BATCH_ENDS = [
+    ("a train grows across batches while its flow keeps coming", A, True, [A]),
+    ("not held, a train is written at each batch's end", A, False, [A[:2], A[2:]]),
+    ("a flow quiet for a batch is written at its end", [A[0], B[0], B[1], B[2]], True, [A[:1], B]),
+    ("a full train is written at the batch's end though held", A_PSH + B[:2], True, [A_PSH, B[:2]]),
+]
+
+
+@pytest.mark.parametrize("name,packets,hold,trains", BATCH_ENDS, ids=[c[0] for c in BATCH_ENDS])
+def test_the_end_of_a_batch(name, packets, hold, trains):
+    """What the decap loop writes at the end of each batch, and when its
+    ring runs dry (after a full batch it looks once more and finds none)."""
+    writes = coalesce(packets, batch=2, hold=hold)
+    assert len(writes) == len(trains)
+    for (vnet, pkt), train in zip(writes, trains):
+        if len(train) == 1:
+            assert (vnet, pkt) == (bytes(10), train[0])
+        else:
+            check_merged(vnet, pkt, train)
+
+
 def test_train_stops_below_64k():
     segs = [segment(i) for i in range(60)]
     writes = coalesce(segs)
