@@ -32,6 +32,7 @@ cdef class Datapath:
         int ifindex, mtu, batch, ring_frames, fanout_id
         uint64_t busy_poll_ns
         unsigned int coalesce_us
+        uint32_t mark               # SO_MARK of the send sockets
         bint vnet, tx_partial, udp_gro
         ipf_icmp_sender relay       # the control thread's ICMP errors (relayed); owns the raw socket
         ipf_icmp_stats relayed

@@ -139,11 +139,10 @@ class Daemon:
             pmtudisc=cfg.tunnel.pmtudisc, ignore_df=cfg.tunnel.ignore_df, batch=cfg.tunnel.batch,
             vnet_hdr=cfg.tunnel.offload, csum_offload=self.csum_offload, udp_gso=tun.uso,
             coalesce_us=cfg.tunnel.coalesce_us, busy_poll_us=cfg.tunnel.busy_poll,
-            ring_frames=cfg.tunnel.ring_frames)
+            ring_frames=cfg.tunnel.ring_frames, mark=tc_drops.MARK)
         workers = self.datapath.add_workers(self.tun_fds)
         self.ring_frames = workers[0].ring_frames
         self.icmp = IcmpErrors(self.datapath, cfg.node.ip.ip)
-        tc_drops.mark_packet_sockets()  # before the first frame: the egress drop lets marked ones by
         try:
             self.tc = tc_drops.attach(self.underlay.index, cfg.node.ip.ip)
         except OSError as e:  # NetlinkError is an OSError too

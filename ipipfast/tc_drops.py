@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import struct
 from ipaddress import IPv4Address
 
@@ -178,23 +177,3 @@ def detach(ifindex: int) -> list[str]:
             removed.append(name)
     return removed
 
-
-def mark_packet_sockets(mark: int = MARK) -> int:
-    """Bridge until the datapath sets SO_MARK on its send sockets itself (a
-    setsockopt in Worker._open_tx): gives every AF_PACKET socket of this
-    process the mark (the receive rings' too, which never send). Returns how
-    many; call once the workers exist and before their loops run."""
-    n = 0
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        try:
-            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                continue
-            s = socket.socket(fileno=os.dup(fd))
-        except OSError:
-            continue  # gone since the listing (the listing's own fd)
-        with s:
-            if s.family == socket.AF_PACKET:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-                n += 1
-    return n

@@ -62,10 +62,7 @@ def _qdisc(tb: Testbed, node) -> dict:
 
 @pytest.mark.parametrize("underlay", [
     "as fast as the ring",
-    pytest.param("slower than the ring", marks=pytest.mark.xfail(
-        reason="for the lead (datapath branch): at stop the encap loop drops what it still reads for want of a "
-               "free TX slot at once (_tx_nap gives up when stopping) instead of waiting TX_WAIT_US for the "
-               "device; see the report", strict=False)),
+    "slower than the ring",
 ])
 def test_sigterm_sends_the_in_flight_batch(tmp_path: Path, underlay: str) -> None:
     """A SIGTERM under a flood: every packet the daemon read from the TUN (the

@@ -27,7 +27,7 @@ cdef class Datapath:
     def __init__(self, int ifindex, str local_ip, bytes local_mac, *, int mtu=1500, ttl=None, tos=0,
                  bint pmtudisc=False, bint ignore_df=False, int batch=64, int ring_frames=4096,
                  bint vnet_hdr=False, bint csum_offload=False, bint udp_gso=False, int coalesce_us=0,
-                 int busy_poll_us=0):
+                 int busy_poll_us=0, uint32_t mark=0):
         """ifindex, local_ip, local_mac: the underlay interface; mtu: its
         MTU (the largest outer packet); vnet_hdr: the TUN queues carry a
         virtio_net_hdr with offloads (tun.py); csum_offload: the underlay
@@ -38,7 +38,9 @@ cdef class Datapath:
         TCP segments are; coalesce_us: how long the decap loop naps under
         load before it looks at its ring again, instead of sleeping until
         the next frame wakes it; busy_poll_us: how long an
-        idle loop keeps looking for work before it sleeps in poll()."""
+        idle loop keeps looking for work before it sleeps in poll(); mark:
+        the skb mark of every frame the workers send (SO_MARK), by which the
+        tc egress drop knows the tunnel's own IPIP from a pod's."""
         if not 1 <= batch <= 1024:
             raise ValueError(f"batch {batch} out of range 1..1024")
         if not 0 <= coalesce_us <= 10000:
@@ -49,6 +51,7 @@ cdef class Datapath:
         self.udp_gro = vnet_hdr and udp_gso
         self.busy_poll_ns = <uint64_t>busy_poll_us * 1000
         self.coalesce_us = coalesce_us
+        self.mark = mark
         # The group that spreads received frames over the workers' rings by
         # flow; one per datapath in the namespace.
         self.fanout_id = hash((os.getpid(), id(self))) & 0xffff
@@ -195,7 +198,7 @@ cdef class Worker:
         self.rx.udp_gro = dp.udp_gro
         self.rx.nap_min = max(1, dp.batch // 4)
         self.rx.coalesce_us = dp.coalesce_us
-        open_tx(self.tx, dp.ifindex, dp.mtu)
+        open_tx(self.tx, dp.ifindex, dp.mtu, dp.mark)
         open_rx(self.rx, dp.ifindex, dp.mtu, dp.ring_frames, dp.fanout_id | (fanout_mode << 16))
 
     def __dealloc__(self):
@@ -236,6 +239,7 @@ cdef class Worker:
         set_loop_thread(name)
         with nogil:
             encap_loop(self.tx)
+            tx_drain(self.tx)
         raise_loop_error(self.tx.err, "encap")
 
     def run_decap(self, str name="ipf-decap"):

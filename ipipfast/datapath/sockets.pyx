@@ -70,7 +70,7 @@ cdef void close_ring(ipf_ring *ring, int fd) noexcept nogil:
         c.close(fd)
 
 
-cdef int open_tx(ipf_tx *tx, int ifindex, int mtu) except -1:
+cdef int open_tx(ipf_tx *tx, int ifindex, int mtu, uint32_t mark) except -1:
     # Frames leave through a PACKET_TX_RING: we copy each finished frame
     # into a slot and one send() hands the kernel every queued slot,
     # instead of a sendmmsg whose every message costs a msghdr and its
@@ -93,6 +93,10 @@ cdef int open_tx(ipf_tx *tx, int ifindex, int mtu) except -1:
     # ring, even past net.core.wmem_max (SO_SNDBUFFORCE, as root).
     if c.setsockopt(tx.fd, c.SOL_SOCKET, c.SO_SNDBUFFORCE, &size, sizeof(size)) < 0:
         c.setsockopt(tx.fd, c.SOL_SOCKET, c.SO_SNDBUF, &size, sizeof(size))
+    # tpacket_snd gives each skb the socket's mark: the tc egress drop
+    # passes marked IPIP (ours) and drops the rest (a pod's, masqueraded).
+    if mark:
+        check(c.setsockopt(tx.fd, c.SOL_SOCKET, c.SO_MARK, &mark, sizeof(mark)), "SO_MARK")
     check(c.setsockopt(tx.fd, c.SOL_PACKET, c.PACKET_VNET_HDR, &one, sizeof(one)), "PACKET_VNET_HDR")
     check(c.setsockopt(tx.fd, c.SOL_PACKET, c.PACKET_VERSION, &v, sizeof(v)), "PACKET_VERSION")
     # A frame the kernel refuses is skipped rather than stopping the ring.

@@ -46,13 +46,23 @@ cdef bint tx_kick(ipf_tx *tx) noexcept nogil:
 
 
 cdef bint tx_nap(ipf_tx *tx, uint32_t *waited) noexcept nogil:
-    """One step of waiting for the device; False once TX_WAIT_US is spent
-    or the datapath stops."""
-    if waited[0] >= TX_WAIT_US or stopping(tx.shared):
+    """One step of waiting for the device; False once TX_WAIT_US is spent.
+    Stopping does not cut it short: what the loop read is still sent."""
+    if waited[0] >= TX_WAIT_US:
         return False
     c.usleep(TX_WAIT_STEP_US)
     waited[0] += TX_WAIT_STEP_US
     return True
+
+
+cdef void tx_drain(ipf_tx *tx) noexcept nogil:
+    """At stop: sends what is still queued, waiting TX_WAIT_US at most, and
+    counts what the device would not take as dropped; the ring goes with
+    the socket, and nothing may leave it uncounted."""
+    tx_kick(tx)
+    tx.stats.drops[IPF_TX_SEND_FAILED] += tx.queued
+    tx.queued = 0
+    tx.queued_bytes = 0
 
 
 cdef bint tx_send(ipf_tx *tx) noexcept nogil:

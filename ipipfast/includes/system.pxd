@@ -23,6 +23,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SOL_SOCKET
         SO_SNDBUF
         SO_SNDBUFFORCE
+        SO_MARK
         SO_ERROR
         SO_ATTACH_FILTER
         MSG_DONTWAIT
