@@ -1,8 +1,10 @@
 """One node's tunnel: wires the config, the kernel and the datapath
-together, keeps next-hop MACs fresh, reloads routes on SIGHUP and cleans up
-on SIGINT/SIGTERM."""
+together, keeps next-hop MACs fresh, follows the routes (the config file on
+SIGHUP or when it changes, the kernel's routes into the TUN as they change)
+and cleans up on SIGINT/SIGTERM."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -10,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -17,10 +20,12 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from . import _datapath, ingress
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, digest, parse_config, read_config_text
 from .icmp import IcmpErrors
+from .inotify import ConfigWatcher
 from .kernel import Kernel, Link, NextHop
-from .routes import RouteTable
+from .routes import DatapathEntries, Kind, Table
+from .routing import Routing
 from .stats import MetricsServer
 from .tun import open_tun
 
@@ -31,25 +36,24 @@ SOLICIT_EVERY = 30         # checks between re-confirmations of every next hop
 STATUS_INTERVAL = 0.5      # seconds between status-file writes
 GC_INTERVAL = 60.0         # seconds between full garbage collections (see run_forever)
 WORKER_KEYS = ("tx_packets", "rx_packets", "tx_gso", "rx_gro")  # per worker in the status file
+PUBLISHED_KEPT = 64        # table publications the status keeps (generation, CLOCK_MONOTONIC ns, entries)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What a route table means for this node under its ipipMode."""
-    table: RouteTable         # everything the config names
-    encapsulated: RouteTable  # into the TUN, through the datapath
-    direct: RouteTable        # routed on the underlay unencapsulated (CrossSubnet, Never)
+    """A merged table and what the datapath needs of it."""
+    table: Table
+    encapsulated: tuple[IPv4Address, ...]  # the peers its entries index, in that order
+    peers: tuple[IPv4Address, ...]         # those, then every other node: IPIP is accepted from all
 
     @classmethod
-    def of(cls, config: Config) -> Plan:
-        enc, direct = config.routes.split(config.tunnel.mode, config.node.ip)
-        return cls(config.routes, enc, direct)
+    def of(cls, table: Table) -> Plan:
+        enc = table.encapsulated_peers()
+        extra = sorted(set(table.routes.vias) - set(enc))
+        return cls(table, tuple(map(IPv4Address, enc)), tuple(map(IPv4Address, enc + extra)))
 
-    def datapath_peers(self) -> list[IPv4Address]:
-        """The encapsulated table's peers (its route entries index them)
-        followed by the other known nodes: IPIP is accepted from all of them."""
-        extra = sorted(set(self.table.peers) - set(self.encapsulated.peers))
-        return list(self.encapsulated.peers) + extra
+    def entries(self) -> DatapathEntries:
+        return self.table.datapath_entries({int(p): i for i, p in enumerate(self.encapsulated)})
 
 
 class Daemon:
@@ -62,7 +66,15 @@ class Daemon:
         self.kernel = Kernel()
         self.stopping = threading.Event()
         self.reload_requested = threading.Event()
-        self.plan = Plan.of(config)
+        self.wake = threading.Event()  # the main thread's: a source changed, a signal came
+        self.routing: Routing | None = None
+        self.watcher: ConfigWatcher | None = None
+        self.config_digest = b""
+        self.plan = Plan.of(Table.build({}, config.tunnel.mode, config.node.ip))
+        self.generation = 0  # of the table pushed to the datapath (its set_table count)
+        self.published: deque[tuple[int, int, int]] = deque(maxlen=PUBLISHED_KEPT)
+        self.reloads = self.reloads_refused = 0
+        self._resolve_all = False  # next time, ask the kernel for every peer's next hop again
         self.macs: dict[IPv4Address, bytes | None] = {}
         self.nexthops: dict[IPv4Address, NextHop] = {}
         self.lock = threading.RLock()  # plan, next hops and MACs: main and neighbour threads
@@ -111,15 +123,20 @@ class Daemon:
         except OSError as e:  # NetlinkError is an OSError too
             log.warning("tc ingress drop not attached (%s): the kernel also processes every IPIP "
                         "frame, which costs CPU but nothing else", e)
-        with self.lock:
-            self._apply(self.plan, previous=None)
+        self.routing = Routing(self.tun.index, self.underlay.index, cfg.node.ip, cfg.tunnel.mode,
+                               cfg.kernel.learn, cfg.kernel.resync, self.config_path, self.wake.set)
+        self.routing.set_file(cfg.routes)
+        self._reconcile()  # the first dump of the kernel's routes, the table, our routes
         self._await_nexthops(timeout=2.0)
         loops: list[tuple[str, Callable[[], None]]] = []
         for i, w in enumerate(workers):
             loops += [(f"encap{i}", partial(w.run_encap, f"ipf-encap{i}")),
                       (f"decap{i}", partial(w.run_decap, f"ipf-decap{i}"))]
         loops += [("neighbours", self._neighbour_loop), ("status", self._status_loop),
-                  ("icmp", lambda: self.icmp.run(self.stopping))]
+                  ("icmp", lambda: self.icmp.run(self.stopping)), ("routes", self.routing.monitor.run)]
+        if self.config_path:
+            self.watcher = ConfigWatcher(self.config_path, self._config_changed)
+            loops.append(("config", self.watcher.run))
         for name, target in loops:
             t = threading.Thread(target=self._guard(target), name=f"ipipfast-{name}", daemon=True)
             t.start()
@@ -129,9 +146,10 @@ class Daemon:
             host, port = self.metrics.start(*cfg.stats.listen, self.counters)
             log.info("metrics on http://%s:%d/metrics", host, port)
         self._write_status()  # its appearance tells a supervisor that the tunnel is up
+        enc, direct = self._route_totals()
         log.info("ready: %s on %s (%s), mtu %d, mode %s, %d routes encapsulated, %d direct, "
                  "inner checksums %s", cfg.tunnel.name, self.underlay.name, cfg.node.ip.ip, mtu,
-                 cfg.tunnel.mode.value, len(self.plan.encapsulated.routes), len(self.plan.direct.routes),
+                 cfg.tunnel.mode.value, enc, direct,
                  "left to the underlay device" if self.csum_offload else "computed here")
 
     def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
@@ -142,18 +160,23 @@ class Daemon:
                 log.exception("%s failed", threading.current_thread().name)
                 self.errors.append(e)
                 self.stopping.set()
+                self.wake.set()
         return run
 
     def stop(self) -> None:
         self.stopping.set()
         if self.datapath is not None:
             self.datapath.stop()
+        if self.routing is not None:
+            self.routing.monitor.stop()
+        if self.watcher is not None:
+            self.watcher.stop()
         for t in self.threads:
             t.join(timeout=5)
         if self.metrics:
             self.metrics.stop()
         try:
-            self._withdraw(self.plan)
+            self._withdraw()
         finally:
             self._write_status()
             self.datapath = None  # frees the rings and sockets once the loops have returned
@@ -161,19 +184,34 @@ class Daemon:
                 os.close(fd)  # the TUN and its routes go with the last one
             self.tun_fds = []
             self.kernel.close()
+            if self.routing is not None:
+                self.routing.close()
+            if self.watcher is not None:
+                self.watcher.close()
 
     def run_forever(self) -> int:
-        """Runs until SIGINT/SIGTERM; SIGHUP reloads the routes."""
-        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
-        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
-        signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
+        """Runs until SIGINT/SIGTERM; SIGHUP (or an edit of the file) reloads
+        the routes. The main thread reconciles: whatever changed wakes it."""
+        def request(event: threading.Event) -> Callable[..., None]:
+            def handler(*_: object) -> None:
+                event.set()
+                self.wake.set()
+            return handler
+        signal.signal(signal.SIGINT, request(self.stopping))
+        signal.signal(signal.SIGTERM, request(self.stopping))
+        signal.signal(signal.SIGHUP, request(self.reload_requested))
         self.start()
         next_gc = time.monotonic() + GC_INTERVAL
         try:
-            while not self.stopping.wait(0.2):
+            while not self.stopping.is_set():
+                self.wake.wait(max(0.0, min(next_gc, self._next_resync()) - time.monotonic()))
+                self.wake.clear()
+                if self.stopping.is_set():
+                    break
                 if self.reload_requested.is_set():
                     self.reload_requested.clear()
                     self.reload()
+                self._reconcile()
                 if time.monotonic() >= next_gc:
                     # Each pyroute2 call leaves 30-100 objects in reference
                     # cycles. A quiet daemon makes so few objects that
@@ -187,67 +225,107 @@ class Daemon:
             self.stop()
         return 1 if self.errors else 0
 
+    def _config_changed(self) -> None:
+        self.reload_requested.set()
+        self.wake.set()
+
+    def _next_resync(self) -> float:
+        return self.routing.next_resync() if self.routing else float("inf")
+
     # ---- routes ---------------------------------------------------------------
 
     def reload(self) -> bool:
-        """Re-reads the config file's routes. A bad file is refused with its
-        line and the running table stays."""
-        if not self.config_path:
+        """Re-reads the config file: its routes and the mode. A bad file is
+        refused with its line and the running table stays; a file the same
+        as the last one read is not parsed again."""
+        if not self.config_path or self.routing is None:
             return False
         try:
-            new = load_config(self.config_path, self.overrides)
-        except (ConfigError, OSError) as e:
+            text = read_config_text(self.config_path)
+            if digest(text) == self.config_digest:
+                log.info("reload: %s is unchanged", self.config_path)
+                self.reloads += 1
+                return True
+            new = parse_config(text, self.config_path, self.overrides)
+        except ConfigError as e:
+            self.reloads_refused += 1
             log.error("reload refused, keeping the running table: %s", e)
             return False
-        if (new.node, new.tunnel) != (self.config.node, self.config.tunnel):
-            log.warning("reload: node and tunnel settings change only on restart; routes reloaded")
-        plan = Plan(new.routes, *new.routes.split(self.config.tunnel.mode, self.config.node.ip))
-        with self.lock:
-            previous, self.plan = self.plan, plan
-            self._apply(plan, previous)
-        log.info("reloaded: %d routes encapsulated, %d direct",
-                 len(plan.encapsulated.routes), len(plan.direct.routes))
+        self.config_digest = digest(text)
+        for w in new.warnings:
+            log.warning("%s", w)
+        changed = [f.name for f in dataclasses.fields(new.tunnel)
+                   if f.name != "mode" and getattr(new.tunnel, f.name) != getattr(self.config.tunnel, f.name)]
+        changed += [name for name in ("node", "kernel", "stats") if getattr(new, name) != getattr(self.config, name)]
+        if changed:
+            log.warning("reload: %s change only on restart; the routes and the mode are reloaded",
+                        ", ".join(changed))
+        if new.tunnel.mode is not self.config.tunnel.mode:
+            log.info("reload: mode %s -> %s", self.config.tunnel.mode, new.tunnel.mode)
+        self.config = dataclasses.replace(self.config, routes=new.routes,
+                                          tunnel=dataclasses.replace(self.config.tunnel, mode=new.tunnel.mode))
+        self.routing.set_file(new.routes)
+        self.routing.set_mode(new.tunnel.mode)
+        self.reloads += 1
+        self._resolve_all = True
+        log.info("reloaded: %d routes from the file, mode %s", len(new.routes), new.tunnel.mode)
         return True
 
-    def _apply(self, plan: Plan, previous: Plan | None) -> None:
-        """Programs the datapath first, then the kernel routes that lead to
-        it, so that no packet reaches the TUN before its table entry."""
-        self._resolve_nexthops(plan)
-        self._push_table()
-        old_enc = previous.encapsulated if previous else RouteTable()
-        old_dir = previous.direct if previous else RouteTable()
-        added, removed = old_enc.diff(plan.encapsulated)
-        self.kernel.remove_routes(self.tun.index, [r.cidr for r in removed - added])
-        self.kernel.replace_routes(self.tun.index, [r.cidr for r in added], self.config.node.ip.ip)
-        added, removed = old_dir.diff(plan.direct)
-        self.kernel.remove_direct_routes([r.cidr for r in removed - added], self.underlay.index)
-        self.kernel.replace_direct_routes([(r.cidr, r.via) for r in added], self.underlay.index)
+    def _reconcile(self) -> None:
+        """One pass: the kernel's changes, then the table if a source
+        changed, to the datapath first and then to the kernel, so that no
+        packet reaches the TUN before its entry."""
+        assert self.routing is not None
+        self.routing.take_kernel()
+        table = self.routing.build()
+        if table is not None:
+            with self.lock:
+                self.plan = Plan.of(table)
+                self._resolve_nexthops(self.plan)
+                self._push_table()
+        self.routing.program()
 
-    def _withdraw(self, plan: Plan) -> None:
+    def _route_totals(self) -> tuple[int, int]:
+        """(encapsulated, direct) routes in the table."""
+        direct = self.plan.table.kinds.count(Kind.DIRECT)
+        return len(self.plan.table) - direct, direct
+
+    def _withdraw(self) -> None:
         # Routes into the TUN vanish with it; direct routes and the tc drop
         # are ours to remove (once we stop, nothing takes those frames).
         if self.ingress_attached:
             ingress.detach(self.underlay.index)
             self.ingress_attached = False
-        self.kernel.remove_direct_routes([r.cidr for r in plan.direct.routes], self.underlay.index)
+        if self.routing is not None:
+            self.routing.withdraw_direct()
 
     def _push_table(self) -> None:
         assert self.datapath is not None
-        peers = self.plan.datapath_peers()
-        self.datapath.set_table(self.plan.encapsulated.datapath_entries(),
-                                [(int(p), self.macs.get(p), self.icmp.pmtu(p)) for p in peers])
+        plan = self.plan
+        peers = [(int(p), self.macs.get(p), self.icmp.pmtu(p)) for p in plan.peers]
+        entries = plan.entries()
+        self.datapath.set_table(entries, peers)
+        self.generation += 1
+        self.published.append((self.generation, time.monotonic_ns(), len(entries)))
 
     # ---- next hops ------------------------------------------------------------
 
     def _resolve_nexthops(self, plan: Plan) -> None:
-        self.nexthops = {}
-        for peer in plan.encapsulated.peers:
+        """The underlay next hop of each encapsulated peer: asked of the
+        kernel for new peers (and for all after a reload), kept for the rest."""
+        resolve_all, self._resolve_all = self._resolve_all, False
+        nexthops = {}
+        for peer in plan.encapsulated:
+            if not resolve_all and peer in self.nexthops:
+                nexthops[peer] = self.nexthops[peer]
+                continue
             hop = self.kernel.nexthop(peer)
             if hop.ifindex != self.underlay.index:
                 log.warning("peer %s is reached through ifindex %d, not the underlay %s: "
                             "its packets are dropped (no_neigh)", peer, hop.ifindex, self.underlay.name)
                 continue
-            self.nexthops[peer] = hop
+            nexthops[peer] = hop
+        self.nexthops = nexthops
         self._refresh_macs(push=False)
 
     def _refresh_macs(self, push: bool = True) -> None:
@@ -303,7 +381,16 @@ class Daemon:
         the TUN's drops come from the status loop's last look."""
         if not self.datapath:
             return {}
-        return {**self.datapath.counters(), "tx_drop_queue_full": self.tun_queue_full, **self.icmp.counters()}
+        routing = self.routing.counters() if self.routing else {}
+        return {**self.datapath.counters(), "tx_drop_queue_full": self.tun_queue_full, **self.icmp.counters(),
+                **routing, "reloads": self.reloads, "reloads_refused": self.reloads_refused}
+
+    def show_routes(self) -> dict:
+        """The table as plain data (for the control socket): every route with
+        its source, the conflicts with both sides, the refused kernel routes."""
+        if self.routing is None:
+            return {}
+        return {"generation": self.generation, **self.routing.show()}
 
     def status(self) -> dict:
         return {
@@ -311,8 +398,11 @@ class Daemon:
             "tunnel": self.config.tunnel.name,
             "csum_offload": self.csum_offload,
             "ring_frames": self.ring_frames,
-            "routes_encapsulated": len(self.plan.encapsulated.routes),
-            "routes_direct": len(self.plan.direct.routes),
+            "routes_encapsulated": self._route_totals()[0],
+            "routes_direct": self._route_totals()[1],
+            "config_digest": self.config_digest.hex(),  # of the file last read: what a reload waits for
+            "table": {"generation": self.generation, "published": list(self.published),
+                      **(self.routing.summary() if self.routing else {})},
             "next_hops": {str(p): (m.hex(":") if m else None) for p, m in self.macs.items()},
             "path_mtu": self.icmp.pmtus() if self.datapath else {},
             "counters": self.counters(),
@@ -338,7 +428,10 @@ class Daemon:
 
 def run(config_path: str, status_file: str | None = None, overrides: dict | None = None) -> int:
     """Runs the node in config_path; overrides: tunnel options from the command line."""
-    config = load_config(config_path, overrides)
+    text = read_config_text(config_path)
+    config = parse_config(text, config_path, overrides)
     for w in config.warnings:
         log.warning("%s", w)
-    return Daemon(config, config_path, status_file, overrides).run_forever()
+    daemon = Daemon(config, config_path, status_file, overrides)
+    daemon.config_digest = digest(text)
+    return daemon.run_forever()

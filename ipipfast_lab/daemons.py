@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,8 +39,13 @@ class TunnelProcess:
         self._final_log: str | None = None
         self.proc = tb.popen(node, argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd)
 
-    def write_config(self, config: dict[str, Any]) -> None:
-        self.config_path.write_text(yaml.safe_dump(config))
+    def write_config(self, config: dict[str, Any] | str) -> None:
+        """Replaces the config file whole (a dict, or raw text), as tools that
+        manage files do: the daemon watches it, and would read a file being
+        written in place half-written."""
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+        tmp.replace(self.config_path)
 
     def wait_ready(self, timeout: float = 15) -> None:
         deadline = time.monotonic() + timeout
@@ -54,6 +59,23 @@ class TunnelProcess:
     def status(self) -> dict[str, Any]:
         return json.loads(self.status_path.read_text())
 
+    def wait_for(self, holds: Callable[[dict[str, Any]], bool], timeout: float = 15) -> dict[str, Any]:
+        """The first status written from now on (twice a second) for which
+        holds(status) is true."""
+        deadline = time.monotonic() + timeout
+        since = time.time()
+        while True:
+            if self.status_path.stat().st_mtime >= since:
+                status = self.status()
+                if holds(status):
+                    return status
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ipipfast on {self.node.name} exited {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ipipfast on {self.node.name}: no such status after {timeout}s:\n"
+                                   f"{json.dumps(self.status())[:2000]}\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+
     def counters(self, fresh: bool = True) -> dict[str, int]:
         """The daemon's counters; fresh waits for a status write newer than now."""
         if fresh:
@@ -64,10 +86,7 @@ class TunnelProcess:
 
     def reload(self, config: dict[str, Any] | str) -> None:
         """Rewrites the config file (a dict, or raw text to test bad input) and sends SIGHUP."""
-        if isinstance(config, str):
-            self.config_path.write_text(config)
-        else:
-            self.write_config(config)
+        self.write_config(config)
         self.proc.send_signal(signal.SIGHUP)
 
     def log(self) -> str:

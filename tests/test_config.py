@@ -7,6 +7,7 @@ import yaml
 from ipipfast.config import (
     Config,
     ConfigError,
+    KernelConfig,
     NodeConfig,
     StatsConfig,
     TunnelConfig,
@@ -14,7 +15,7 @@ from ipipfast.config import (
     load_config,
     parse_config,
 )
-from ipipfast.routes import Mode, Route, RouteTable
+from ipipfast.routes import Mode, Route, RouteSet
 
 NODE = "node:\n  ip: 198.18.0.10/24\n  interface: eth0\n"  # lines 1-3
 
@@ -43,8 +44,8 @@ routes:
 DEFAULT_NODE = NodeConfig(ip=IPv4Interface("198.18.0.10/24"), interface="eth0")
 
 
-def routes(*pairs: tuple[str, str]) -> RouteTable:
-    return RouteTable.from_routes(Route.parse(c, v) for c, v in pairs)
+def routes(*pairs: tuple[str, str]) -> RouteSet:
+    return RouteSet.of(Route.parse(c, v) for c, v in pairs)
 
 
 GOOD = [
@@ -78,6 +79,15 @@ GOOD = [
      Config(node=DEFAULT_NODE, routes=routes(("198.19.1.0/24", "198.18.0.11"), ("198.19.9.0/24", "198.18.0.11")))),
     ("host-route", NODE + "routes: [{cidr: 198.19.1.7, via: 198.18.0.11}]\n",
      Config(node=DEFAULT_NODE, routes=routes(("198.19.1.7/32", "198.18.0.11")))),
+    ("routes-empty-list", NODE + "routes: []\n", Config(node=DEFAULT_NODE)),
+    ("kernel", NODE + "kernel: {learn: false, resync: 0}\n",
+     Config(node=DEFAULT_NODE, kernel=KernelConfig(learn=False, resync=0))),
+    ("kernel-empty", NODE + "kernel:\n", Config(node=DEFAULT_NODE, kernel=KernelConfig(learn=True, resync=90))),
+    # Forms the event reader hands to the node reader: quoted, tagged, netmask, anchored items.
+    ("routes-unusual-forms", NODE + "routes:\n  - {'cidr': \"198.19.1.0/24\", via: !!str 198.18.0.11}\n"
+     "  - &r {cidr: 198.19.2.0/255.255.255.0, via: 198.18.0.12}\n  - {via: 198.18.0.13, cidr: 10.0.0.0/08}\n",
+     Config(node=DEFAULT_NODE, routes=routes(("198.19.1.0/24", "198.18.0.11"), ("198.19.2.0/24", "198.18.0.12"),
+                                              ("10.0.0.0/8", "198.18.0.13")))),
 ]
 
 
@@ -94,7 +104,7 @@ BAD = [
     ("yaml-two-documents", NODE + "---\n" + NODE, 4, "invalid YAML"),
     ("top-not-mapping", "- node\n", 1, "the config: expected a mapping, got a list"),
     ("unknown-top-key", NODE + "tunel:\n  mtu: 1400\n", 4, "unknown key 'tunel' at the top level; did you mean 'tunnel'?"),
-    ("unknown-key-no-match", NODE + "zzz: 1\n", 4, "expected one of: node, tunnel, stats, routes"),
+    ("unknown-key-no-match", NODE + "zzz: 1\n", 4, "expected one of: node, tunnel, kernel, stats, routes"),
     ("unknown-tunnel-key", NODE + "tunnel:\n  mode: Always\n  worker: 4\n", 6, "did you mean 'workers'?"),
     ("unknown-route-key", NODE + "routes:\n  - cidr: 198.19.1.0/24\n    vai: 198.18.0.11\n", 6, "did you mean 'via'?"),
     ("non-string-key", NODE + "tunnel:\n  1: 2\n", 5, "keys must be strings, got int 1"),
@@ -153,6 +163,23 @@ BAD = [
     ("via-loopback", NODE + "routes:\n  - cidr: 198.19.1.0/24\n    via: 127.0.0.2\n", 6, "loopback"),
     ("via-inside-cidr", NODE + "routes:\n  - cidr: 198.19.1.0/24\n    via: 198.19.1.1\n", 6, "lies inside the routed CIDR"),
     ("via-self", NODE + "routes:\n  - cidr: 198.19.1.0/24\n    via: 198.18.0.10\n", 6, "this node's own address"),
+    ("via-self-before-node", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\n  - {cidr: 198.19.2.0/24,"
+     " via: 198.18.0.10}\n" + NODE, 3, "routes[1].via: 198.18.0.10 is this node's own address"),
+    ("route-alias-duplicate", NODE + "routes:\n  - &r {cidr: 198.19.1.0/24, via: 198.18.0.11}\n  - *r\n", 5,
+     "routes[1]: duplicate route for 198.19.1.0/24; routes[0] on line 5"),  # an alias is its anchor's node
+    ("route-undefined-alias", NODE + "routes:\n  - {cidr: 198.19.1.0/24, via: *nope}\n", 5,
+     "invalid YAML: found undefined alias 'nope'"),
+    ("route-key-twice", NODE + "routes:\n  - {cidr: 198.19.1.0/24, cidr: 198.19.2.0/24, via: 198.18.0.11}\n", 5,
+     "duplicate key 'cidr' in routes[0]"),
+    ("route-value-list", NODE + "routes:\n  - {cidr: [198.19.1.0/24], via: 198.18.0.11}\n", 5,
+     "routes[0].cidr: expected a string, got a list"),
+    ("route-via-float", NODE + "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18}\n", 5,
+     "routes[0].via: expected a string, got float 198.18"),
+    ("routes-second-error-in-list", NODE + "routes:\n" + "  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\n" * 1
+     + "  - {cidr: 198.19.2.0/24, via: 198.18.0.311}\n", 6, "routes[1].via: invalid IPv4 address"),
+    ("kernel-learn-string", NODE + "kernel:\n  learn: 'yes'\n", 5, "kernel.learn: expected true or false"),
+    ("kernel-resync-negative", NODE + "kernel:\n  resync: -1\n", 5, "kernel.resync: -1 is out of range 0..86400"),
+    ("kernel-unknown-key", NODE + "kernel:\n  lern: true\n", 5, "unknown key 'lern' in kernel; did you mean 'learn'?"),
     ("duplicate-route", NODE + "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\n"
      "  - {cidr: 198.19.2.0/24, via: 198.18.0.11}\n  - {cidr: 198.19.1.0/24, via: 198.18.0.12}\n",
      7, "routes[2]: duplicate route for 198.19.1.0/24; routes[0] on line 5 already routes it"),
@@ -254,3 +281,49 @@ def test_config_from_dict_errors_have_no_line(d: dict, reason: str) -> None:
     assert e.value.line is None and e.value.source == "testbed"
     assert reason in e.value.reason
     assert str(e.value) == f"testbed: {e.value.reason}"
+
+
+def _cidr_lines_by_compose(text: str) -> list[int]:
+    """The line of each route's cidr value, from PyYAML's own composer."""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    routes = next(v for k, v in root.value if k.value == "routes")
+    return [next(v for k, v in item.value if k.value == "cidr").start_mark.line + 1 for item in routes.value]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_streamed_routes_match_yaml_itself(seed: int) -> None:
+    """The event reader against PyYAML's pure-Python loader and composer:
+    the same routes, and each route's detail is its cidr's line."""
+    import random
+
+    rng = random.Random(seed)
+    lines = [NODE, "routes:\n"]
+    for i in range(300):
+        cidr, via = f"198.19.{i // 4}.{i % 4 * 64}/26", f"198.18.{rng.randrange(4)}.{rng.randrange(11, 250)}"
+        lines.append(rng.choice([
+            f"  - {{cidr: {cidr}, via: {via}}}\n",
+            f"  - cidr: {cidr}\n    via: {via}\n",
+            f"  - via: '{via}'\n    cidr: \"{cidr}\"\n",
+            f"  -\n    cidr: {cidr}  # a comment\n\n    via: {via}\n",
+        ]))
+    text = "".join(lines)
+    config = parse_config(text)
+    expected = config_from_dict(yaml.load(text, Loader=yaml.SafeLoader))
+    assert config.routes == expected.routes and len(config.routes) == 300
+    by_key = dict(zip(config.routes.keys, config.routes.details))
+    assert [by_key[r.key] for r in expected_in_file_order(text)] == _cidr_lines_by_compose(text)
+
+
+def expected_in_file_order(text: str) -> list[Route]:
+    return [Route.parse(r["cidr"], r["via"]) for r in yaml.load(text, Loader=yaml.SafeLoader)["routes"]]
+
+
+def test_command_line_overrides_keep_the_routes(tmp_path: Path) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(FULL)
+    config = load_config(path, {"workers": 4, "tos": "inherit"})
+    assert (config.tunnel.workers, config.tunnel.tos, config.tunnel.batch) == (4, None, 128)
+    assert config.routes == parse_config(FULL).routes
+    with pytest.raises(ConfigError) as e:  # FULL says pmtudisc: false
+        load_config(path, {"ttl": 64})
+    assert e.value.source == f"{path} with --ttl" and e.value.line is None

@@ -1,0 +1,337 @@
+"""The kernel's routes as this node sees them: a mirror of IPv4 table main,
+loaded from a dump and kept current by notifications (RouteMonitor).
+
+It holds three things: the routes someone else (BIRD: proto bird, felix:
+proto 80, an operator: static, boot) wrote into our TUN, which are the
+kernel route source; our own routes (proto 0xbf) into the TUN and onto the
+underlay, against which the desired state is diffed; and the routes into
+the TUN it refuses, with why:
+
+- no_gateway: `<cidr> dev <tun>` without `via`. The kernel's tunl0 would
+  send to the inner destination itself; a TUN has no next hop to give, so
+  there is no node to encapsulate to.
+- multipath: `nexthop via A nexthop via B` (Calico's ECMP). The kernel
+  spreads such routes by a hash; the datapath keeps one node per CIDR.
+- bad_gateway: a via that cannot be a node (not unicast, inside the routed
+  CIDR, this node's own address, or of another address family).
+- tos: a route that selects by TOS; the datapath matches by destination.
+
+A kernel route is identified by (CIDR, TOS, metric) and holds one route
+each here: `ip route append` / `prepend` aliases are not told apart, the
+periodic resync puts the mirror right where that matters.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+from . import rtnl
+from .routes import RouteSet, cidr_text, key_of, route_problem
+
+log = logging.getLogger(__name__)
+
+DEV_TUN, DEV_UNDERLAY, DEV_OTHER = 0, 1, 2
+REFUSALS = ("no_gateway", "multipath", "bad_gateway", "tos")
+# iproute2's /etc/iproute2/rt_protos names, for show ("proto bird"); felix's 80 has none.
+PROTOCOLS = {0: "unspec", 1: "redirect", 2: "kernel", 3: "boot", 4: "static", 8: "gated", 9: "ra", 10: "mrt",
+             11: "zebra", 12: "bird", 13: "dnrouted", 14: "xorp", 15: "ntk", 16: "dhcp", 17: "mrouted",
+             18: "keepalived", 42: "babel", 99: "openr", 186: "bgp", 187: "isis", 188: "ospf", 189: "rip",
+             192: "eigrp"}
+_MASK32 = 0xFFFFFFFF
+
+
+def protocol_name(proto: int) -> str:
+    return PROTOCOLS.get(proto, str(proto))
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str
+    protocol: int
+    gateway: int          # 0: none
+    nexthops: int         # multipath: how many
+
+
+@dataclass
+class _State:
+    # CIDR key -> via | protocol << 32 | metric << 40: the foreign route into
+    # the TUN with the lowest metric (the one the kernel uses).
+    foreign: dict[int, int] = field(default_factory=dict)
+    # (CIDR key << 32 | metric) -> the same packing: further metrics of a CIDR.
+    shadowed: dict[int, int] = field(default_factory=dict)
+    # CIDR key -> via | device << 32: ours, at metric 0.
+    own: dict[int, int] = field(default_factory=dict)
+    # (CIDR key << 32 | metric) -> why a route into the TUN is not used.
+    refused: dict[int, Refused] = field(default_factory=dict)
+
+
+class KernelRoutes:
+    """The mirror; used from the daemon's main thread only."""
+
+    def __init__(self, tun: int, underlay: int, node_ip: int, protocol: int) -> None:
+        self.tun, self.underlay, self.node_ip, self.protocol = tun, underlay, node_ip, protocol
+        self.state = _State()
+        # CIDR keys a route we do not mirror holds at our kernel key (metric 0):
+        # found when an add of ours met EEXIST, or when such a route replaced ours.
+        self.blocked: set[int] = set()
+        self.foreign_changed: set[int] = set()  # CIDR keys whose kernel-source route changed
+        self.own_changed: set[int] = set()      # CIDR keys whose route of ours changed under us
+        self.refused_total: Counter[str] = Counter({r: 0 for r in REFUSALS})
+        self.resyncs = 0          # full dumps after the first
+        self.resyncs_changed = 0  # ... that found the mirror wrong
+        self._source = RouteSet()
+        self.loaded = False
+        self.links: dict[int, int] = {tun: rtnl.IFF_UP, underlay: rtnl.IFF_UP}  # their flags: both up at start
+
+    # ---- the kernel route source ---------------------------------------------------
+
+    def source(self) -> RouteSet:
+        """The foreign routes into the TUN as a route set (detail: protocol),
+        updated in place of a rebuild when few changed."""
+        changed = self.foreign_changed
+        if changed:
+            foreign = self.state.foreign
+            self._source = self._source.updated(
+                {k: (v & _MASK32, v >> 32 & 0xFF) if (v := foreign.get(k)) is not None else None for k in changed})
+            self.foreign_changed = set()
+        return self._source
+
+    def own(self, key: int) -> tuple[int, int] | None:
+        """(via, device) of our route for key, or None."""
+        v = self.state.own.get(key)
+        return None if v is None else (v & _MASK32, v >> 32)
+
+    def own_keys(self) -> Iterable[int]:
+        return self.state.own.keys()
+
+    def refused(self) -> dict[int, Refused]:
+        return self.state.refused
+
+    # ---- what we wrote ---------------------------------------------------------------
+
+    def wrote(self, key: int, via: int, device: int) -> None:
+        """A route of ours the kernel accepted. The notifications our writes
+        cause are filtered out of the subscription (they could arrive after a
+        later write to the same key and undo it here): the writer records."""
+        self.state.own[key] = via | device << 32
+        self.blocked.discard(key)
+
+    def removed(self, key: int) -> None:
+        self.state.own.pop(key, None)
+
+    def held(self, key: int) -> None:
+        """An add of ours met EEXIST: a route we do not mirror holds the key."""
+        self.blocked.add(key)
+        self.state.own.pop(key, None)
+
+    # ---- dumps and notifications -------------------------------------------------------
+
+    def load(self, dump: Callable[[Callable[[rtnl.RouteMsg], None]], bool]) -> bool:
+        """Replaces the mirror with a full dump (retried while the kernel
+        says a change interrupted it); True when it differed from what the
+        notifications had built (never on the first load)."""
+        first = not self.loaded
+        for _ in range(rtnl.DUMP_ATTEMPTS):
+            fresh = _State()
+            blocked: set[int] = set()
+            interrupted = dump(lambda msg: self._apply(fresh, blocked, msg, log_refusals=False))
+            if not interrupted:
+                break
+        old = self.state
+        changed = {k for k in old.foreign.keys() ^ fresh.foreign.keys()}
+        changed.update(k for k, v in fresh.foreign.items() if old.foreign.get(k, v) != v)
+        own_changed = {k for k in old.own.keys() ^ fresh.own.keys()}
+        own_changed.update(k for k, v in fresh.own.items() if old.own.get(k, v) != v)
+        refusals_changed = old.refused.keys() ^ fresh.refused.keys()
+        for kkey in fresh.refused.keys() - old.refused.keys():
+            self._refusal_news(kkey, fresh.refused[kkey])
+        self.state = fresh
+        self.foreign_changed |= changed
+        self.own_changed |= own_changed
+        # Keys another route held: still held if that route is there; we cannot
+        # tell without mirroring every route, so let the next write find out.
+        self.own_changed |= self.blocked
+        self.blocked = set()
+        differed = bool(changed or own_changed or refusals_changed)
+        self.loaded = True
+        if not first:
+            self.resyncs += 1
+            self.resyncs_changed += differed
+        return differed and not first
+
+    def apply(self, messages: Iterable[rtnl.RouteMsg | rtnl.LinkMsg]) -> bool:
+        """Notifications, in order; True when a link of ours changed in a way
+        that may have flushed routes without a notification (IPv4 removes a
+        down device's routes silently): then only a dump tells."""
+        resync = False
+        for msg in messages:
+            if isinstance(msg, rtnl.LinkMsg):
+                resync |= self._link(msg)
+            else:
+                self._apply(self.state, self.blocked, msg, log_refusals=True)
+        return resync
+
+    def _link(self, msg: rtnl.LinkMsg) -> bool:
+        if msg.index not in self.links:
+            return False
+        flags = msg.flags if msg.new else 0
+        old, self.links[msg.index] = self.links[msg.index], flags
+        return bool((old ^ flags) & rtnl.IFF_UP)
+
+    def _apply(self, st: _State, blocked: set[int], msg: rtnl.RouteMsg, log_refusals: bool) -> None:
+        if msg.table != rtnl.RT_TABLE_MAIN or msg.flags & rtnl.RTM_F_CLONED:
+            return
+        key = key_of(msg.dst, msg.dst_len)
+        metric = msg.priority
+        kkey = key << 32 | metric
+        into_tun = msg.oif == self.tun or any(hop[0] == self.tun for hop in msg.nexthops)
+        ours = msg.protocol == self.protocol
+        at_our_key = metric == 0 and msg.tos == 0
+        if not msg.new:
+            if ours:
+                if at_our_key:
+                    self._own_gone(st, key)
+            elif into_tun:
+                st.refused.pop(kkey, None)
+                self._foreign_gone(st, key, metric)
+            elif at_our_key and key in blocked:
+                blocked.discard(key)  # the route holding our key went: ours may go in now
+                self.own_changed.add(key)
+            return
+        # A new route at a kernel key supersedes what we knew there.
+        if at_our_key and key in st.own and not ours:
+            self._own_gone(st, key)
+            if not into_tun:
+                blocked.add(key)
+        st.refused.pop(kkey, None)
+        self._foreign_gone(st, key, metric)
+        if ours:
+            if at_our_key:
+                device = DEV_TUN if msg.oif == self.tun else DEV_UNDERLAY if msg.oif == self.underlay else DEV_OTHER
+                st.own[key] = msg.gateway | device << 32
+                self.own_changed.add(key)
+            return
+        if not into_tun:
+            return
+        reason = self._refusal(msg)
+        if reason:
+            refused = Refused(reason, msg.protocol, msg.gateway, len(msg.nexthops))
+            if log_refusals and st.refused.get(kkey) != refused:
+                self._refusal_news(kkey, refused)
+            st.refused[kkey] = refused
+            return
+        value = msg.gateway | msg.protocol << 32 | metric << 40
+        current = st.foreign.get(key)
+        if current is None or current >> 40 >= metric:
+            if current is not None and current >> 40 > metric:
+                st.shadowed[key << 32 | current >> 40] = current
+            st.foreign[key] = value
+            self.foreign_changed.add(key)
+        else:
+            st.shadowed[kkey] = value
+
+    def _own_gone(self, st: _State, key: int) -> None:
+        if st.own.pop(key, None) is not None:
+            self.own_changed.add(key)
+
+    def _foreign_gone(self, st: _State, key: int, metric: int) -> None:
+        current = st.foreign.get(key)
+        if current is None or current >> 40 != metric:
+            st.shadowed.pop(key << 32 | metric, None)
+            return
+        del st.foreign[key]
+        self.foreign_changed.add(key)
+        rest = [k for k in st.shadowed if k >> 32 == key]  # the next metric takes over
+        if rest:
+            st.foreign[key] = st.shadowed.pop(min(rest))
+
+    def _refusal(self, msg: rtnl.RouteMsg) -> str | None:
+        if msg.tos:
+            return "tos"
+        if msg.nexthops:
+            return "multipath"
+        if msg.foreign_gateway:
+            return "bad_gateway"
+        if not msg.gateway:
+            return "no_gateway"
+        if msg.gateway == self.node_ip or route_problem(msg.dst, msg.dst_len, msg.gateway):
+            return "bad_gateway"
+        return None
+
+    def _refusal_news(self, kkey: int, r: Refused) -> None:
+        self.refused_total[r.reason] += 1
+        why = {
+            "no_gateway": "no via: a TUN gives no next hop, so there is no node to encapsulate to",
+            "multipath": f"{r.nexthops} next hops: the datapath keeps one node per CIDR",
+            "bad_gateway": "its via cannot be a tunnel endpoint"
+                           + (f" ({IPv4Address(r.gateway)})" if r.gateway else " (not IPv4)"),
+            "tos": "it selects by TOS; the datapath matches by destination only",
+        }[r.reason]
+        log.warning("kernel route %s metric %d proto %s into the tunnel refused (%s): %s",
+                    cidr_text(kkey >> 32), kkey & _MASK32, protocol_name(r.protocol), r.reason, why)
+
+
+class RouteMonitor:
+    """The subscription's reader: a thread that decodes notifications as they
+    come and queues them for the main thread, which it wakes. After an
+    ENOBUFS (the kernel dropped some) it drains the socket, clears the queue
+    and flags the loss: the main thread then dumps, and replays only what
+    came after, so nothing older than the dump overwrites it."""
+
+    def __init__(self, writer: rtnl.RouteSocket, wake: Callable[[], None]) -> None:
+        self.sub = rtnl.Subscription(writer.port)
+        self.wake = wake
+        self._lock = threading.Lock()
+        self._queue: list[rtnl.RouteMsg | rtnl.LinkMsg] = []
+        self._lost = False
+        self.losses = 0  # ENOBUFS seen
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+
+    def take(self) -> tuple[list[rtnl.RouteMsg | rtnl.LinkMsg], bool]:
+        """(what arrived since the last take, whether notifications were lost)."""
+        with self._lock:
+            queue, lost = self._queue, self._lost
+            self._queue, self._lost = [], False
+        return queue, lost
+
+    def run(self) -> None:
+        poll = select.poll()
+        poll.register(self.sub.fileno(), select.POLLIN)
+        poll.register(self._stop_r, select.POLLIN)
+        while True:
+            ready = {fd for fd, _ in poll.poll()}
+            if self._stop_r in ready:
+                return
+            try:
+                messages = self.sub.receive()
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+                self.sub.drain()
+                with self._lock:
+                    self._queue, self._lost = [], True
+                    self.losses += 1
+                log.warning("route notifications lost (ENOBUFS): re-reading the kernel's routes")
+                self.wake()
+                continue
+            messages = [m for m in messages if not isinstance(m, rtnl.RouteMsg) or m.table == rtnl.RT_TABLE_MAIN]
+            if messages:
+                with self._lock:
+                    self._queue.extend(messages)
+                self.wake()
+
+    def stop(self) -> None:
+        os.write(self._stop_w, b"x")
+
+    def close(self) -> None:
+        self.sub.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+

@@ -1,0 +1,277 @@
+"""The node's routing: route sources in, the merged table out to the
+datapath and our routes out to the kernel. Everything here runs on the
+daemon's main thread, which the sources wake (RouteMonitor, SIGHUP, the
+config watcher); one pass there is: take the kernel's notifications (after a
+dump when one is due), rebuild the table if a source changed, push it to the
+datapath (the daemon does that, under its lock), then write only the kernel
+routes that differ.
+
+Our routes carry rtm_protocol 0xbf, so `ip route` shows whose they are
+("proto 191", or a name given in /etc/iproute2/rt_protos.d/):
+    <cidr> via <node> dev <tun> proto 191 src <node ip> onlink  (encapsulated)
+    <cidr> via <node> dev <underlay> proto 191                 (direct)
+A route someone else holds at the key we would write (the same CIDR at
+metric 0) is never replaced or deleted: an add is exclusive, a delete
+matches our protocol only; the CIDR is shown as held by that route. A move
+between the TUN and the underlay is one replace.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+
+from . import rtnl
+from .kernel_routes import DEV_TUN, DEV_UNDERLAY, KernelRoutes, RouteMonitor, protocol_name
+from .routes import Conflict, Kind, Mode, RouteSet, Side, Source, Table, cidr_text, network_of
+
+log = logging.getLogger(__name__)
+
+# Routes we install carry this protocol number, so that they are ours to
+# remove (and recognisable in `ip route`: "proto 191"). Values above 0xbf
+# are unassigned in rt_protos; Calico's bird routes use "proto bird" (12).
+RTPROT_IPIPFAST = 0xBF
+RETRY_AFTER = 10.0  # seconds before a resync retries writes the kernel refused
+_KIND_NAMES = {Kind.ENCAPSULATED: "encapsulated", Kind.DIRECT: "direct", Kind.FOREIGN: "encapsulated"}
+
+
+class Routing:
+    def __init__(self, tun: int, underlay: int, node: IPv4Interface, mode: Mode, learn: bool, resync: int,
+                 config_path: str | None, wake: Callable[[], None]) -> None:
+        self.tun, self.underlay, self.node = tun, underlay, node
+        self.mode, self.learn, self.resync_interval = mode, learn, resync
+        self.config_name = Path(config_path).name if config_path else "<config>"
+        self.writer = rtnl.RouteSocket(RTPROT_IPIPFAST)
+        self.mirror = KernelRoutes(tun, underlay, int(node.ip), RTPROT_IPIPFAST)
+        # Subscribed before the first dump: every change after it is queued.
+        self.monitor = RouteMonitor(self.writer, wake)
+        self.file = RouteSet()
+        self.table = Table.build({}, mode, node)
+        self._dirty = True           # a source or the mode changed since the table was built
+        self._full = True            # diff every route of ours next time (start, file or mode change)
+        self._candidates: set[int] = set()  # else only these CIDR keys
+        self._retry: set[int] = set()       # keys whose write failed: tried again after the next dump
+        self._next_resync = 0.0      # monotonic; 0: at once
+        self.write_errors = 0        # route writes the kernel refused for another reason than EEXIST/ESRCH
+
+    def close(self) -> None:
+        self.monitor.close()
+        self.writer.close()
+
+    # ---- sources -------------------------------------------------------------------
+
+    def set_file(self, routes: RouteSet) -> None:
+        if routes != self.file or list(routes.details) != list(self.file.details):
+            self.file = routes
+            self._dirty = self._full = True
+
+    def set_mode(self, mode: Mode) -> None:
+        if mode is not self.mode:
+            self.mode = mode
+            self._dirty = self._full = True
+
+    def take_kernel(self, now: float | None = None) -> None:
+        """The kernel's notifications since the last pass, after a full dump
+        when one is due: at start, every kernel.resync seconds, after lost
+        notifications and after one of our links went down or up (IPv4
+        flushes a down device's routes without telling)."""
+        queue, lost = self.monitor.take()
+        now = time.monotonic() if now is None else now
+        if lost or now >= self._next_resync:
+            # Queued notifications are newer than the last dump (and, after a
+            # loss, than the drain), so replaying them over this one is right.
+            self.mirror.load(self.writer.dump)
+            self._next_resync = now + self.resync_interval if self.resync_interval else float("inf")
+            self._candidates |= self._retry
+            self._retry = set()
+        if self.mirror.apply(queue):
+            self._next_resync = 0.0
+            self.monitor.wake()
+        changed = self.mirror.foreign_changed | self.mirror.own_changed
+        if changed:
+            self._candidates |= changed
+            self.mirror.own_changed = set()
+            self._dirty |= bool(self.mirror.foreign_changed) and self.learn
+
+    def next_resync(self) -> float:
+        """When the next dump is due (monotonic seconds)."""
+        return self._next_resync
+
+    # ---- the table -------------------------------------------------------------------
+
+    def build(self) -> Table | None:
+        """The merged table if a source changed since the last one, else None."""
+        if not self._dirty:
+            return None
+        sources = {Source.FILE: self.file}
+        kernel = self.mirror.source()  # consumes the foreign changes
+        if self.learn:
+            sources[Source.KERNEL] = kernel
+        self.table = Table.build(sources, self.mode, self.node)
+        self._dirty = False
+        return self.table
+
+    # ---- our kernel routes -------------------------------------------------------------
+
+    def program(self) -> None:
+        """Writes the kernel routes of ours that differ from the table: after
+        the datapath has the table, so no packet enters the TUN before its entry."""
+        ops = self._full_ops() if self._full else self._ops(self._candidates)
+        self._full, self._candidates = False, set()
+        if not ops:
+            return
+        failed = {(op.dst, op.dst_len, op.op): (code, text) for op, code, text in self.writer.write(ops)}
+        problems: Counter[str] = Counter()
+        for op in ops:
+            key = op.dst << 6 | op.dst_len
+            failure = failed.get((op.dst, op.dst_len, op.op))
+            if failure is None:
+                if op.op == "delete":
+                    self.mirror.removed(key)
+                else:
+                    self.mirror.wrote(key, op.gateway, DEV_TUN if op.oif == self.tun else DEV_UNDERLAY)
+                continue
+            code, text = failure
+            if op.op == "add" and code == errno.EEXIST:
+                self.mirror.held(key)
+                what = "another route holds it in the kernel: left as it is"
+            elif op.op == "delete" and code == errno.ESRCH:
+                self.mirror.removed(key)
+                continue
+            else:
+                self.write_errors += 1
+                what = f"{text or errno.errorcode.get(code, str(code))} (tried again at the next resync)"
+                self._retry.add(key)
+                self._next_resync = min(self._next_resync, time.monotonic() + RETRY_AFTER)
+            if problems[what] < 3:
+                log.warning("kernel route %s %s via %s: %s", op.op, cidr_text(key), IPv4Address(op.gateway), what)
+            problems[what] += 1
+        for what, n in problems.items():
+            if n > 3:
+                log.warning("... and %d more: %s", n - 3, what)
+
+    def withdraw_direct(self) -> None:
+        """Deletes our routes on the underlay (at exit: those into the TUN go with it)."""
+        own = self.mirror.state.own
+        self.writer.write([rtnl.RouteOp("delete", *network_of(k)) for k, v in own.items() if v >> 32 == DEV_UNDERLAY])
+
+    def _want(self, via: int, kind: int) -> int | None:
+        if kind == Kind.FOREIGN:
+            return None
+        return via | (DEV_TUN if kind == Kind.ENCAPSULATED else DEV_UNDERLAY) << 32
+
+    def _op(self, key: int, want: int | None, have: int | None) -> rtnl.RouteOp | None:
+        if want == have or (want is not None and key in self.mirror.blocked):
+            return None
+        dst, plen = network_of(key)
+        if want is None:
+            return rtnl.RouteOp("delete", dst, plen)
+        via, tun = want & 0xFFFFFFFF, want >> 32 == DEV_TUN
+        return rtnl.RouteOp("add" if have is None else "replace", dst, plen, self.tun if tun else self.underlay,
+                            via, onlink=tun, prefsrc=int(self.node.ip) if tun else 0)
+
+    def _ops(self, keys: set[int]) -> list[rtnl.RouteOp]:
+        t, own = self.table, self.mirror.state.own
+        ops = []
+        for key in sorted(keys):
+            i = t.routes.index(key)
+            want = None if i < 0 else self._want(t.routes.vias[i], t.kinds[i])
+            op = self._op(key, want, own.get(key))
+            if op is not None:
+                ops.append(op)
+        return ops
+
+    def _full_ops(self) -> list[rtnl.RouteOp]:
+        t, own = self.table, self.mirror.state.own
+        ops = []
+        seen = 0
+        for key, via, kind in zip(t.routes.keys, t.routes.vias, t.kinds):
+            want = self._want(via, kind)
+            have = own.get(key)
+            seen += have is not None
+            op = self._op(key, want, have)
+            if op is not None:
+                ops.append(op)
+        if seen < len(own):  # some of ours are not in the table (any more)
+            ops += [op for key in sorted(own) if t.routes.index(key) < 0 and (op := self._op(key, None, own[key]))]
+        return ops
+
+    # ---- what it looks like ----------------------------------------------------------------
+
+    def detail(self, source: Source, detail: int) -> str:
+        if source is Source.FILE:
+            return f"{self.config_name}:{detail}" if detail else self.config_name
+        if source is Source.KERNEL:
+            return f"proto {protocol_name(detail)}"
+        return f"revision {detail}"
+
+    def _side(self, side: Side) -> dict:
+        return {"source": str(side.source), "via": str(IPv4Address(side.via)),
+                "detail": self.detail(side.source, side.detail)}
+
+    def routes(self) -> Iterator[dict]:
+        """Each route of the table: CIDR, node, source and its detail, how
+        it is carried, and what holds it in the kernel. Safe from another
+        thread: the table is immutable, the mirror only looked up."""
+        t, own, blocked = self.table, self.mirror.state.own, self.mirror.blocked
+        foreign = self.mirror.state.foreign
+        for key, via, src, detail, kind in zip(t.routes.keys, t.routes.vias, t.sources, t.routes.details, t.kinds):
+            source = Source(src)
+            if kind == Kind.FOREIGN:
+                holder = foreign.get(key)
+                kernel = "none" if holder is None else f"proto {protocol_name(holder >> 32 & 0xFF)}"
+            elif key in blocked:
+                kernel = "held by another route"
+            else:
+                kernel = "ours" if key in own else "pending"
+            yield {"cidr": cidr_text(key), "via": str(IPv4Address(via)), "source": str(source),
+                   "detail": self.detail(source, detail), "kind": _KIND_NAMES[Kind(kind)], "kernel": kernel}
+
+    def show(self) -> dict:
+        """Everything about the table, as plain data (for the control socket):
+        the routes, the conflicts with both sides, the refused kernel routes."""
+        return {"routes": list(self.routes()), **self.summary(limit=None)}
+
+    def summary(self, limit: int | None = 100) -> dict:
+        """The table without its routes (for the status file): counts by
+        source and kind, and the first `limit` conflicts and refusals. Safe
+        from another thread: what it copies, C copies under the GIL."""
+        conflicts = self.table.conflicts[:limit]
+        refused = sorted(self.mirror.refused().items())[:limit]
+        return {
+            "mode": str(self.mode),
+            "learn": self.learn,
+            "routes_by": [[source, kind, n] for (source, kind), n in sorted(self.counts().items())],
+            "conflicts": [{"cidr": cidr_text(c.key), "winner": self._side(c.winner), "loser": self._side(c.loser)}
+                          for c in conflicts],
+            "refused": [{"cidr": cidr_text(kkey >> 32), "metric": kkey & 0xFFFFFFFF, "reason": r.reason,
+                         "detail": f"proto {protocol_name(r.protocol)}",
+                         "via": str(IPv4Address(r.gateway)) if r.gateway else None} for kkey, r in refused],
+            "held": len(self.mirror.blocked),
+        }
+
+    def conflicts(self) -> tuple[Conflict, ...]:
+        return self.table.conflicts
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Routes by (source, kind), for ipipfast_routes{source,kind}."""
+        out: Counter[tuple[str, str]] = Counter()
+        for (src, kind), n in self.table.counts.items():
+            out[str(Source(src)), _KIND_NAMES[Kind(kind)]] += n
+        return dict(out)
+
+    def counters(self) -> dict[str, int]:
+        m = self.mirror
+        return {
+            "kernel_route_writes": self.writer.writes,
+            "kernel_route_batches": self.writer.batches,
+            "kernel_route_write_errors": self.write_errors,
+            "kernel_resyncs": m.resyncs,
+            "kernel_resyncs_changed": m.resyncs_changed,
+            "kernel_notifications_lost": self.monitor.losses,
+            **{f"kernel_routes_refused_{reason}": n for reason, n in m.refused_total.items()},
+        }
