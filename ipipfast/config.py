@@ -24,6 +24,7 @@ from yaml.representer import RepresenterError, SafeRepresenter
 
 from .routes import (DuplicateRouteError, Mode, RouteSet, cidr_text, check_unicast, fast_address, fast_network,
                      key_of, parse_address, parse_network, route_problem)
+from . import route_lines
 from .yaml_events import Events
 
 _NULL_TAG = "tag:yaml.org,2002:null"
@@ -133,9 +134,23 @@ def load_config(path: str | PathLike[str], tunnel: Mapping[str, Any] | None = No
 
 
 def parse_config(text: str, source: str = "<config>", tunnel: Mapping[str, Any] | None = None) -> Config:
+    cut = route_lines.cut(text)
+    if cut is not None:
+        try:
+            return _parse(cut.remainder, source, tunnel, cut)
+        except (ConfigError, _NotTheRoutes):
+            pass  # the whole text through YAML: it decides, and has the words for any error
+    return _parse(text, source, tunnel, None)
+
+
+class _NotTheRoutes(Exception):
+    """The lines read as routes were not the top-level routes key's value."""
+
+
+def _parse(text: str, source: str, tunnel: Mapping[str, Any] | None, cut: route_lines.Cut | None) -> Config:
     events = Events(text)
     try:
-        return _read(events, _Reader(source), tunnel)
+        return _read(events, _Reader(source), tunnel, cut)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         context = f" ({e.context})" if e.context else ""
@@ -147,7 +162,7 @@ def parse_config(text: str, source: str = "<config>", tunnel: Mapping[str, Any] 
         events.close()
 
 
-def _read(events: Events, reader: _Reader, tunnel: Mapping[str, Any] | None) -> Config:
+def _read(events: Events, reader: _Reader, tunnel: Mapping[str, Any] | None, cut: route_lines.Cut | None) -> Config:
     first = events.root()
     if first is None:
         raise ConfigError(reader.source, None, "the config is empty; it needs at least node.ip and node.interface")
@@ -159,12 +174,18 @@ def _read(events: Events, reader: _Reader, tunnel: Mapping[str, Any] | None) -> 
             start = events.next()
             if isinstance(key, yaml.ScalarNode) and key.value == "routes" and key.tag == _STR_TAG:
                 routes = reader.stream_routes(events, start)
+                if cut is not None:
+                    if first.flow_style or key.start_mark.line + 1 != cut.line or len(routes.keys):
+                        raise _NotTheRoutes()
+                    routes = _Routes(cut.keys, cut.vias, cut.lines, cut.via_lines)
                 value: yaml.Node = yaml.ScalarNode(_STREAMED, "", start.start_mark, start.end_mark)
             else:
                 value = events.compose(start)
             root.value.append((key, value))
     else:
         root = events.compose(first)
+    if cut is not None and routes is None:
+        raise _NotTheRoutes()
     events.end()
     return reader.config(root, routes, tunnel)
 
@@ -514,9 +535,10 @@ class _Reader:
 class _Routes:
     """Routes as they are read: arrays in file order, checked as a whole by finish()."""
 
-    def __init__(self) -> None:
-        self.keys, self.vias = array("Q"), array("I")
-        self.lines, self.via_lines = array("I"), array("I")  # 0: no line (a dict)
+    def __init__(self, keys: array | None = None, vias: array | None = None, lines: array | None = None,
+                 via_lines: array | None = None) -> None:
+        self.keys, self.vias = keys or array("Q"), vias or array("I")
+        self.lines, self.via_lines = lines or array("I"), via_lines or array("I")  # 0: no line (a dict)
 
     def add(self, key: int, via: int, line: int, via_line: int) -> None:
         self.keys.append(key)

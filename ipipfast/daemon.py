@@ -19,7 +19,7 @@ from functools import partial
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from . import _datapath, ingress
+from . import _datapath, heap, ingress
 from .config import Config, ConfigError, digest, parse_config, read_config_text
 from .icmp import IcmpErrors
 from .inotify import ConfigWatcher
@@ -74,6 +74,7 @@ class Daemon:
         self.generation = 0  # of the table pushed to the datapath (its set_table count)
         self.published: deque[tuple[int, int, int]] = deque(maxlen=PUBLISHED_KEPT)
         self.reloads = self.reloads_refused = 0
+        self.last_reload: dict = {}
         self._resolve_all = False  # next time, ask the kernel for every peer's next hop again
         self.macs: dict[IPv4Address, bytes | None] = {}
         self.nexthops: dict[IPv4Address, NextHop] = {}
@@ -127,6 +128,7 @@ class Daemon:
                                cfg.kernel.learn, cfg.kernel.resync, self.config_path, self.wake.set)
         self.routing.set_file(cfg.routes)
         self._reconcile()  # the first dump of the kernel's routes, the table, our routes
+        heap.trim()  # what parsing the file and the dump left
         self._await_nexthops(timeout=2.0)
         loops: list[tuple[str, Callable[[], None]]] = []
         for i, w in enumerate(workers):
@@ -235,23 +237,37 @@ class Daemon:
     # ---- routes ---------------------------------------------------------------
 
     def reload(self) -> bool:
-        """Re-reads the config file: its routes and the mode. A bad file is
-        refused with its line and the running table stays; a file the same
-        as the last one read is not parsed again."""
+        """Re-reads the config file: its routes and the mode, and reconciles.
+        A bad file is refused with its line and the running table stays; a
+        file the same as the last one read is not parsed again. Records how
+        long it took in last_reload."""
         if not self.config_path or self.routing is None:
             return False
+        start, writes = time.monotonic(), self.routing.writer.writes
         try:
             text = read_config_text(self.config_path)
             if digest(text) == self.config_digest:
                 log.info("reload: %s is unchanged", self.config_path)
-                self.reloads += 1
-                return True
-            new = parse_config(text, self.config_path, self.overrides)
+                new = None
+            else:
+                new = parse_config(text, self.config_path, self.overrides)
         except ConfigError as e:
             self.reloads_refused += 1
             log.error("reload refused, keeping the running table: %s", e)
             return False
-        self.config_digest = digest(text)
+        if new is not None:
+            self.config_digest = digest(text)
+            self._take(new)
+            self._reconcile()
+            heap.trim()
+        self.reloads += 1
+        self.last_reload = {"seconds": round(time.monotonic() - start, 6), "parsed": new is not None,
+                            "route_writes": self.routing.writer.writes - writes}
+        return True
+
+    def _take(self, new: Config) -> None:
+        """The routes and the mode of a new config; the rest needs a restart."""
+        assert self.routing is not None
         for w in new.warnings:
             log.warning("%s", w)
         changed = [f.name for f in dataclasses.fields(new.tunnel)
@@ -266,10 +282,8 @@ class Daemon:
                                           tunnel=dataclasses.replace(self.config.tunnel, mode=new.tunnel.mode))
         self.routing.set_file(new.routes)
         self.routing.set_mode(new.tunnel.mode)
-        self.reloads += 1
         self._resolve_all = True
         log.info("reloaded: %d routes from the file, mode %s", len(new.routes), new.tunnel.mode)
-        return True
 
     def _reconcile(self) -> None:
         """One pass: the kernel's changes, then the table if a source
@@ -401,6 +415,7 @@ class Daemon:
             "routes_encapsulated": self._route_totals()[0],
             "routes_direct": self._route_totals()[1],
             "config_digest": self.config_digest.hex(),  # of the file last read: what a reload waits for
+            "last_reload": self.last_reload,
             "table": {"generation": self.generation, "published": list(self.published),
                       **(self.routing.summary() if self.routing else {})},
             "next_hops": {str(p): (m.hex(":") if m else None) for p, m in self.macs.items()},
@@ -428,6 +443,7 @@ class Daemon:
 
 def run(config_path: str, status_file: str | None = None, overrides: dict | None = None) -> int:
     """Runs the node in config_path; overrides: tunnel options from the command line."""
+    heap.keep_big_blocks_mapped()
     text = read_config_text(config_path)
     config = parse_config(text, config_path, overrides)
     for w in config.warnings:

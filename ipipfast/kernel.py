@@ -1,12 +1,13 @@
 """The kernel's side of the tunnel, through netlink (pyroute2): links,
-routes into the TUN, and next-hop MACs for the AF_PACKET socket."""
+next hops and their MACs for the AF_PACKET socket. (Routes, by the
+hundred thousand, go through rtnl.py.)"""
 from __future__ import annotations
 
 import logging
 import os
 import threading
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 
 from pyroute2 import IPRoute
 from pyroute2.ethtool import Ethtool
@@ -16,11 +17,6 @@ from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_GETROUTE
 
 log = logging.getLogger(__name__)
 
-# Routes we install carry this protocol number, so that they are ours to
-# remove (and recognisable in `ip route`: "proto 0xbf"). Values above 0xbf
-# are unassigned in rt_protos; Calico's bird routes use "proto bird" (12).
-RTPROT_IPIPFAST = 0xBF
-RT_SCOPE_LINK = 253
 TUN_TXQUEUELEN = 1000
 NTF_USE = 0x01      # neighbour flag: ask the kernel to resolve it now
 NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE PERMANENT NOARP
@@ -128,31 +124,6 @@ class Kernel:
         # arrives while the encap loop waits for a CPU is dropped beyond it.
         self.ipr.link("set", index=link.index, mtu=mtu, txqlen=TUN_TXQUEUELEN, state="up")
         return self.link(name)
-
-    def replace_routes(self, ifindex: int, cidrs: list[IPv4Network], src: IPv4Address | None = None) -> None:
-        for cidr in cidrs:
-            extra = {"prefsrc": str(src)} if src else {}
-            self.ipr.route("replace", dst=str(cidr.network_address), dst_len=cidr.prefixlen,
-                           oif=ifindex, proto=RTPROT_IPIPFAST, scope=RT_SCOPE_LINK, **extra)
-
-    def remove_routes(self, ifindex: int, cidrs: list[IPv4Network]) -> None:
-        for cidr in cidrs:
-            try:
-                self.ipr.route("del", dst=str(cidr.network_address), dst_len=cidr.prefixlen,
-                               oif=ifindex, proto=RTPROT_IPIPFAST)
-            except NetlinkError as e:
-                if e.code != 3:  # ESRCH: already gone (the TUN went first)
-                    raise
-
-    def replace_direct_routes(self, routes: list[tuple[IPv4Network, IPv4Address]], ifindex: int) -> None:
-        """Pod CIDRs routed to their node on the underlay, unencapsulated
-        (Calico's CrossSubnet for same-subnet peers, and Never)."""
-        for cidr, via in routes:
-            self.ipr.route("replace", dst=str(cidr.network_address), dst_len=cidr.prefixlen,
-                           gateway=str(via), oif=ifindex, proto=RTPROT_IPIPFAST)
-
-    def remove_direct_routes(self, cidrs: list[IPv4Network], ifindex: int) -> None:
-        self.remove_routes(ifindex, cidrs)
 
     def nexthop(self, peer: IPv4Address) -> NextHop:
         """The underlay next hop the kernel would use to reach peer."""

@@ -18,7 +18,8 @@ the TUN it refuses, with why:
 
 A kernel route is identified by (CIDR, TOS, metric) and holds one route
 each here: `ip route append` / `prepend` aliases are not told apart, the
-periodic resync puts the mirror right where that matters.
+periodic resync puts the mirror right where that matters. The routes are
+kept in IntMaps (16 bytes each at 100k, where dicts took ~115).
 """
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ import logging
 import os
 import select
 import threading
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
 from . import rtnl
+from .intmap import IntMap
 from .routes import RouteSet, cidr_text, key_of, route_problem
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,10 @@ PROTOCOLS = {0: "unspec", 1: "redirect", 2: "kernel", 3: "boot", 4: "static", 8:
              18: "keepalived", 42: "babel", 99: "openr", 186: "bgp", 187: "isis", 188: "ospf", 189: "rip",
              192: "eigrp"}
 _MASK32 = 0xFFFFFFFF
+# A foreign route's value: via | protocol << 32 | metric << 40, the metric
+# saturated at 24 bits (two routes into the TUN for one CIDR, both with
+# metrics above 16.7M, are the only ones this could confuse).
+_METRIC_MAX = 0xFFFFFF
 
 
 def protocol_name(proto: int) -> str:
@@ -59,17 +66,101 @@ class Refused:
     nexthops: int         # multipath: how many
 
 
+def _foreign(gateway: int, protocol: int, metric: int) -> int:
+    return gateway | protocol << 32 | min(metric, _METRIC_MAX) << 40
+
+
 @dataclass
 class _State:
-    # CIDR key -> via | protocol << 32 | metric << 40: the foreign route into
-    # the TUN with the lowest metric (the one the kernel uses).
-    foreign: dict[int, int] = field(default_factory=dict)
+    # CIDR key -> the foreign route into the TUN with the lowest metric (the
+    # one the kernel uses), packed as _foreign() does.
+    foreign: IntMap = field(default_factory=IntMap)
     # (CIDR key << 32 | metric) -> the same packing: further metrics of a CIDR.
     shadowed: dict[int, int] = field(default_factory=dict)
     # CIDR key -> via | device << 32: ours, at metric 0.
-    own: dict[int, int] = field(default_factory=dict)
+    own: IntMap = field(default_factory=IntMap)
     # (CIDR key << 32 | metric) -> why a route into the TUN is not used.
     refused: dict[int, Refused] = field(default_factory=dict)
+
+
+class _Dump:
+    """A state built from a dump: the routes appended as they come, sorted
+    and sifted once at the end (no dict of 100k entries on the way)."""
+
+    def __init__(self, mirror: KernelRoutes) -> None:
+        self.mirror = mirror
+        self.foreign: list[array] = [array("Q"), array("Q")]
+        self.own: list[array] = [array("Q"), array("Q")]
+        self.metrics = array("Q")
+        self.refused: dict[int, Refused] = {}
+
+    def add(self, msg: rtnl.RouteMsg) -> None:
+        m = self.mirror
+        if msg.table != rtnl.RT_TABLE_MAIN or msg.flags & rtnl.RTM_F_CLONED:
+            return
+        key = key_of(msg.dst, msg.dst_len)
+        if msg.protocol == m.protocol:
+            if msg.priority == 0 and msg.tos == 0:
+                self.own[0].append(key)
+                self.own[1].append(msg.gateway | m.device(msg.oif) << 32)
+            return
+        if not m.into_tun(msg):
+            return
+        reason = m.refusal(msg)
+        if reason:
+            self.refused[key << 32 | msg.priority] = Refused(reason, msg.protocol, msg.gateway, len(msg.nexthops))
+            return
+        self.foreign[0].append(key)
+        self.foreign[1].append(_foreign(msg.gateway, msg.protocol, msg.priority))
+        self.metrics.append(msg.priority)
+
+    def state(self) -> _State:
+        st = _State(refused=self.refused)
+        keys, values = self.own
+        st.own = IntMap(*_sorted(keys, values))
+        keys, values = self.foreign
+        if all(keys[i] < keys[i + 1] for i in range(len(keys) - 1)):  # one metric each, in order: as it comes
+            st.foreign = IntMap(keys, values)
+            return st
+        order = sorted(range(len(keys)), key=lambda i: (keys[i], self.metrics[i]))
+        fk, fv = array("Q"), array("Q")
+        for i in order:  # the lowest metric of a CIDR first: it is the one in use
+            if fk and fk[-1] == keys[i]:
+                st.shadowed[keys[i] << 32 | self.metrics[i]] = values[i]
+            else:
+                fk.append(keys[i])
+                fv.append(values[i])
+        st.foreign = IntMap(fk, fv)
+        return st
+
+
+def _sorted(keys: array, values: array) -> tuple[array, array]:
+    if all(keys[i] < keys[i + 1] for i in range(len(keys) - 1)):
+        return keys, values  # a dump comes in trie order: usually sorted already
+    pairs = dict(zip(keys, values))  # one of ours per key
+    out = array("Q", sorted(pairs))
+    return out, array("Q", (pairs[k] for k in out))
+
+
+def _changed(old: IntMap, new: IntMap) -> set[int]:
+    """Keys whose value differs between two maps (a walk of both in order)."""
+    if old.same(new.keys, new.values):
+        return set()
+    out = set()
+    a, b = old.items(), new.items()
+    x, y = next(a, None), next(b, None)
+    while x is not None or y is not None:
+        if y is None or (x is not None and x[0] < y[0]):
+            out.add(x[0])
+            x = next(a, None)
+        elif x is None or y[0] < x[0]:
+            out.add(y[0])
+            y = next(b, None)
+        else:
+            if x[1] != y[1]:
+                out.add(x[0])
+            x, y = next(a, None), next(b, None)
+    return out
 
 
 class KernelRoutes:
@@ -98,38 +189,43 @@ class KernelRoutes:
         changed = self.foreign_changed
         if changed:
             foreign = self.state.foreign
-            self._source = self._source.updated(
-                {k: (v & _MASK32, v >> 32 & 0xFF) if (v := foreign.get(k)) is not None else None for k in changed})
+            if len(changed) * 32 > len(self._source):
+                foreign.compact()
+                self._source = RouteSet(foreign.keys, array("I", (v & _MASK32 for v in foreign.values)),
+                                        array("I", (v >> 32 & 0xFF for v in foreign.values)))
+            else:
+                self._source = self._source.updated(
+                    {k: (v & _MASK32, v >> 32 & 0xFF) if (v := foreign.get(k)) is not None else None
+                     for k in changed})
             self.foreign_changed = set()
         return self._source
 
-    def own(self, key: int) -> tuple[int, int] | None:
-        """(via, device) of our route for key, or None."""
-        v = self.state.own.get(key)
-        return None if v is None else (v & _MASK32, v >> 32)
+    def device(self, oif: int) -> int:
+        return DEV_TUN if oif == self.tun else DEV_UNDERLAY if oif == self.underlay else DEV_OTHER
 
-    def own_keys(self) -> Iterable[int]:
-        return self.state.own.keys()
+    def into_tun(self, msg: rtnl.RouteMsg) -> bool:
+        return msg.oif == self.tun or any(hop[0] == self.tun for hop in msg.nexthops)
 
     def refused(self) -> dict[int, Refused]:
         return self.state.refused
 
     # ---- what we wrote ---------------------------------------------------------------
 
-    def wrote(self, key: int, via: int, device: int) -> None:
-        """A route of ours the kernel accepted. The notifications our writes
-        cause are filtered out of the subscription (they could arrive after a
-        later write to the same key and undo it here): the writer records."""
-        self.state.own[key] = via | device << 32
-        self.blocked.discard(key)
-
-    def removed(self, key: int) -> None:
-        self.state.own.pop(key, None)
+    def wrote(self, key: int, value: int | None) -> None:
+        """A route of ours the kernel accepted (value: via | device << 32),
+        or removed (None). The notifications our writes cause are filtered
+        out of the subscription (they could arrive after a later write to the
+        same key and undo it here): the writer records."""
+        if value is None:
+            self.state.own.pop(key)
+        else:
+            self.state.own[key] = value
+            self.blocked.discard(key)
 
     def held(self, key: int) -> None:
         """An add of ours met EEXIST: a route we do not mirror holds the key."""
         self.blocked.add(key)
-        self.state.own.pop(key, None)
+        self.state.own.pop(key)
 
     # ---- dumps and notifications -------------------------------------------------------
 
@@ -139,20 +235,17 @@ class KernelRoutes:
         notifications had built (never on the first load)."""
         first = not self.loaded
         for _ in range(rtnl.DUMP_ATTEMPTS):
-            fresh = _State()
-            blocked: set[int] = set()
-            interrupted = dump(lambda msg: self._apply(fresh, blocked, msg, log_refusals=False))
-            if not interrupted:
+            fresh = _Dump(self)
+            if not dump(fresh.add):
                 break
-        old = self.state
-        changed = {k for k in old.foreign.keys() ^ fresh.foreign.keys()}
-        changed.update(k for k, v in fresh.foreign.items() if old.foreign.get(k, v) != v)
-        own_changed = {k for k in old.own.keys() ^ fresh.own.keys()}
-        own_changed.update(k for k, v in fresh.own.items() if old.own.get(k, v) != v)
-        refusals_changed = old.refused.keys() ^ fresh.refused.keys()
-        for kkey in fresh.refused.keys() - old.refused.keys():
-            self._refusal_news(kkey, fresh.refused[kkey])
-        self.state = fresh
+        new, old = fresh.state(), self.state
+        changed = _changed(old.foreign, new.foreign)
+        changed |= {k >> 32 for k in old.shadowed.keys() ^ new.shadowed.keys()}
+        own_changed = _changed(old.own, new.own)
+        refusals_changed = old.refused.keys() ^ new.refused.keys()
+        for kkey in new.refused.keys() - old.refused.keys():
+            self._refusal_news(kkey, new.refused[kkey])
+        self.state = new
         self.foreign_changed |= changed
         self.own_changed |= own_changed
         # Keys another route held: still held if that route is there; we cannot
@@ -175,7 +268,7 @@ class KernelRoutes:
             if isinstance(msg, rtnl.LinkMsg):
                 resync |= self._link(msg)
             else:
-                self._apply(self.state, self.blocked, msg, log_refusals=True)
+                self._apply(self.state, self.blocked, msg)
         return resync
 
     def _link(self, msg: rtnl.LinkMsg) -> bool:
@@ -185,13 +278,13 @@ class KernelRoutes:
         old, self.links[msg.index] = self.links[msg.index], flags
         return bool((old ^ flags) & rtnl.IFF_UP)
 
-    def _apply(self, st: _State, blocked: set[int], msg: rtnl.RouteMsg, log_refusals: bool) -> None:
+    def _apply(self, st: _State, blocked: set[int], msg: rtnl.RouteMsg) -> None:
         if msg.table != rtnl.RT_TABLE_MAIN or msg.flags & rtnl.RTM_F_CLONED:
             return
         key = key_of(msg.dst, msg.dst_len)
         metric = msg.priority
         kkey = key << 32 | metric
-        into_tun = msg.oif == self.tun or any(hop[0] == self.tun for hop in msg.nexthops)
+        into_tun = self.into_tun(msg)
         ours = msg.protocol == self.protocol
         at_our_key = metric == 0 and msg.tos == 0
         if not msg.new:
@@ -206,7 +299,7 @@ class KernelRoutes:
                 self.own_changed.add(key)
             return
         # A new route at a kernel key supersedes what we knew there.
-        if at_our_key and key in st.own and not ours:
+        if at_our_key and not ours and key in st.own:
             self._own_gone(st, key)
             if not into_tun:
                 blocked.add(key)
@@ -214,22 +307,21 @@ class KernelRoutes:
         self._foreign_gone(st, key, metric)
         if ours:
             if at_our_key:
-                device = DEV_TUN if msg.oif == self.tun else DEV_UNDERLAY if msg.oif == self.underlay else DEV_OTHER
-                st.own[key] = msg.gateway | device << 32
+                st.own[key] = msg.gateway | self.device(msg.oif) << 32
                 self.own_changed.add(key)
             return
         if not into_tun:
             return
-        reason = self._refusal(msg)
+        reason = self.refusal(msg)
         if reason:
             refused = Refused(reason, msg.protocol, msg.gateway, len(msg.nexthops))
-            if log_refusals and st.refused.get(kkey) != refused:
+            if st.refused.get(kkey) != refused:
                 self._refusal_news(kkey, refused)
             st.refused[kkey] = refused
             return
-        value = msg.gateway | msg.protocol << 32 | metric << 40
+        value = _foreign(msg.gateway, msg.protocol, metric)
         current = st.foreign.get(key)
-        if current is None or current >> 40 >= metric:
+        if current is None or current >> 40 >= min(metric, _METRIC_MAX):
             if current is not None and current >> 40 > metric:
                 st.shadowed[key << 32 | current >> 40] = current
             st.foreign[key] = value
@@ -238,21 +330,21 @@ class KernelRoutes:
             st.shadowed[kkey] = value
 
     def _own_gone(self, st: _State, key: int) -> None:
-        if st.own.pop(key, None) is not None:
+        if st.own.pop(key) is not None:
             self.own_changed.add(key)
 
     def _foreign_gone(self, st: _State, key: int, metric: int) -> None:
         current = st.foreign.get(key)
-        if current is None or current >> 40 != metric:
+        if current is None or current >> 40 != min(metric, _METRIC_MAX):
             st.shadowed.pop(key << 32 | metric, None)
             return
-        del st.foreign[key]
+        st.foreign.pop(key)
         self.foreign_changed.add(key)
         rest = [k for k in st.shadowed if k >> 32 == key]  # the next metric takes over
         if rest:
             st.foreign[key] = st.shadowed.pop(min(rest))
 
-    def _refusal(self, msg: rtnl.RouteMsg) -> str | None:
+    def refusal(self, msg: rtnl.RouteMsg) -> str | None:
         if msg.tos:
             return "tos"
         if msg.nexthops:

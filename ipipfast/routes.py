@@ -136,15 +136,16 @@ def check_unicast(addr: IPv4Address, what: str) -> None:
         raise ValueError(problem)
 
 
-def route_problem(network: int, prefixlen: int, via: int) -> str | None:
-    """Why (cidr, via) cannot be a tunnel route, or None."""
-    problem = unicast_problem(via, "via")
-    if problem:
-        return problem
+def loop_problem(network: int, prefixlen: int, via: int) -> str | None:
     if via & mask_of(prefixlen) == network:
         # The outer packet to `via` would itself match the route: a tunnel loop.
         return f"via {IPv4Address(via)} lies inside the routed CIDR {cidr_text(key_of(network, prefixlen))}"
     return None
+
+
+def route_problem(network: int, prefixlen: int, via: int) -> str | None:
+    """Why (cidr, via) cannot be a tunnel route, or None."""
+    return unicast_problem(via, "via") or loop_problem(network, prefixlen, via)
 
 
 @dataclass(frozen=True, order=True)

@@ -20,12 +20,14 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
-from . import rtnl
+from . import heap, rtnl
+from .intmap import IntMap
 from .kernel_routes import DEV_TUN, DEV_UNDERLAY, KernelRoutes, RouteMonitor, protocol_name
 from .routes import Conflict, Kind, Mode, RouteSet, Side, Source, Table, cidr_text, network_of
 
@@ -85,6 +87,7 @@ class Routing:
             # Queued notifications are newer than the last dump (and, after a
             # loss, than the drain), so replaying them over this one is right.
             self.mirror.load(self.writer.dump)
+            heap.trim()
             self._next_resync = now + self.resync_interval if self.resync_interval else float("inf")
             self._candidates |= self._retry
             self._retry = set()
@@ -120,33 +123,102 @@ class Routing:
     def program(self) -> None:
         """Writes the kernel routes of ours that differ from the table: after
         the datapath has the table, so no packet enters the TUN before its entry."""
-        ops = self._full_ops() if self._full else self._ops(self._candidates)
+        if self._full:
+            self._program_all()
+        elif self._candidates:
+            self._program_keys(self._candidates)
         self._full, self._candidates = False, set()
+
+    def _desired(self) -> tuple[array, array]:
+        """Our routes as the table wants them: CIDR keys and via | device << 32."""
+        t = self.table
+        if Kind.FOREIGN not in t.kinds and Kind.DIRECT not in t.kinds:
+            return t.routes.keys, array("Q", t.routes.vias)  # all into the TUN (DEV_TUN is 0)
+        keys, values = array("Q"), array("Q")
+        for key, via, kind in zip(t.routes.keys, t.routes.vias, t.kinds):
+            if kind != Kind.FOREIGN:
+                keys.append(key)
+                values.append(via | (DEV_UNDERLAY << 32 if kind == Kind.DIRECT else 0))
+        return keys, values
+
+    def _program_all(self) -> None:
+        """The whole table against the mirror: a walk of both in key order
+        whose writes go out as it yields them; then the desired arrays become
+        the mirror's base, and only what failed is told apart."""
+        keys, values = self._desired()
+        own, blocked = self.mirror.state.own, self.mirror.blocked
+        if own.same(keys, values) and not blocked:
+            return
+        failures = self.writer.write(self._walk(keys, values, own, blocked))
+        before = {op.dst << 6 | op.dst_len: own.get(op.dst << 6 | op.dst_len) for op, _, _ in failures}
+        own.replace(keys, values)
+        for key in blocked:
+            own.pop(key)
+        self._failed(failures, before)
+
+    def _walk(self, keys: array, values: array, own: IntMap, blocked: set[int]) -> Iterator[rtnl.RouteOp]:
+        have = own.items()
+        h = next(have, None)
+        for key, want in zip(keys, values):
+            while h is not None and h[0] < key:
+                yield self._op(h[0], None, h[1])
+                h = next(have, None)
+            current = None
+            if h is not None and h[0] == key:
+                current = h[1]
+                h = next(have, None)
+            if current != want and key not in blocked:
+                yield self._op(key, want, current)
+        while h is not None:
+            yield self._op(h[0], None, h[1])
+            h = next(have, None)
+
+    def _program_keys(self, keys: set[int]) -> None:
+        t, own, blocked = self.table, self.mirror.state.own, self.mirror.blocked
+        ops = []
+        for key in sorted(keys):
+            i = t.routes.index(key)
+            want = None if i < 0 else self._want(t.routes.vias[i], t.kinds[i])
+            have = own.get(key)
+            if want != have and (want is None or key not in blocked):
+                ops.append(self._op(key, want, have))
         if not ops:
             return
-        failed = {(op.dst, op.dst_len, op.op): (code, text) for op, code, text in self.writer.write(ops)}
-        problems: Counter[str] = Counter()
+        failures = self.writer.write(ops)
+        failed = {op for op, _, _ in failures}
+        before = {op.dst << 6 | op.dst_len: own.get(op.dst << 6 | op.dst_len) for op in failed}
         for op in ops:
+            if op not in failed:
+                self.mirror.wrote(op.dst << 6 | op.dst_len, self._value(op))
+        self._failed(failures, before)
+
+    def _value(self, op: rtnl.RouteOp) -> int | None:
+        """What our route is once op is done."""
+        if op.op == "delete":
+            return None
+        return op.gateway | (DEV_TUN if op.oif == self.tun else DEV_UNDERLAY) << 32
+
+    def _failed(self, failures: list[tuple[rtnl.RouteOp, int, str]], before: dict[int, int | None]) -> None:
+        """Puts the mirror right for the writes the kernel refused, and says so."""
+        problems: Counter[str] = Counter()
+        own = self.mirror.state.own
+        for op, code, text in failures:
             key = op.dst << 6 | op.dst_len
-            failure = failed.get((op.dst, op.dst_len, op.op))
-            if failure is None:
-                if op.op == "delete":
-                    self.mirror.removed(key)
-                else:
-                    self.mirror.wrote(key, op.gateway, DEV_TUN if op.oif == self.tun else DEV_UNDERLAY)
-                continue
-            code, text = failure
             if op.op == "add" and code == errno.EEXIST:
                 self.mirror.held(key)
                 what = "another route holds it in the kernel: left as it is"
             elif op.op == "delete" and code == errno.ESRCH:
-                self.mirror.removed(key)
+                own.pop(key)  # gone already
                 continue
             else:
                 self.write_errors += 1
                 what = f"{text or errno.errorcode.get(code, str(code))} (tried again at the next resync)"
                 self._retry.add(key)
                 self._next_resync = min(self._next_resync, time.monotonic() + RETRY_AFTER)
+                if before.get(key) is None:
+                    own.pop(key)
+                else:
+                    own[key] = before[key]
             if problems[what] < 3:
                 log.warning("kernel route %s %s via %s: %s", op.op, cidr_text(key), IPv4Address(op.gateway), what)
             problems[what] += 1
@@ -156,49 +228,21 @@ class Routing:
 
     def withdraw_direct(self) -> None:
         """Deletes our routes on the underlay (at exit: those into the TUN go with it)."""
-        own = self.mirror.state.own
-        self.writer.write([rtnl.RouteOp("delete", *network_of(k)) for k, v in own.items() if v >> 32 == DEV_UNDERLAY])
+        self.writer.write([rtnl.RouteOp("delete", *network_of(k))
+                           for k, v in self.mirror.state.own.items() if v >> 32 == DEV_UNDERLAY])
 
     def _want(self, via: int, kind: int) -> int | None:
         if kind == Kind.FOREIGN:
             return None
         return via | (DEV_TUN if kind == Kind.ENCAPSULATED else DEV_UNDERLAY) << 32
 
-    def _op(self, key: int, want: int | None, have: int | None) -> rtnl.RouteOp | None:
-        if want == have or (want is not None and key in self.mirror.blocked):
-            return None
+    def _op(self, key: int, want: int | None, have: int | None) -> rtnl.RouteOp:
         dst, plen = network_of(key)
         if want is None:
             return rtnl.RouteOp("delete", dst, plen)
         via, tun = want & 0xFFFFFFFF, want >> 32 == DEV_TUN
         return rtnl.RouteOp("add" if have is None else "replace", dst, plen, self.tun if tun else self.underlay,
                             via, onlink=tun, prefsrc=int(self.node.ip) if tun else 0)
-
-    def _ops(self, keys: set[int]) -> list[rtnl.RouteOp]:
-        t, own = self.table, self.mirror.state.own
-        ops = []
-        for key in sorted(keys):
-            i = t.routes.index(key)
-            want = None if i < 0 else self._want(t.routes.vias[i], t.kinds[i])
-            op = self._op(key, want, own.get(key))
-            if op is not None:
-                ops.append(op)
-        return ops
-
-    def _full_ops(self) -> list[rtnl.RouteOp]:
-        t, own = self.table, self.mirror.state.own
-        ops = []
-        seen = 0
-        for key, via, kind in zip(t.routes.keys, t.routes.vias, t.kinds):
-            want = self._want(via, kind)
-            have = own.get(key)
-            seen += have is not None
-            op = self._op(key, want, have)
-            if op is not None:
-                ops.append(op)
-        if seen < len(own):  # some of ours are not in the table (any more)
-            ops += [op for key in sorted(own) if t.routes.index(key) < 0 and (op := self._op(key, None, own[key]))]
-        return ops
 
     # ---- what it looks like ----------------------------------------------------------------
 
@@ -227,7 +271,7 @@ class Routing:
             elif key in blocked:
                 kernel = "held by another route"
             else:
-                kernel = "ours" if key in own else "pending"
+                kernel = "ours" if own.get(key) is not None else "pending"
             yield {"cidr": cidr_text(key), "via": str(IPv4Address(via)), "source": str(source),
                    "detail": self.detail(source, detail), "kind": _KIND_NAMES[Kind(kind)], "kernel": kernel}
 

@@ -29,7 +29,7 @@ SO_ATTACH_FILTER = 26
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_DELLINK = 16, 17
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
-NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLM_F_DUMP_INTR = 0x10
 NLM_F_DUMP = 0x300
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
@@ -44,7 +44,7 @@ RTA_MULTIPATH, RTA_TABLE, RTA_VIA = 9, 15, 18
 IFLA_IFNAME, IFLA_MTU = 3, 4
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
-RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 0, 253, 255
+RT_SCOPE_UNIVERSE, RT_SCOPE_NOWHERE = 0, 255
 RTNH_F_ONLINK = 0x4
 RTM_F_CLONED = 0x200
 IFF_UP = 0x1
@@ -57,14 +57,17 @@ _IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _RTNH = struct.Struct("=HBBi")       # rtnexthop: len, flags, hops, ifindex
 _ERR = struct.Struct("=i")
 _BE32 = struct.Struct("!I")
-# Whole messages in one pack: header, rtmsg, then 8-byte attributes (type, value).
-_ROUTE_GW = struct.Struct("=IHHII BBBBBBBBI HH4s HHI HH4s")            # dst, oif, gateway
-_ROUTE_GW_SRC = struct.Struct("=IHHII BBBBBBBBI HH4s HHI HH4s HH4s")   # ... prefsrc
-_ROUTE_DEL = struct.Struct("=IHHII BBBBBBBBI HH4s")                    # dst
+# Whole messages in one pack: header, rtmsg, then 8-byte attributes (length,
+# type, value; addresses through htonl, so that "=I" lays them out in
+# network order).
+_ROUTE_GW = struct.Struct("=IHHII BBBBBBBBI HHI HHI HHI")            # dst, oif, gateway
+_ROUTE_GW_SRC = struct.Struct("=IHHII BBBBBBBBI HHI HHI HHI HHI")    # ... prefsrc
+_ROUTE_DEL = struct.Struct("=IHHII BBBBBBBBI HHI")                   # dst
 _RTMSG_END = _HDR.size + _RTMSG.size
 BATCH_BYTES = 64 * 1024
 DUMP_ATTEMPTS = 5  # as felix: a dump the kernel marks interrupted is retried (by the caller)
 _DONTWAIT = socket.MSG_DONTWAIT
+_htonl = socket.htonl
 
 
 class RouteMsg(NamedTuple):
@@ -107,27 +110,24 @@ class NetlinkError(OSError):
     pass
 
 
-def _ip(value: int) -> bytes:
-    return _BE32.pack(value)
-
-
 def encode_route(op: RouteOp, seq: int, protocol: int, ack: bool = False) -> bytes:
     """The RTM_NEWROUTE/RTM_DELROUTE message for op."""
     if op.op == "delete":
         # Matches ours only (protocol), wherever it points (no oif, scope wildcard).
         return _ROUTE_DEL.pack(_ROUTE_DEL.size, RTM_DELROUTE, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq, 0,
                                socket.AF_INET, op.dst_len, 0, 0, RT_TABLE_MAIN, protocol, RT_SCOPE_NOWHERE, 0, 0,
-                               8, RTA_DST, _ip(op.dst))
+                               8, RTA_DST, _htonl(op.dst))
     flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0) | NLM_F_CREATE
     flags |= NLM_F_REPLACE if op.op == "replace" else NLM_F_EXCL
-    # A gateway on the link (onlink) makes a link-scope route in iproute2's
-    # terms only for gateway-less routes; routes via a gateway are universe.
-    head = (RTM_NEWROUTE, flags, seq, 0, socket.AF_INET, op.dst_len, 0, 0, RT_TABLE_MAIN, protocol,
-            RT_SCOPE_UNIVERSE, RTN_UNICAST, RTNH_F_ONLINK if op.onlink else 0,
-            8, RTA_DST, _ip(op.dst), 8, RTA_OIF, op.oif, 8, RTA_GATEWAY, _ip(op.gateway))
+    onlink = RTNH_F_ONLINK if op.onlink else 0
     if op.prefsrc:
-        return _ROUTE_GW_SRC.pack(_ROUTE_GW_SRC.size, *head, 8, RTA_PREFSRC, _ip(op.prefsrc))
-    return _ROUTE_GW.pack(_ROUTE_GW.size, *head)
+        return _ROUTE_GW_SRC.pack(_ROUTE_GW_SRC.size, RTM_NEWROUTE, flags, seq, 0, socket.AF_INET, op.dst_len, 0, 0,
+                                  RT_TABLE_MAIN, protocol, RT_SCOPE_UNIVERSE, RTN_UNICAST, onlink,
+                                  8, RTA_DST, _htonl(op.dst), 8, RTA_OIF, op.oif, 8, RTA_GATEWAY, _htonl(op.gateway),
+                                  8, RTA_PREFSRC, _htonl(op.prefsrc))
+    return _ROUTE_GW.pack(_ROUTE_GW.size, RTM_NEWROUTE, flags, seq, 0, socket.AF_INET, op.dst_len, 0, 0,
+                          RT_TABLE_MAIN, protocol, RT_SCOPE_UNIVERSE, RTN_UNICAST, onlink,
+                          8, RTA_DST, _htonl(op.dst), 8, RTA_OIF, op.oif, 8, RTA_GATEWAY, _htonl(op.gateway))
 
 
 def _attrs(buf: memoryview | bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:

@@ -327,3 +327,49 @@ def test_command_line_overrides_keep_the_routes(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:  # FULL says pmtudisc: false
         load_config(path, {"ttl": 64})
     assert e.value.source == f"{path} with --ttl" and e.value.line is None
+
+
+ROUTE_LINE_CASES = [
+    # (id, the routes section and what follows it, whether the line reader takes it)
+    ("flow", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\n  - {via: 198.18.0.12, cidr: 198.19.2.0/26}\n", True),
+    ("block-at-column-0", "routes:\n- cidr: 198.19.1.0/24\n  via: 198.18.0.11\n- via: 198.18.0.12\n  cidr: 198.19.2.7\n", True),
+    ("block-indented-wide", "routes:\n    -   cidr: 198.19.1.0/24\n        via: 198.18.0.11\n", True),
+    ("comments-and-blanks", "routes:  # ours\n\n  # a comment\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}  # one\n"
+     "\n  - cidr: 198.19.2.0/24 # two\n    via: 198.18.0.12\nkernel: {learn: false}\n", True),
+    ("followed-by-a-key", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\nstats: {listen: ':0'}\n", True),
+    ("hash-without-space-is-in-the-value", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11#x}\n", False),
+    ("leading-zero", "routes:\n  - {cidr: 198.19.01.0/24, via: 198.18.0.11}\n", False),
+    ("octet-too-big", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.256}\n", False),
+    ("host-bits", "routes:\n  - {cidr: 198.19.1.1/24, via: 198.18.0.11}\n", False),
+    ("tunnel-loop", "routes:\n  - {cidr: 198.18.0.0/16, via: 198.18.0.11}\n", False),
+    ("via-self", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.10}\n", True),
+    ("duplicate", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\n  - {cidr: 198.19.1.0/24, via: 198.18.0.12}\n", True),
+    ("mixed-indentation", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\n    - {cidr: 198.19.2.0/24, via: 198.18.0.11}\n", False),
+    ("second-key-misaligned", "routes:\n  - cidr: 198.19.1.0/24\n   via: 198.18.0.11\n", False),
+    ("tab", "routes:\n\t- {cidr: 198.19.1.0/24, via: 198.18.0.11}\n", False),
+    ("crlf", "routes:\r\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\r\n", False),
+    ("two-routes-keys", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\nroutes:\n  - {cidr: 198.19.2.0/24, via: 198.18.0.11}\n", False),
+    ("second-document", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\n---\n" + NODE, False),
+    ("quoted", "routes:\n  - {cidr: '198.19.1.0/24', via: \"198.18.0.11\"}\n", False),
+    ("extra-key", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11, x: 1}\n", False),
+]
+
+
+@pytest.mark.parametrize("section, taken", [c[1:] for c in ROUTE_LINE_CASES], ids=[c[0] for c in ROUTE_LINE_CASES])
+def test_route_lines_read_what_yaml_reads(section: str, taken: bool) -> None:
+    """The line reader against the event reader on the whole text: the same
+    routes with the same lines, or the same error at the same line."""
+    from ipipfast import config as config_module
+    from ipipfast.route_lines import cut
+
+    for text in (NODE + section, section + NODE.replace("\r", "")):
+        assert (cut(text) is not None) == taken, text
+        try:
+            want = config_module._parse(text, "c.yaml", None, None)
+        except ConfigError as e:
+            with pytest.raises(ConfigError) as got:
+                parse_config(text, "c.yaml")
+            assert (got.value.line, got.value.reason) == (e.line, e.reason)
+        else:
+            got = parse_config(text, "c.yaml")
+            assert got == want and list(got.routes.details) == list(want.routes.details)
