@@ -110,14 +110,14 @@ def counters(t: TunnelProcess) -> dict[str, int]:
 def reload(t: TunnelProcess, text: str | None) -> dict[str, Any]:
     """The file rewritten (the daemon's inotify watch sees it), or with text
     None a SIGHUP over the same file; the daemon's own record of the reload."""
-    before = t.status()["counters"]["reloads"]
+    before = sum(t.status()["reloads"].values())
     if text is None:
         t.proc.send_signal(signal.SIGHUP)
-        status = t.wait_for(lambda s: s["counters"]["reloads"] > before, timeout=600)
+        status = t.wait_for(lambda s: sum(s["reloads"].values()) > before, timeout=600)
     else:
         t.write_config(text)
         want = digest(text).hex()
-        status = t.wait_for(lambda s: s["config_digest"] == want and s["counters"]["reloads"] > before, timeout=600)
+        status = t.wait_for(lambda s: s["config_digest"] == want and sum(s["reloads"].values()) > before, timeout=600)
     return status["last_reload"]
 
 

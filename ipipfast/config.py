@@ -538,7 +538,7 @@ class _Routes:
     def __init__(self, keys: array | None = None, vias: array | None = None, lines: array | None = None,
                  via_lines: array | None = None) -> None:
         self.keys, self.vias = keys or array("Q"), vias or array("I")
-        self.lines, self.via_lines = lines or array("I"), via_lines or array("I")  # 0: no line (a dict)
+        self.lines, self.via_lines = lines or array("Q"), via_lines or array("I")  # 0: no line (a dict)
 
     def add(self, key: int, via: int, line: int, via_line: int) -> None:
         self.keys.append(key)

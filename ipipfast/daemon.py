@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -73,7 +73,7 @@ class Daemon:
         self.plan = Plan.of(Table.build({}, config.tunnel.mode, config.node.ip))
         self.generation = 0  # of the table pushed to the datapath (its set_table count)
         self.published: deque[tuple[int, int, int]] = deque(maxlen=PUBLISHED_KEPT)
-        self.reloads = self.reloads_refused = 0
+        self.reloads: Counter[str] = Counter(applied=0, unchanged=0, refused=0)  # SIGHUP or an edit, by result
         self.last_reload: dict = {}
         self._resolve_all = False  # next time, ask the kernel for every peer's next hop again
         self.macs: dict[IPv4Address, bytes | None] = {}
@@ -252,7 +252,7 @@ class Daemon:
             else:
                 new = parse_config(text, self.config_path, self.overrides)
         except ConfigError as e:
-            self.reloads_refused += 1
+            self.reloads["refused"] += 1
             log.error("reload refused, keeping the running table: %s", e)
             return False
         if new is not None:
@@ -260,7 +260,7 @@ class Daemon:
             self._take(new)
             self._reconcile()
             heap.trim()
-        self.reloads += 1
+        self.reloads["applied" if new is not None else "unchanged"] += 1
         self.last_reload = {"seconds": round(time.monotonic() - start, 6), "parsed": new is not None,
                             "route_writes": self.routing.writer.writes - writes}
         return True
@@ -397,7 +397,7 @@ class Daemon:
             return {}
         routing = self.routing.counters() if self.routing else {}
         return {**self.datapath.counters(), "tx_drop_queue_full": self.tun_queue_full, **self.icmp.counters(),
-                **routing, "reloads": self.reloads, "reloads_refused": self.reloads_refused}
+                **routing}
 
     def show_routes(self) -> dict:
         """The table as plain data (for the control socket): every route with
@@ -414,6 +414,7 @@ class Daemon:
             "ring_frames": self.ring_frames,
             "routes_encapsulated": self._route_totals()[0],
             "routes_direct": self._route_totals()[1],
+            "reloads": dict(self.reloads),
             "config_digest": self.config_digest.hex(),  # of the file last read: what a reload waits for
             "last_reload": self.last_reload,
             "table": {"generation": self.generation, "published": list(self.published),

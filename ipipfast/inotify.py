@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import select
 import struct
 from collections.abc import Callable
 from pathlib import Path
+
+from .stop_pipe import StopPipe
 
 IN_ATTRIB = 0x004
 IN_CLOSE_WRITE = 0x008
@@ -73,26 +74,19 @@ class ConfigWatcher:
         self.changed = changed
         self.inotify = Inotify()
         self.inotify.watch(self.path.parent, CHANGED)
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._stop = StopPipe()
 
     def _ours(self, name: str) -> bool:
         return name == self.path.name or name.startswith("..")  # ..data: a ConfigMap's swap
 
     def run(self) -> None:
-        poll = select.poll()
-        poll.register(self.inotify.fd, select.POLLIN)
-        poll.register(self._stop_r, select.POLLIN)
-        while True:
-            ready = {fd for fd, _ in poll.poll()}
-            if self._stop_r in ready:
-                return
+        while self._stop.wait(self.inotify.fd):
             if any(self._ours(name) for _, _, name in self.inotify.read()):
                 self.changed()
 
     def stop(self) -> None:
-        os.write(self._stop_w, b"x")
+        self._stop.stop()
 
     def close(self) -> None:
         self.inotify.close()
-        os.close(self._stop_r)
-        os.close(self._stop_w)
+        self._stop.close()

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import select
 import threading
 from array import array
 from collections import Counter
@@ -37,6 +35,7 @@ from ipaddress import IPv4Address
 from . import rtnl
 from .intmap import IntMap
 from .routes import RouteSet, cidr_text, key_of, route_problem
+from .stop_pipe import StopPipe
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +178,8 @@ class KernelRoutes:
         self.resyncs_changed = 0  # ... that found the mirror wrong
         self._source = RouteSet()
         self.loaded = False
-        self.links: dict[int, int] = {tun: rtnl.IFF_UP, underlay: rtnl.IFF_UP}  # their flags: both up at start
+        # The TUN's and the underlay's flags and MTU, as the link notifications tell (0: not told yet).
+        self.links: dict[int, tuple[int, int]] = {tun: (rtnl.IFF_UP, 0), underlay: (rtnl.IFF_UP, 0)}
 
     # ---- the kernel route source ---------------------------------------------------
 
@@ -192,7 +192,7 @@ class KernelRoutes:
             if len(changed) * 32 > len(self._source):
                 foreign.compact()
                 self._source = RouteSet(foreign.keys, array("I", (v & _MASK32 for v in foreign.values)),
-                                        array("I", (v >> 32 & 0xFF for v in foreign.values)))
+                                        array("Q", (v >> 32 & 0xFF for v in foreign.values)))
             else:
                 self._source = self._source.updated(
                     {k: (v & _MASK32, v >> 32 & 0xFF) if (v := foreign.get(k)) is not None else None
@@ -274,9 +274,11 @@ class KernelRoutes:
     def _link(self, msg: rtnl.LinkMsg) -> bool:
         if msg.index not in self.links:
             return False
-        flags = msg.flags if msg.new else 0
-        old, self.links[msg.index] = self.links[msg.index], flags
-        return bool((old ^ flags) & rtnl.IFF_UP)
+        (old_flags, old_mtu), now = self.links[msg.index], (msg.flags if msg.new else 0, msg.mtu)
+        self.links[msg.index] = now
+        if old_mtu and now[1] != old_mtu:
+            log.info("%s: MTU %d -> %d", msg.name or msg.index, old_mtu, now[1])
+        return bool((old_flags ^ now[0]) & rtnl.IFF_UP)
 
     def _apply(self, st: _State, blocked: set[int], msg: rtnl.RouteMsg) -> None:
         if msg.table != rtnl.RT_TABLE_MAIN or msg.flags & rtnl.RTM_F_CLONED:
@@ -303,7 +305,7 @@ class KernelRoutes:
             self._own_gone(st, key)
             if not into_tun:
                 blocked.add(key)
-        st.refused.pop(kkey, None)
+        was_refused = st.refused.pop(kkey, None)
         self._foreign_gone(st, key, metric)
         if ours:
             if at_our_key:
@@ -315,7 +317,7 @@ class KernelRoutes:
         reason = self.refusal(msg)
         if reason:
             refused = Refused(reason, msg.protocol, msg.gateway, len(msg.nexthops))
-            if st.refused.get(kkey) != refused:
+            if refused != was_refused:
                 self._refusal_news(kkey, refused)
             st.refused[kkey] = refused
             return
@@ -384,7 +386,7 @@ class RouteMonitor:
         self._queue: list[rtnl.RouteMsg | rtnl.LinkMsg] = []
         self._lost = False
         self.losses = 0  # ENOBUFS seen
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._stop = StopPipe()
 
     def take(self) -> tuple[list[rtnl.RouteMsg | rtnl.LinkMsg], bool]:
         """(what arrived since the last take, whether notifications were lost)."""
@@ -394,13 +396,7 @@ class RouteMonitor:
         return queue, lost
 
     def run(self) -> None:
-        poll = select.poll()
-        poll.register(self.sub.fileno(), select.POLLIN)
-        poll.register(self._stop_r, select.POLLIN)
-        while True:
-            ready = {fd for fd, _ in poll.poll()}
-            if self._stop_r in ready:
-                return
+        while self._stop.wait(self.sub.fileno()):
             try:
                 messages = self.sub.receive()
             except OSError as e:
@@ -420,10 +416,9 @@ class RouteMonitor:
                 self.wake()
 
     def stop(self) -> None:
-        os.write(self._stop_w, b"x")
+        self._stop.stop()
 
     def close(self) -> None:
         self.sub.close()
-        os.close(self._stop_r)
-        os.close(self._stop_w)
+        self._stop.close()
 

@@ -103,7 +103,7 @@ def cut(text: str) -> Cut | None:
     head_line = text.count("\n", 0, head.start())
     r = _Reader(text, head.end() + 1, head_line + 1)
     keys, via_ints = array("Q"), array("I")
-    cidr_lines, via_lines = array("I"), array("I")
+    cidr_lines, via_lines = array("Q"), array("I")
     nets: list[str] = []
     plens: list[str] = []
     vias: list[str] = []

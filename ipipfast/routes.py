@@ -25,7 +25,7 @@ from enum import IntEnum, StrEnum
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 _BROADCAST = 0xFFFFFFFF
-_KEYS, _VIAS, _DETAILS, _FLAGS = "Q", "I", "I", "B"
+_KEYS, _VIAS, _DETAILS, _FLAGS = "Q", "I", "Q", "B"  # details: a line, a protocol, an etcd revision (int64)
 
 
 class Mode(StrEnum):

@@ -29,7 +29,7 @@ from pathlib import Path
 from . import heap, rtnl
 from .intmap import IntMap
 from .kernel_routes import DEV_TUN, DEV_UNDERLAY, KernelRoutes, RouteMonitor, protocol_name
-from .routes import Conflict, Kind, Mode, RouteSet, Side, Source, Table, cidr_text, network_of
+from .routes import Kind, Mode, RouteSet, Side, Source, Table, cidr_text, network_of
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class Routing:
         return f"revision {detail}"
 
     def _side(self, side: Side) -> dict:
-        return {"source": str(side.source), "via": str(IPv4Address(side.via)),
+        return {"source": str(side.source), "node": str(IPv4Address(side.via)),
                 "detail": self.detail(side.source, side.detail)}
 
     def routes(self) -> Iterator[dict]:
@@ -272,7 +272,7 @@ class Routing:
                 kernel = "held by another route"
             else:
                 kernel = "ours" if own.get(key) is not None else "pending"
-            yield {"cidr": cidr_text(key), "via": str(IPv4Address(via)), "source": str(source),
+            yield {"cidr": cidr_text(key), "node": str(IPv4Address(via)), "source": str(source),
                    "detail": self.detail(source, detail), "kind": _KIND_NAMES[Kind(kind)], "kernel": kernel}
 
     def show(self) -> dict:
@@ -297,9 +297,6 @@ class Routing:
                          "via": str(IPv4Address(r.gateway)) if r.gateway else None} for kkey, r in refused],
             "held": len(self.mirror.blocked),
         }
-
-    def conflicts(self) -> tuple[Conflict, ...]:
-        return self.table.conflicts
 
     def counts(self) -> dict[tuple[str, str], int]:
         """Routes by (source, kind), for ipipfast_routes{source,kind}."""

@@ -293,7 +293,19 @@ class RouteSocket:
         self.sock.sendall(b"".join(batch))
         self.writes += len(batch)
         self.batches += 1
-        while last in pending:
+        for view, off, length, kind, flags, seq in self._replies():
+            if kind == NLMSG_ERROR and seq in pending:
+                code = -_ERR.unpack_from(view, off + _HDR.size)[0]
+                op = pending.pop(seq)
+                if code:
+                    failed.append((op, code, _ext_ack_message(view, off, off + length, flags)))
+                if seq == last:
+                    return
+
+    def _replies(self) -> Iterator[tuple[memoryview, int, int, int, int, int]]:
+        """(buffer, offset, length, type, flags, seq) of each message the
+        socket receives, for as long as the caller reads on."""
+        while True:
             n = self.sock.recv_into(self._buf)
             view = memoryview(self._buf)
             off = 0
@@ -301,11 +313,7 @@ class RouteSocket:
                 length, kind, flags, seq, _ = _HDR.unpack_from(view, off)
                 if length < _HDR.size:
                     break
-                if kind == NLMSG_ERROR and seq in pending:
-                    code = -_ERR.unpack_from(view, off + _HDR.size)[0]
-                    op = pending.pop(seq)
-                    if code:
-                        failed.append((op, code, _ext_ack_message(view, off, off + length, flags)))
+                yield view, off, length, kind, flags, seq
                 off += (length + 3) & ~3
 
     def dump(self, consume: Callable[[RouteMsg], None]) -> bool:
@@ -318,27 +326,21 @@ class RouteSocket:
         req += _U32.pack(RT_TABLE_MAIN)
         self.sock.sendall(req)
         interrupted = False
-        while True:
-            n = self.sock.recv_into(self._buf)
-            view = memoryview(self._buf)
-            off = 0
-            while off + _HDR.size <= n:
-                length, kind, flags, mseq, _ = _HDR.unpack_from(view, off)
-                if length < _HDR.size:
-                    break
-                if mseq == seq:
-                    if flags & NLM_F_DUMP_INTR:
-                        interrupted = True
-                    if kind == NLMSG_DONE:
-                        return interrupted
-                    if kind == NLMSG_ERROR:
-                        code = -_ERR.unpack_from(view, off + _HDR.size)[0]
-                        raise NetlinkError(code, f"route dump: {os.strerror(code)}")
-                    if kind == RTM_NEWROUTE:
-                        msg = _decode_route(view, off, off + length, True)
-                        if msg is not None:
-                            consume(msg)
-                off += (length + 3) & ~3
+        for view, off, length, kind, flags, mseq in self._replies():
+            if mseq != seq:
+                continue
+            if flags & NLM_F_DUMP_INTR:
+                interrupted = True
+            if kind == NLMSG_DONE:
+                return interrupted
+            if kind == NLMSG_ERROR:
+                code = -_ERR.unpack_from(view, off + _HDR.size)[0]
+                raise NetlinkError(code, f"route dump: {os.strerror(code)}")
+            if kind == RTM_NEWROUTE:
+                msg = _decode_route(view, off, off + length, True)
+                if msg is not None:
+                    consume(msg)
+        raise AssertionError("unreachable")
 
 
 def _drop_from_filter(port: int) -> bytes:

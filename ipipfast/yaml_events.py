@@ -15,6 +15,8 @@ from yaml.composer import ComposerError
 from yaml.resolver import Resolver
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_COLLECTIONS = ((yaml.SequenceStartEvent, yaml.SequenceEndEvent, yaml.SequenceNode),
+                (yaml.MappingStartEvent, yaml.MappingEndEvent, yaml.MappingNode))
 
 
 class Events:
@@ -34,6 +36,12 @@ class Events:
 
     def next(self) -> yaml.Event:
         return self._pushed.pop() if self._pushed else self._get()
+
+    def _tag(self, event: yaml.Event, kind: type, value: str | None) -> str:
+        tag = event.tag
+        if tag is None or tag == "!":
+            tag = self._resolver.resolve(kind, value, event.implicit)
+        return tag
 
     def reader(self) -> Callable[[], yaml.Event]:
         """next, or while nothing is pushed back the loader's own get_event
@@ -72,35 +80,20 @@ class Events:
         if anchor is not None and anchor in self.anchors:
             raise ComposerError(f"found duplicate anchor {anchor!r}; first occurrence",
                                 self.anchors[anchor].start_mark, "second occurrence", event.start_mark)
-        node: yaml.Node
         if isinstance(event, yaml.ScalarEvent):
-            tag = event.tag
-            if tag is None or tag == "!":
-                tag = self._resolver.resolve(yaml.ScalarNode, event.value, event.implicit)
-            node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, style=event.style)
+            node: yaml.Node = yaml.ScalarNode(self._tag(event, yaml.ScalarNode, event.value), event.value,
+                                              event.start_mark, event.end_mark, style=event.style)
             if anchor is not None:
                 self.anchors[anchor] = node
             return node
-        if isinstance(event, yaml.SequenceStartEvent):
-            tag = event.tag
-            if tag is None or tag == "!":
-                tag = self._resolver.resolve(yaml.SequenceNode, None, event.implicit)
-            node = yaml.SequenceNode(tag, [], event.start_mark, None, flow_style=event.flow_style)
-            if anchor is not None:
-                self.anchors[anchor] = node
-            while not isinstance(item := self.next(), yaml.SequenceEndEvent):
-                node.value.append(self.compose(item))
-            node.end_mark = item.end_mark
-            return node
-        if isinstance(event, yaml.MappingStartEvent):
-            tag = event.tag
-            if tag is None or tag == "!":
-                tag = self._resolver.resolve(yaml.MappingNode, None, event.implicit)
-            node = yaml.MappingNode(tag, [], event.start_mark, None, flow_style=event.flow_style)
-            if anchor is not None:
-                self.anchors[anchor] = node
-            while not isinstance(key := self.next(), yaml.MappingEndEvent):
-                node.value.append((self.compose(key), self.compose(self.next())))
-            node.end_mark = key.end_mark
-            return node
+        for start, end, kind in _COLLECTIONS:
+            if isinstance(event, start):
+                node = kind(self._tag(event, kind, None), [], event.start_mark, None, flow_style=event.flow_style)
+                if anchor is not None:
+                    self.anchors[anchor] = node  # before the children, which may refer to it
+                while not isinstance(item := self.next(), end):
+                    child = self.compose(item)
+                    node.value.append((child, self.compose(self.next())) if kind is yaml.MappingNode else child)
+                node.end_mark = item.end_mark
+                return node
         raise ComposerError(None, None, f"unexpected {type(event).__name__}", event.start_mark)

@@ -110,10 +110,12 @@ class TunnelProcess:
 
 
 def start_tunnels(tb: Testbed, verbose: bool = False, cwd: str | Path | None = None,
-                  **tunnel: Any) -> list[TunnelProcess]:
-    """One ipipfast per node, each with routes to every other node; returns
-    once all are up (their status files exist)."""
-    procs = [TunnelProcess(tb, n, tb.node_config(n, **tunnel), verbose, cwd) for n in tb.nodes]
+                  configs: list[dict[str, Any]] | None = None, **tunnel: Any) -> list[TunnelProcess]:
+    """One ipipfast per node, each with routes to every other node (or with
+    configs, one per node from the first); returns once all are up (their
+    status files exist)."""
+    configs = configs or [tb.node_config(n, **tunnel) for n in tb.nodes]
+    procs = [TunnelProcess(tb, n, c, verbose, cwd) for n, c in zip(tb.nodes, configs)]
     try:
         for p in procs:
             p.wait_ready()

@@ -17,7 +17,7 @@ from scapy.layers.inet import IP
 
 from ipipfast.config import digest
 from ipipfast_lab import traffic
-from ipipfast_lab.daemons import TunnelProcess
+from ipipfast_lab.daemons import TunnelProcess, start_tunnels
 from ipipfast_lab.testbed import Node, Testbed
 from netns_helpers import Capture, delta
 
@@ -69,15 +69,7 @@ def outer_destinations(cap: Capture, src: str) -> set[str]:
 
 
 def start(tb: Testbed, configs: list[dict]) -> list[TunnelProcess]:
-    procs = [TunnelProcess(tb, n, c) for n, c in zip(tb.nodes, configs)]
-    try:
-        for p in procs:
-            p.wait_ready()
-    except BaseException:
-        for p in procs:
-            p.stop()
-        raise
-    return procs
+    return start_tunnels(tb, configs=configs)
 
 
 @pytest.fixture
@@ -156,8 +148,8 @@ def test_file_beats_kernel_and_both_sides_are_shown(felix, tmp_path) -> None:
     line = next(i for i, text in enumerate(t1.config_path.read_text().splitlines(), 1) if n2.pod_cidr in text)
     assert status["table"]["conflicts"] == [{
         "cidr": n2.pod_cidr,
-        "winner": {"source": "file", "via": n2.ip, "detail": f"node.yaml:{line}"},
-        "loser": {"source": "kernel", "via": n0.ip, "detail": "proto 80"}}]
+        "winner": {"source": "file", "node": n2.ip, "detail": f"node.yaml:{line}"},
+        "loser": {"source": "kernel", "node": n0.ip, "detail": "proto 80"}}]
     with Capture(tb, n1, tmp_path) as cap:
         assert traffic.ping(tb, a, c.ip, count=5, interval=0.01)["received"] == 5
     assert outer_destinations(cap, n1.ip) == {n2.ip}  # the file's node, by the rule
@@ -228,7 +220,7 @@ def test_an_edited_file_is_followed_and_a_bad_edit_refused_with_its_line() -> No
             good = tb.node_config(n0)
             t0.config_path.write_text("node: {ip: 198.18.0.10/24, interface: x}\nroutes:\n"
                                       "  - {cidr: 198.19.1.0/33, via: 198.18.0.11}\n")
-            t0.wait_for(lambda s: s["counters"]["reloads_refused"] == 1)
+            t0.wait_for(lambda s: s["reloads"]["refused"] == 1)
             assert "reload refused, keeping the running table" in t0.log() and "node.yaml:3: routes[0].cidr" in t0.log()
             assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
 
@@ -319,3 +311,66 @@ def test_a_reload_that_changes_one_route_is_one_netlink_call_and_loses_no_packet
         finally:
             t0.stop()
             t1.stop()
+
+
+def _show_in_node(n: Node, tun: str, out: dict) -> None:
+    """In the node's namespace: a Routing on the node's links, the file and
+    the kernel both naming routes, and what show() says of them."""
+    import socket
+    import subprocess
+    from ipaddress import IPv4Interface
+
+    from ipipfast.routes import Mode, Route, RouteSet
+    from ipipfast.routing import Routing
+
+    routing = Routing(socket.if_nametoindex(tun), socket.if_nametoindex(n.interface),
+                      IPv4Interface(f"{n.ip}/{n.prefixlen}"), Mode.CROSS_SUBNET, True, 90, "/etc/node.yaml", lambda: None)
+    try:
+        routing.set_file(RouteSet.of([Route.parse("198.19.1.0/24", "198.18.0.11"),
+                                      Route.parse("198.19.2.0/24", "198.18.9.12"),
+                                      Route.parse("198.19.3.0/24", "198.18.9.13")], detail=7))
+        ip = lambda *a: subprocess.run(["ip", "route", *a], check=True)  # noqa: E731
+        ip("add", "198.19.3.0/24", "via", "198.18.9.14", "dev", tun, "onlink", "proto", "bird")
+        ip("add", "198.19.4.0/24", "via", "198.18.9.14", "dev", tun, "onlink", "proto", "80")
+        ip("add", "198.19.5.0/24", "dev", tun, "proto", "80")
+        ip("add", "198.19.2.0/24", "via", "198.18.0.11", "dev", n.interface, "proto", "static")
+        routing.take_kernel()
+        routing.build()
+        routing.program()
+        out.update(json.loads(json.dumps(routing.show())))  # plain data, as the control socket sends it
+        out["counts"] = {f"{s}/{k}": v for (s, k), v in routing.counts().items()}
+    finally:
+        routing.close()
+
+
+def test_show_gives_each_route_its_source_and_the_conflicts_and_refusals(tmp_path) -> None:
+    with Testbed(nodes=2, pods_per_node=1) as tb:
+        n0 = tb.nodes[0]
+        tun = f"{tb.prefix}s0"
+        tb.run(n0, ["ip", "tuntap", "add", "dev", tun, "mode", "tun"])
+        tb.run(n0, ["ip", "link", "set", tun, "up"])
+        path = tmp_path / "show.json"
+
+        def run(node: Node) -> None:
+            out: dict = {}
+            _show_in_node(node, tun, out)
+            path.write_text(json.dumps(out))
+        tb.in_netns(n0, run, n0)
+        shown = json.loads(path.read_text())
+    assert shown["routes"] == [
+        {"cidr": "198.19.1.0/24", "node": "198.18.0.11", "source": "file", "detail": "node.yaml:7",
+         "kind": "direct", "kernel": "ours"},
+        {"cidr": "198.19.2.0/24", "node": "198.18.9.12", "source": "file", "detail": "node.yaml:7",
+         "kind": "encapsulated", "kernel": "held by another route"},
+        {"cidr": "198.19.3.0/24", "node": "198.18.9.13", "source": "file", "detail": "node.yaml:7",
+         "kind": "encapsulated", "kernel": "proto bird"},
+        {"cidr": "198.19.4.0/24", "node": "198.18.9.14", "source": "kernel", "detail": "proto 80",
+         "kind": "encapsulated", "kernel": "proto 80"},
+    ]
+    assert shown["conflicts"] == [{"cidr": "198.19.3.0/24",
+                                   "winner": {"source": "file", "node": "198.18.9.13", "detail": "node.yaml:7"},
+                                   "loser": {"source": "kernel", "node": "198.18.9.14", "detail": "proto bird"}}]
+    assert shown["refused"] == [{"cidr": "198.19.5.0/24", "metric": 0, "reason": "no_gateway", "detail": "proto 80",
+                                 "via": None}]
+    assert (shown["mode"], shown["held"]) == ("CrossSubnet", 1)
+    assert shown["counts"] == {"file/direct": 1, "file/encapsulated": 2, "kernel/encapsulated": 1}
