@@ -28,6 +28,7 @@ from .routes import DatapathEntries, Kind, Table
 from .routing import Routing
 from .stats import MetricsServer
 from .tun import open_tun
+from .wake_pipe import WakePipe
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,8 @@ class Daemon:
         self.status_file = Path(status_file) if status_file else None
         self.kernel = Kernel()
         self.stopping = threading.Event()
-        self.reload_requested = threading.Event()
-        self.wake = threading.Event()  # the main thread's: a source changed, a signal came
+        self.wake = WakePipe()  # the main thread's: a source changed, a signal came
+        self.reload_requested = self.stop_requested = False  # set by signal handlers: no lock (see WakePipe)
         self.routing: Routing | None = None
         self.watcher: ConfigWatcher | None = None
         self.config_digest = b""
@@ -190,28 +191,24 @@ class Daemon:
                 self.routing.close()
             if self.watcher is not None:
                 self.watcher.close()
+            self.wake.close()
 
     def run_forever(self) -> int:
         """Runs until SIGINT/SIGTERM; SIGHUP (or an edit of the file) reloads
         the routes. The main thread reconciles: whatever changed wakes it."""
-        def request(event: threading.Event) -> Callable[..., None]:
-            def handler(*_: object) -> None:
-                event.set()
-                self.wake.set()
-            return handler
-        signal.signal(signal.SIGINT, request(self.stopping))
-        signal.signal(signal.SIGTERM, request(self.stopping))
-        signal.signal(signal.SIGHUP, request(self.reload_requested))
+        signal.signal(signal.SIGINT, self._stop_signal)
+        signal.signal(signal.SIGTERM, self._stop_signal)
+        signal.signal(signal.SIGHUP, lambda *_: self._config_changed())
         self.start()
         next_gc = time.monotonic() + GC_INTERVAL
         try:
-            while not self.stopping.is_set():
-                self.wake.wait(max(0.0, min(next_gc, self._next_resync()) - time.monotonic()))
+            while not (self.stop_requested or self.stopping.is_set()):
+                self.wake.wait(min(next_gc, self._next_resync()) - time.monotonic())
                 self.wake.clear()
-                if self.stopping.is_set():
+                if self.stop_requested or self.stopping.is_set():
                     break
-                if self.reload_requested.is_set():
-                    self.reload_requested.clear()
+                if self.reload_requested:
+                    self.reload_requested = False  # before the file is read: an edit after it asks again
                     self.reload()
                 self._reconcile()
                 if time.monotonic() >= next_gc:
@@ -227,8 +224,12 @@ class Daemon:
             self.stop()
         return 1 if self.errors else 0
 
+    def _stop_signal(self, *_: object) -> None:
+        self.stop_requested = True
+        self.wake.set()
+
     def _config_changed(self) -> None:
-        self.reload_requested.set()
+        self.reload_requested = True
         self.wake.set()
 
     def _next_resync(self) -> float:

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from .stop_pipe import StopPipe
+from .wake_pipe import WakePipe
 
 IN_ATTRIB = 0x004
 IN_CLOSE_WRITE = 0x008
@@ -74,18 +74,18 @@ class ConfigWatcher:
         self.changed = changed
         self.inotify = Inotify()
         self.inotify.watch(self.path.parent, CHANGED)
-        self._stop = StopPipe()
+        self._stop = WakePipe()
 
     def _ours(self, name: str) -> bool:
         return name == self.path.name or name.startswith("..")  # ..data: a ConfigMap's swap
 
     def run(self) -> None:
-        while self._stop.wait(self.inotify.fd):
+        while self._stop.wait_for(self.inotify.fd):
             if any(self._ours(name) for _, _, name in self.inotify.read()):
                 self.changed()
 
     def stop(self) -> None:
-        self._stop.stop()
+        self._stop.set()
 
     def close(self) -> None:
         self.inotify.close()

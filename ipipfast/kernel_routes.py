@@ -35,7 +35,7 @@ from ipaddress import IPv4Address
 from . import rtnl
 from .intmap import IntMap
 from .routes import RouteSet, cidr_text, key_of, route_problem
-from .stop_pipe import StopPipe
+from .wake_pipe import WakePipe
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ class RouteMonitor:
         self._queue: list[rtnl.RouteMsg | rtnl.LinkMsg] = []
         self._lost = False
         self.losses = 0  # ENOBUFS seen
-        self._stop = StopPipe()
+        self._stop = WakePipe()
 
     def take(self) -> tuple[list[rtnl.RouteMsg | rtnl.LinkMsg], bool]:
         """(what arrived since the last take, whether notifications were lost)."""
@@ -396,7 +396,7 @@ class RouteMonitor:
         return queue, lost
 
     def run(self) -> None:
-        while self._stop.wait(self.sub.fileno()):
+        while self._stop.wait_for(self.sub.fileno()):
             try:
                 messages = self.sub.receive()
             except OSError as e:
@@ -416,7 +416,7 @@ class RouteMonitor:
                 self.wake()
 
     def stop(self) -> None:
-        self._stop.stop()
+        self._stop.set()
 
     def close(self) -> None:
         self.sub.close()

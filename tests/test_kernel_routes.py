@@ -374,3 +374,26 @@ def test_show_gives_each_route_its_source_and_the_conflicts_and_refusals(tmp_pat
                                  "via": None}]
     assert (shown["mode"], shown["held"]) == ("CrossSubnet", 1)
     assert shown["counts"] == {"file/direct": 1, "file/encapsulated": 2, "kernel/encapsulated": 1}
+
+
+def test_a_storm_of_signals_never_stalls_the_main_thread() -> None:
+    """Edits, each followed at once by a SIGHUP, by the hundred: the watcher
+    thread wakes the main thread, and the signal lands as it wakes. Its
+    wake-up takes no lock a handler could find held (a threading.Event's
+    did: a handler landing as the main thread left its wait() stopped that
+    thread for good), so the last edit is still taken and SIGTERM stops it."""
+    with Testbed(nodes=2, pods_per_node=1) as tb:
+        n0, n1 = tb.nodes
+        t0, t1 = start(tb, [tb.node_config(n) for n in tb.nodes])
+        try:
+            base = tb.node_config(n0)
+            for i in range(300):
+                t0.reload({**base, "routes": base["routes"] + [{"cidr": f"198.19.{100 + i % 2}.0/24", "via": n1.ip}]})
+                time.sleep(0.002 * (i % 5))
+            text = yaml.safe_dump({**base, "routes": []})
+            t0.write_config(text)
+            t0.wait_for(lambda s: s["config_digest"] == digest(text).hex())
+            wait_routes(tb, n0, n1.pod_cidr, lambda rs: unicast(rs) == [])
+        finally:
+            assert t0.stop() == 0
+            t1.stop()
