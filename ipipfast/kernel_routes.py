@@ -171,6 +171,7 @@ class KernelRoutes:
         # CIDR keys a route we do not mirror holds at our kernel key (metric 0):
         # found when an add of ours met EEXIST, or when such a route replaced ours.
         self.blocked: set[int] = set()
+        self.rechecking: set[int] = set()  # those, tried again after a dump (said once: see held)
         self.foreign_changed: set[int] = set()  # CIDR keys whose kernel-source route changed
         self.own_changed: set[int] = set()      # CIDR keys whose route of ours changed under us
         self.refused_total: Counter[str] = Counter({r: 0 for r in REFUSALS})
@@ -222,10 +223,12 @@ class KernelRoutes:
             self.state.own[key] = value
             self.blocked.discard(key)
 
-    def held(self, key: int) -> None:
-        """An add of ours met EEXIST: a route we do not mirror holds the key."""
+    def held(self, key: int) -> bool:
+        """An add of ours met EEXIST: a route we do not mirror holds the key.
+        False when it was known to hold it before the last dump (no news)."""
         self.blocked.add(key)
         self.state.own.pop(key)
+        return key not in self.rechecking
 
     # ---- dumps and notifications -------------------------------------------------------
 
@@ -251,7 +254,7 @@ class KernelRoutes:
         # Keys another route held: still held if that route is there; we cannot
         # tell without mirroring every route, so let the next write find out.
         self.own_changed |= self.blocked
-        self.blocked = set()
+        self.rechecking, self.blocked = self.blocked, set()
         differed = bool(changed or own_changed or refusals_changed)
         self.loaded = True
         if not first:

@@ -205,7 +205,8 @@ class Routing:
         for op, code, text in failures:
             key = op.dst << 6 | op.dst_len
             if op.op == "add" and code == errno.EEXIST:
-                self.mirror.held(key)
+                if not self.mirror.held(key):
+                    continue  # still held, as before the dump
                 what = "another route holds it in the kernel: left as it is"
             elif op.op == "delete" and code == errno.ESRCH:
                 own.pop(key)  # gone already
