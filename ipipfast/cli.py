@@ -82,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         for w in cfg.warnings:
             print(f"warning: {w}", file=sys.stderr)
-        enc, direct = cfg.routes.split(cfg.tunnel.mode, cfg.node.ip)
-        print(f"{args.path}: ok ({len(cfg.routes.routes)} routes: {len(enc.routes)} encapsulated, "
-              f"{len(direct.routes)} direct; {len(cfg.routes.peers)} peers; mode {cfg.tunnel.mode.value})")
+        from .routes import Kind, Source, Table
+        table = Table.build({Source.FILE: cfg.routes}, cfg.tunnel.mode, cfg.node.ip)
+        direct = table.kinds.count(Kind.DIRECT)
+        print(f"{args.path}: ok ({len(table)} routes: {len(table) - direct} encapsulated, {direct} direct;"
+              f" {len(cfg.routes.peers())} peers; mode {cfg.tunnel.mode.value})")
         return 0
     if args.command == "down":
         from .config import ConfigError, load_config

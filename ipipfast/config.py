@@ -1,14 +1,19 @@
-"""The YAML config: parsed from the YAML node tree so every error names its line.
+"""The YAML config; every error names its line.
 
-Dicts (the testbed's configs) go through the same code: they are turned into a
-node tree first, whose nodes have no line, so their errors carry line None.
+The routes list is read from the parser's events, one route at a time, into
+a compact RouteSet (yaml_events.py says why); the other sections are small
+and are checked on their node trees. Dicts (the testbed's configs) go
+through the same checks: they are turned into a node tree first, whose nodes
+have no line, so their errors carry line None.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import ipaddress
 import os
+from array import array
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -19,10 +24,15 @@ from urllib.parse import urlsplit
 import yaml
 from yaml.representer import RepresenterError, SafeRepresenter
 
-from .routes import DuplicateRouteError, Mode, Route, RouteTable, check_unicast, parse_address, parse_network
+from .routes import (DuplicateRouteError, Mode, RouteSet, cidr_text, check_unicast, fast_address, fast_network,
+                     key_of, parse_address, parse_network, route_problem)
+from . import route_lines
+from .yaml_events import Events
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 100k routes compose in seconds, not minutes
 _NULL_TAG = "tag:yaml.org,2002:null"
+_MAP_TAG = "tag:yaml.org,2002:map"
+_STR_TAG = "tag:yaml.org,2002:str"
+_STREAMED = "!ipipfast/streamed-routes"  # stands in the root mapping for the routes read from the events
 _UNSET = object()
 ETCD_TTL = (5, 86_400)  # flannel's leases last 24 h; under 5 s a keep-alive every ttl/3 has no room to retry
 # Integer tunnel keys: (lowest, highest, the value meaning None). 68 is IPv4's minimum
@@ -82,6 +92,16 @@ class TunnelConfig:
 
 
 @dataclass(frozen=True)
+class KernelConfig:
+    # Forward by the routes others write into the TUN (BIRD, felix, static):
+    # on by default, as a route into tunl0 simply works.
+    learn: bool = True
+    # Seconds between full re-reads of the kernel's routes (felix's
+    # routeRefreshInterval); 0: only at start and after a loss.
+    resync: int = 90
+
+
+@dataclass(frozen=True)
 class StatsConfig:
     listen: tuple[str, int] | None = None  # (host, port); "" is every address, port 0 any free port
 
@@ -118,34 +138,52 @@ class EtcdConfig:
 class Config:
     node: NodeConfig
     tunnel: TunnelConfig = TunnelConfig()
+    kernel: KernelConfig = KernelConfig()
     stats: StatsConfig = StatsConfig()
-    routes: RouteTable = RouteTable()
+    routes: RouteSet = field(default_factory=RouteSet)  # detail: the line of each route's cidr
     etcd: EtcdConfig | None = None
     # "source:line: text" for things that parse but are probably not meant; log them.
     warnings: tuple[str, ...] = field(default=(), compare=False)
+
+
+def read_config_text(path: str | PathLike[str]) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(str(path), None, f"cannot read config: {e}") from None
+
+
+def digest(text: str) -> bytes:
+    """Tells a re-read of the same file from an edit without parsing it."""
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 def load_config(path: str | PathLike[str], tunnel: Mapping[str, Any] | None = None) -> Config:
     """The config in the file at path; `tunnel` overrides keys of its tunnel
     section (the command line's options), checked by the same rules after
     the file itself is."""
-    source = str(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(source, None, f"cannot read config: {e}") from None
-    config = parse_config(text, source)
-    if not tunnel:
-        return config
-    d = yaml.load(text, Loader=_Loader)
-    d["tunnel"] = {**(d.get("tunnel") or {}), **tunnel}
-    return config_from_dict(d, f"{source} with {' '.join(f'--{k}' for k in tunnel)}")
+    return parse_config(read_config_text(path), str(path), tunnel)
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
+def parse_config(text: str, source: str = "<config>", tunnel: Mapping[str, Any] | None = None) -> Config:
+    cut = route_lines.cut(text)
+    if cut is not None:
+        try:
+            return _parse(cut.remainder, source, tunnel, cut)
+        except (ConfigError, _NotTheRoutes):
+            pass  # the whole text through YAML: it decides, and has the words for any error
+    return _parse(text, source, tunnel, None)
+
+
+class _NotTheRoutes(Exception):
+    """The lines read as routes were not the top-level routes key's value."""
+
+
+def _parse(text: str, source: str, tunnel: Mapping[str, Any] | None, cut: route_lines.Cut | None) -> Config:
+    events = Events(text)
     try:
-        root = yaml.compose(text, Loader=_Loader)
+        return _read(events, _Reader(source), tunnel, cut)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         context = f" ({e.context})" if e.context else ""
@@ -153,9 +191,36 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     except yaml.reader.ReaderError as e:  # a character YAML forbids; it gives an offset, not a mark
         line = text.count("\n", 0, e.position) + 1
         raise ConfigError(source, line, f"invalid YAML: character U+{e.character:04X}: {e.reason}") from None
-    if root is None:
-        raise ConfigError(source, None, "the config is empty; it needs at least node.ip and node.interface")
-    return _Reader(source).config(root)
+    finally:
+        events.close()
+
+
+def _read(events: Events, reader: _Reader, tunnel: Mapping[str, Any] | None, cut: route_lines.Cut | None) -> Config:
+    first = events.root()
+    if first is None:
+        raise ConfigError(reader.source, None, "the config is empty; it needs at least node.ip and node.interface")
+    routes: _Routes | None = None
+    if isinstance(first, yaml.MappingStartEvent) and first.anchor is None and first.tag is None:
+        root = yaml.MappingNode(_MAP_TAG, [], first.start_mark, None, flow_style=first.flow_style)
+        while not isinstance(event := events.next(), yaml.MappingEndEvent):
+            key = events.compose(event)
+            start = events.next()
+            if isinstance(key, yaml.ScalarNode) and key.value == "routes" and key.tag == _STR_TAG:
+                routes = reader.stream_routes(events, start)
+                if cut is not None:
+                    if first.flow_style or key.start_mark.line + 1 != cut.line or len(routes.keys):
+                        raise _NotTheRoutes()
+                    routes = _Routes(cut.keys, cut.vias, cut.lines, cut.via_lines)
+                value: yaml.Node = yaml.ScalarNode(_STREAMED, "", start.start_mark, start.end_mark)
+            else:
+                value = events.compose(start)
+            root.value.append((key, value))
+    else:
+        root = events.compose(first)
+    if cut is not None and routes is None:
+        raise _NotTheRoutes()
+    events.end()
+    return reader.config(root, routes, tunnel)
 
 
 class _Representer(SafeRepresenter):
@@ -178,7 +243,7 @@ def config_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> Config:
         root = _Representer().represent_data(dict(d))
     except RepresenterError as e:  # args: (message, offending object)
         raise ConfigError(source, None, f"{e.args[0]}: {e.args[-1]!r}") from None
-    return _Reader(source).config(root)
+    return _Reader(source).config(root, None, None)
 
 
 def _line(node: yaml.Node) -> int | None:
@@ -303,18 +368,33 @@ class _Reader:
 
     # -- sections ------------------------------------------------------------
 
-    def config(self, root: yaml.Node) -> Config:
-        top = self.mapping(root, "", ("node", "tunnel", "stats", "routes", "etcd"), required=("node",))
+    def config(self, root: yaml.Node, streamed: _Routes | None, overrides: Mapping[str, Any] | None) -> Config:
+        top = self.mapping(root, "", ("node", "tunnel", "kernel", "stats", "routes", "etcd"), required=("node",))
         tunnel = self.tunnel(top.get("tunnel"))
+        if overrides:
+            tunnel = self.overridden(top.get("tunnel"), overrides)
         node = self.node(top["node"], tunnel.mode)
+        section = top.get("routes")
+        if section is not None and section.tag == _STREAMED:
+            assert streamed is not None
+            routes = streamed
+        else:
+            routes = self.routes_node(section)
         return Config(
             node=node,
             tunnel=tunnel,
+            kernel=self.kernel(top.get("kernel")),
             stats=self.stats(top.get("stats")),
-            routes=self.routes(top.get("routes"), node),
+            routes=routes.finish(self, node),
             etcd=self.etcd(top.get("etcd")),
             warnings=tuple(self.warnings),
         )
+
+    def overridden(self, section: yaml.Node | None, overrides: Mapping[str, Any]) -> TunnelConfig:
+        """The tunnel section with the command line's options over it, checked again as a whole."""
+        d = {} if _is_null(section) else self.constructor.construct_object(section, deep=True)
+        node = _Representer().represent_data({**d, **overrides})
+        return _Reader(f"{self.source} with {' '.join(f'--{k}' for k in overrides)}").tunnel(node)
 
     def node(self, section: yaml.Node, mode: Mode) -> NodeConfig:
         m = self.mapping(section, "node", ("ip", "interface", "pod_cidrs"), required=("ip", "interface"))
@@ -420,43 +500,98 @@ class _Reader:
             raise self.error(node, f"stats.listen: put an IPv6 host in brackets, e.g. [{host}]:{port}")
         return StatsConfig(listen=(host, int(port)))
 
-    def routes(self, section: yaml.Node | None, node: NodeConfig) -> RouteTable:
+    def kernel(self, section: yaml.Node | None) -> KernelConfig:
+        m = self.mapping(section, "kernel", [f.name for f in fields(KernelConfig)])
+        kw: dict[str, Any] = {}
+        if "learn" in m:
+            kw["learn"] = self.boolean(m["learn"], "kernel.learn")
+        if "resync" in m:
+            kw["resync"] = self.integer(m["resync"], "kernel.resync", 0, 86_400)
+        return KernelConfig(**kw)
+
+    # -- routes ----------------------------------------------------------------
+
+    def routes_node(self, section: yaml.Node | None) -> _Routes:
+        routes = _Routes()
         if _is_null(section):
-            return RouteTable()
+            return routes
         assert section is not None
         if not isinstance(section, yaml.SequenceNode):
             raise self.error(section, f"routes: expected a list of {{cidr, via}}, got {self.describe(section, 'routes')}")
-        routes: list[Route] = []
-        cidr_nodes: list[yaml.Node] = []
         for i, item in enumerate(section.value):
-            p = f"routes[{i}]"
-            m = self.mapping(item, p, ("cidr", "via"), required=("cidr", "via"))
-            cidr_text, via_text = self.string(m["cidr"], p + ".cidr"), self.string(m["via"], p + ".via")
-            try:
-                cidr = parse_network(cidr_text)
-            except ValueError as e:
-                raise self.error(m["cidr"], f"{p}.cidr: {e}") from None
-            try:
-                via = parse_address(via_text)
-            except ValueError as e:
-                raise self.error(m["via"], f"{p}.via: {e}") from None
-            if via == node.ip.ip:
-                raise self.error(m["via"], f"{p}.via: {via} is this node's own address (node.ip)")
-            try:
-                routes.append(Route(cidr, via))
-            except ValueError as e:
-                raise self.error(m["via"], f"{p}: {e}") from None
-            cidr_nodes.append(m["cidr"])
+            self.route_node(item, i, routes)
+        return routes
+
+    def route_node(self, item: yaml.Node, i: int, routes: _Routes) -> None:
+        """One route from its node tree, with every error at its line."""
+        p = f"routes[{i}]"
+        m = self.mapping(item, p, ("cidr", "via"), required=("cidr", "via"))
+        cidr_text_, via_text = self.string(m["cidr"], p + ".cidr"), self.string(m["via"], p + ".via")
         try:
-            return RouteTable.from_routes(routes)
-        except DuplicateRouteError as e:
-            first = cidr_nodes[e.first_index]
-            on_line = f" on line {_line(first)}" if _line(first) else ""
-            raise self.error(
-                cidr_nodes[e.second_index],
-                f"routes[{e.second_index}]: duplicate route for {e.second.cidr};"
-                f" routes[{e.first_index}]{on_line} already routes it (via {e.first.via})",
-            ) from None
+            cidr = parse_network(cidr_text_)
+        except ValueError as e:
+            raise self.error(m["cidr"], f"{p}.cidr: {e}") from None
+        try:
+            via = int(parse_address(via_text))
+        except ValueError as e:
+            raise self.error(m["via"], f"{p}.via: {e}") from None
+        network, plen = int(cidr.network_address), cidr.prefixlen
+        problem = route_problem(network, plen, via)
+        if problem:
+            raise self.error(m["via"], f"{p}: {problem}")
+        routes.add(key_of(network, plen), via, _line(m["cidr"]) or 0, _line(m["via"]) or 0)
+
+    def stream_routes(self, events: Events, start: yaml.Event) -> _Routes:
+        """The routes list from the events: a route of the usual shape
+        ({cidr: ..., via: ...}, plain strings) without composing it; any
+        other (anchors, aliases, tags, errors) through route_node, so the
+        two paths accept and refuse the same input with the same words."""
+        if not isinstance(start, yaml.SequenceStartEvent) or start.anchor is not None or start.tag is not None:
+            return self.routes_node(events.compose(start))
+        routes = _Routes()
+        i = 0
+        while not isinstance(event := events.next(), yaml.SequenceEndEvent):
+            taken = self._fast_route(events, event, routes)
+            if taken is not None:
+                events.push(taken[1:])
+                self.route_node(events.compose(taken[0]), i, routes)
+            i += 1
+        return routes
+
+    def _fast_route(self, events: Events, first: yaml.Event, routes: _Routes) -> list[yaml.Event] | None:
+        """Adds the route that starts with `first` if it has the usual shape
+        (a mapping of cidr and via to untagged scalars); else returns the
+        events it read, for route_node. The hot loop of a large config: 100k
+        routes are 600k events. No type check of the values: a scalar that
+        fast_network or fast_address accepts has three dots, which no YAML
+        1.1 type but str matches."""
+        taken = [first]
+        if type(first) is not yaml.MappingStartEvent or first.anchor is not None or first.tag is not None:
+            return taken
+        nxt = events.reader()
+        pairs = {}
+        for _ in range(2):
+            key = nxt()
+            taken.append(key)
+            if type(key) is not yaml.ScalarEvent:
+                return taken
+            value = nxt()
+            taken.append(value)
+            if key.style or key.tag is not None or key.anchor is not None or type(value) is not yaml.ScalarEvent \
+                    or value.tag is not None or value.anchor is not None:
+                return taken
+            pairs[key.value] = value
+        end = nxt()
+        taken.append(end)
+        cidr, via = pairs.get("cidr"), pairs.get("via")
+        if type(end) is not yaml.MappingEndEvent or cidr is None or via is None:
+            return taken
+        network = fast_network(cidr.value)
+        addr = fast_address(via.value)
+        if network is None or addr is None or route_problem(network[0], network[1], addr):
+            return taken
+        routes.add(key_of(*network), addr, cidr.start_mark.line + 1, via.start_mark.line + 1)
+        return None
 
     def etcd(self, section: yaml.Node | None) -> EtcdConfig | None:
         if _is_null(section):
@@ -513,3 +648,33 @@ class _Reader:
             given, missing = ("cert", "key") if "cert" in m else ("key", "cert")
             raise self.error(m[given], f"etcd.tls: {given} without {missing}; a client certificate needs both")
         return EtcdTLS(**paths)
+
+
+class _Routes:
+    """Routes as they are read: arrays in file order, checked as a whole by finish()."""
+
+    def __init__(self, keys: array | None = None, vias: array | None = None, lines: array | None = None,
+                 via_lines: array | None = None) -> None:
+        self.keys, self.vias = keys or array("Q"), vias or array("I")
+        self.lines, self.via_lines = lines or array("Q"), via_lines or array("I")  # 0: no line (a dict)
+
+    def add(self, key: int, via: int, line: int, via_line: int) -> None:
+        self.keys.append(key)
+        self.vias.append(via)
+        self.lines.append(line)
+        self.via_lines.append(via_line)
+
+    def finish(self, reader: _Reader, node: NodeConfig) -> RouteSet:
+        own = int(node.ip.ip)
+        if own in self.vias:
+            i = self.vias.index(own)
+            raise ConfigError(reader.source, self.via_lines[i] or None,
+                              f"routes[{i}].via: {node.ip.ip} is this node's own address (node.ip)")
+        try:
+            return RouteSet.build(self.keys, self.vias, self.lines)
+        except DuplicateRouteError as e:
+            a, b = e.first_index, e.second_index
+            on_line = f" on line {self.lines[a]}" if self.lines[a] else ""
+            raise ConfigError(reader.source, self.lines[b] or None,
+                              f"routes[{b}]: duplicate route for {cidr_text(e.key)};"
+                              f" routes[{a}]{on_line} already routes it (via {IPv4Address(self.vias[a])})") from None

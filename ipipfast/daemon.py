@@ -1,8 +1,10 @@
 """One node's tunnel: wires the config, the kernel and the datapath
-together, keeps next-hop MACs fresh, reloads routes on SIGHUP and cleans up
-on SIGINT/SIGTERM."""
+together, keeps next-hop MACs fresh, follows the routes (the config file on
+SIGHUP or when it changes, the kernel's routes into the TUN as they change),
+answers on its control socket and tells the service manager how it is."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -10,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -17,15 +20,19 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
-from . import _datapath, metrics, tc_drops
-from .config import Config, ConfigError, load_config
+from . import _datapath, heap, metrics, tc_drops
+from .config import Config, ConfigError, digest, parse_config, read_config_text
 from .control import RUN_DIR, ControlServer, socket_path
 from .counters import Snapshot, to_json
 from .icmp import IcmpErrors
+from .inotify import ConfigWatcher
 from .kernel import EventsLost, Kernel, Link, NeighbourEvents, NextHop, ipip_module_loaded
-from .routes import RouteTable
+from .kernel_routes import remove_own_routes
+from .routes import DatapathEntries, Kind, Table
+from .routing import RTPROT_IPIPFAST, Routing
 from .service import Service
 from .tun import open_tun
+from .wake_pipe import WakePipe
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +40,24 @@ NEIGHBOUR_INTERVAL = 1.0   # seconds between next-hop MAC checks (a tenth while 
 SOLICIT_EVERY = 30         # checks between re-confirmations of every next hop
 STATUS_INTERVAL = 0.5      # seconds between status-file writes
 GC_INTERVAL = 60.0         # seconds between full garbage collections (see run_forever)
-ROUTE_SOURCE = "file"      # where routes come from: the config file (kernel routes and etcd are to come)
+PUBLISHED_KEPT = 64        # table publications the status keeps (generation, CLOCK_MONOTONIC ns, entries)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What a route table means for this node under its ipipMode."""
-    table: RouteTable         # everything the config names
-    encapsulated: RouteTable  # into the TUN, through the datapath
-    direct: RouteTable        # routed on the underlay unencapsulated (CrossSubnet, Never)
+    """A merged table and what the datapath needs of it."""
+    table: Table
+    encapsulated: tuple[IPv4Address, ...]  # the peers its entries index, in that order
+    peers: tuple[IPv4Address, ...]         # those, then every other node: IPIP is accepted from all
 
     @classmethod
-    def of(cls, config: Config) -> Plan:
-        enc, direct = config.routes.split(config.tunnel.mode, config.node.ip)
-        return cls(config.routes, enc, direct)
+    def of(cls, table: Table) -> Plan:
+        enc = table.encapsulated_peers()
+        extra = sorted(set(table.routes.vias) - set(enc))
+        return cls(table, tuple(map(IPv4Address, enc)), tuple(map(IPv4Address, enc + extra)))
 
-    def datapath_peers(self) -> list[IPv4Address]:
-        """The encapsulated table's peers (its route entries index them)
-        followed by the other known nodes: IPIP is accepted from all of them."""
-        extra = sorted(set(self.table.peers) - set(self.encapsulated.peers))
-        return list(self.encapsulated.peers) + extra
+    def entries(self) -> DatapathEntries:
+        return self.table.datapath_entries({int(p): i for i, p in enumerate(self.encapsulated)})
 
 
 IPIP_MODULE_LOADED = (
@@ -79,8 +84,17 @@ class Daemon:
         self.socket_path = socket_path(config.tunnel.name, run_dir)
         self.kernel = Kernel()
         self.stopping = threading.Event()
-        self.reload_requested = threading.Event()
-        self.plan = Plan.of(config)
+        self.wake = WakePipe()  # the main thread's: a source changed, a signal came
+        self.reload_requested = self.stop_requested = False  # set by signal handlers: no lock (see WakePipe)
+        self.routing: Routing | None = None
+        self.watcher: ConfigWatcher | None = None
+        self.config_digest = b""
+        self.plan = Plan.of(Table.build({}, config.tunnel.mode, config.node.ip))
+        self.generation = 0  # of the table the datapath has
+        self.published: deque[tuple[int, int, int]] = deque(maxlen=PUBLISHED_KEPT)
+        self.reloads: Counter[str] = Counter(applied=0, unchanged=0, refused=0)  # SIGHUP or an edit, by result
+        self.last_reload: dict = {}
+        self._resolve_all = False  # next time, ask the kernel for every peer's next hop again
         self.macs: dict[IPv4Address, bytes | None] = {}
         self.nexthops: dict[IPv4Address, NextHop] = {}
         self.lock = threading.RLock()  # plan, next hops and MACs: main and neighbour threads
@@ -90,7 +104,6 @@ class Daemon:
         self.metrics: WSGIServer | None = None
         self.control: ControlServer | None = None
         self.ready = False
-        self.reloads = {"applied": 0, "refused": 0}
         self.tun_fds: list[int] = []
         self.tun_created = False
         self.tc: tc_drops.Drops | None = None  # the tc drops on the underlay, once attached
@@ -148,16 +161,22 @@ class Daemon:
         except OSError as e:  # NetlinkError is an OSError too
             log.warning("tc drops not attached (%s): the kernel also processes every IPIP frame, which costs "
                         "CPU, and IPIP that pods send leaves the node unchecked", e)
-        with self.lock:
-            self._apply(self.plan, previous=None)
+        self.routing = Routing(self.tun.index, self.underlay.index, cfg.node.ip, cfg.tunnel.mode,
+                               cfg.kernel.learn, cfg.kernel.resync, self.config_path, self.wake.set)
+        self.routing.set_file(cfg.routes)
+        self._reconcile()  # the first dump of the kernel's routes, the table, our routes
+        heap.trim()  # what parsing the file and the dump left
         self._await_nexthops(timeout=2.0)
         loops: list[tuple[str, Callable[[], None]]] = []
         for i, w in enumerate(workers):
             loops += [(f"encap{i}", partial(w.run_encap, f"ipf-encap{i}")),
                       (f"decap{i}", partial(w.run_decap, f"ipf-decap{i}"))]
         loops += [("neighbours", self._neighbour_loop), ("neighbour-events", self._neighbour_event_loop),
-                  ("status", self._status_loop),
-                  ("icmp", lambda: self.icmp.run(self.stopping))]
+                  ("status", self._status_loop), ("icmp", lambda: self.icmp.run(self.stopping)),
+                  ("routes", self.routing.monitor.run)]
+        if self.config_path:
+            self.watcher = ConfigWatcher(self.config_path, self._config_changed)
+            loops.append(("config", self.watcher.run))
         started: list[threading.Event] = []
         for name, target in loops:
             entered = threading.Event()
@@ -176,7 +195,7 @@ class Daemon:
         self._write_status()  # its appearance tells a supervisor that the tunnel is up
         log.info("ready: %s on %s (%s), mtu %d, mode %s, %d routes encapsulated, %d direct, "
                  "inner checksums %s", cfg.tunnel.name, self.underlay.name, cfg.node.ip.ip, self.tun.mtu,
-                 cfg.tunnel.mode.value, len(self.plan.encapsulated.routes), len(self.plan.direct.routes),
+                 cfg.tunnel.mode.value, *self._route_totals(),
                  "left to the underlay device" if self.csum_offload else "computed here")
 
     def healthy(self) -> bool:
@@ -184,8 +203,8 @@ class Daemon:
         return not self.stopping.is_set() and all(t.is_alive() for t in self.loop_threads)
 
     def _status_text(self) -> str:
-        return (f"{self.config.tunnel.mode.value}: {len(self.plan.encapsulated.routes)} routes encapsulated, "
-                f"{len(self.plan.direct.routes)} direct")
+        enc, direct = self._route_totals()
+        return f"{self.config.tunnel.mode.value}: {enc} routes encapsulated, {direct} direct"
 
     def _guard(self, target: Callable[[], None], entered: threading.Event) -> Callable[[], None]:
         def run() -> None:
@@ -196,6 +215,7 @@ class Daemon:
                 log.exception("%s failed", threading.current_thread().name)
                 self.errors.append(e)
                 self.stopping.set()
+                self.wake.set()
         return run
 
     def stop(self) -> None:
@@ -204,6 +224,10 @@ class Daemon:
         self.service.stopping()
         if self.datapath is not None:
             self.datapath.stop()
+        if self.routing is not None:
+            self.routing.monitor.stop()
+        if self.watcher is not None:
+            self.watcher.stop()
         for t in self.threads:
             t.join(timeout=5)
         if self.metrics:
@@ -213,7 +237,7 @@ class Daemon:
             self.control.close()
         try:
             if self.remove_device:
-                self._withdraw(self.plan)
+                self._withdraw()
         finally:
             self._write_status()
             self.datapath = None  # frees the rings and sockets once the loops have returned
@@ -229,22 +253,33 @@ class Daemon:
             if self.remove_device and self.tun_created:
                 self.kernel.remove_link(self.tun.index)
             self.kernel.close()
+            if self.routing is not None:
+                self.routing.close()
+            if self.watcher is not None:
+                self.watcher.close()
+            self.wake.close()
 
     def run_forever(self) -> int:
-        """Runs until SIGINT/SIGTERM; SIGHUP reloads the routes."""
-        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
-        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
-        signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
+        """Runs until SIGINT/SIGTERM; SIGHUP (or an edit of the file) reloads
+        the routes. The main thread reconciles: whatever changed wakes it."""
+        signal.signal(signal.SIGINT, self._stop_signal)
+        signal.signal(signal.SIGTERM, self._stop_signal)
+        signal.signal(signal.SIGHUP, lambda *_: self._config_changed())
         self.start()
         self.service.ready(self._status_text())
         next_gc = time.monotonic() + GC_INTERVAL
         try:
-            while not self.stopping.wait(0.2):
-                if self.reload_requested.is_set():
-                    self.reload_requested.clear()
+            while not (self.stop_requested or self.stopping.is_set()):
+                self.wake.wait(min(next_gc, self._next_resync()) - time.monotonic())
+                self.wake.clear()
+                if self.stop_requested or self.stopping.is_set():
+                    break
+                if self.reload_requested:
+                    self.reload_requested = False  # before the file is read: an edit after it asks again
                     self.service.reloading()
                     self.reload()
                     self.service.reloaded(self._status_text())
+                self._reconcile()
                 if time.monotonic() >= next_gc:
                     # Each pyroute2 call leaves 30-100 objects in reference
                     # cycles. A quiet daemon makes so few objects that
@@ -258,68 +293,121 @@ class Daemon:
             self.stop()
         return 1 if self.errors else 0
 
+    def _stop_signal(self, *_: object) -> None:
+        self.stop_requested = True
+        self.wake.set()
+
+    def _config_changed(self) -> None:
+        self.reload_requested = True
+        self.wake.set()
+
+    def _next_resync(self) -> float:
+        return self.routing.next_resync() if self.routing else float("inf")
+
     # ---- routes ---------------------------------------------------------------
 
     def reload(self) -> bool:
-        """Re-reads the config file's routes. A bad file is refused with its
-        line and the running table stays."""
-        if not self.config_path:
+        """Re-reads the config file: its routes and the mode, and reconciles.
+        A bad file is refused with its line and the running table stays; a
+        file the same as the last one read is not parsed again. Records how
+        long it took in last_reload."""
+        if not self.config_path or self.routing is None:
             return False
+        start, writes = time.monotonic(), self.routing.writer.writes
         try:
-            new = load_config(self.config_path, self.overrides)
-        except (ConfigError, OSError) as e:
-            log.error("reload refused, keeping the running table: %s", e)
+            text = read_config_text(self.config_path)
+            if digest(text) == self.config_digest:
+                log.info("reload: %s is unchanged", self.config_path)
+                new = None
+            else:
+                new = parse_config(text, self.config_path, self.overrides)
+        except ConfigError as e:
             self.reloads["refused"] += 1
+            log.error("reload refused, keeping the running table: %s", e)
             return False
-        if (new.node, new.tunnel) != (self.config.node, self.config.tunnel):
-            log.warning("reload: node and tunnel settings change only on restart; routes reloaded")
-        plan = Plan(new.routes, *new.routes.split(self.config.tunnel.mode, self.config.node.ip))
-        with self.lock:
-            previous, self.plan = self.plan, plan
-            self._apply(plan, previous)
-            self.reloads["applied"] += 1  # after the table it publishes: its generation has moved on
-        log.info("reloaded: %d routes encapsulated, %d direct",
-                 len(plan.encapsulated.routes), len(plan.direct.routes))
+        if new is not None:
+            self.config_digest = digest(text)
+            self._take(new)
+            self._reconcile()
+            heap.trim()
+        self.reloads["applied" if new is not None else "unchanged"] += 1
+        self.last_reload = {"seconds": round(time.monotonic() - start, 6), "parsed": new is not None,
+                            "route_writes": self.routing.writer.writes - writes}
         return True
 
-    def _apply(self, plan: Plan, previous: Plan | None) -> None:
-        """Programs the datapath first, then the kernel routes that lead to
-        it, so that no packet reaches the TUN before its table entry."""
-        self._resolve_nexthops(plan)
-        self._push_table()
-        old_enc = previous.encapsulated if previous else RouteTable()
-        old_dir = previous.direct if previous else RouteTable()
-        added, removed = old_enc.diff(plan.encapsulated)
-        self.kernel.remove_routes(self.tun.index, [r.cidr for r in removed - added])
-        self.kernel.replace_routes(self.tun.index, [r.cidr for r in added], self.config.node.ip.ip)
-        added, removed = old_dir.diff(plan.direct)
-        self.kernel.remove_direct_routes([r.cidr for r in removed - added], self.underlay.index)
-        self.kernel.replace_direct_routes([(r.cidr, r.via) for r in added], self.underlay.index)
+    def _take(self, new: Config) -> None:
+        """The routes and the mode of a new config; the rest needs a restart."""
+        assert self.routing is not None
+        for w in new.warnings:
+            log.warning("%s", w)
+        changed = [f.name for f in dataclasses.fields(new.tunnel)
+                   if f.name != "mode" and getattr(new.tunnel, f.name) != getattr(self.config.tunnel, f.name)]
+        changed += [name for name in ("node", "kernel", "stats") if getattr(new, name) != getattr(self.config, name)]
+        if changed:
+            log.warning("reload: %s change only on restart; the routes and the mode are reloaded",
+                        ", ".join(changed))
+        if new.tunnel.mode is not self.config.tunnel.mode:
+            log.info("reload: mode %s -> %s", self.config.tunnel.mode, new.tunnel.mode)
+        self.config = dataclasses.replace(self.config, routes=new.routes,
+                                          tunnel=dataclasses.replace(self.config.tunnel, mode=new.tunnel.mode))
+        self.routing.set_file(new.routes)
+        self.routing.set_mode(new.tunnel.mode)
+        self._resolve_all = True
+        log.info("reloaded: %d routes from the file, mode %s", len(new.routes), new.tunnel.mode)
 
-    def _withdraw(self, plan: Plan) -> None:
+    def _reconcile(self) -> None:
+        """One pass: the kernel's changes, then the table if a source
+        changed, to the datapath first and then to the kernel, so that no
+        packet reaches the TUN before its entry."""
+        assert self.routing is not None
+        self.routing.take_kernel()
+        table = self.routing.build()
+        if table is not None:
+            with self.lock:
+                self.plan = Plan.of(table)
+                self._resolve_nexthops(self.plan)
+                self._push_table()
+        self.routing.program()
+
+    def _route_totals(self) -> tuple[int, int]:
+        """(encapsulated, direct) routes in the table."""
+        direct = self.plan.table.kinds.count(Kind.DIRECT)
+        return len(self.plan.table) - direct, direct
+
+    def _withdraw(self) -> None:
         """Removes the tc drops and our direct routes (routes into the TUN go
         with it, when it is removed)."""
         if self.tc:
             tc_drops.detach(self.underlay.index)
-        self.kernel.remove_direct_routes([r.cidr for r in plan.direct.routes], self.underlay.index)
+        if self.routing is not None:
+            self.routing.withdraw_direct()
 
     def _push_table(self) -> None:
         assert self.datapath is not None
-        peers = self.plan.datapath_peers()
-        self.datapath.set_table(self.plan.encapsulated.datapath_entries(),
-                                [(int(p), self.macs.get(p), self.icmp.pmtu(p)) for p in peers])
+        plan = self.plan
+        peers = [(int(p), self.macs.get(p), self.icmp.pmtu(p)) for p in plan.peers]
+        entries = plan.entries()
+        self.generation = self.datapath.set_table(entries, peers)
+        self.published.append((self.generation, time.monotonic_ns(), len(entries)))
 
     # ---- next hops ------------------------------------------------------------
 
     def _resolve_nexthops(self, plan: Plan) -> None:
-        self.nexthops = {}
-        for peer in plan.encapsulated.peers:
+        """The underlay next hop of each encapsulated peer: asked of the
+        kernel for new peers (and for all after a reload), kept for the rest."""
+        resolve_all, self._resolve_all = self._resolve_all, False
+        nexthops = {}
+        for peer in plan.encapsulated:
+            if not resolve_all and peer in self.nexthops:
+                nexthops[peer] = self.nexthops[peer]
+                continue
             hop = self.kernel.nexthop(peer)
             if hop.ifindex != self.underlay.index:
                 log.warning("peer %s is reached through ifindex %d, not the underlay %s: "
                             "its packets are dropped (no_neigh)", peer, hop.ifindex, self.underlay.name)
                 continue
-            self.nexthops[peer] = hop
+            nexthops[peer] = hop
+        self.nexthops = nexthops
         self._refresh_macs(push=False)
 
     def _refresh_macs(self, push: bool = True) -> None:
@@ -403,17 +491,15 @@ class Daemon:
         return replace(self.datapath.snapshot(), queue_full=queue_full, foreign_ipip=foreign_ipip)
 
     def reading(self) -> metrics.Reading:
-        with self.lock:
-            plan = self.plan
-        routes = {(ROUTE_SOURCE, "encapsulated"): len(plan.encapsulated.routes),
-                  (ROUTE_SOURCE, "direct"): len(plan.direct.routes)}
-        return metrics.Reading(self.snapshot(), routes, dict(self.reloads))
+        assert self.routing is not None
+        return metrics.Reading(self.snapshot(), self.routing.counts(), dict(self.reloads), self.routing.counters())
 
     def status(self) -> dict:
         """What the status file and the control socket's status say: the
         node's state and one snapshot of its counters."""
         with self.lock:
-            plan, macs = self.plan, dict(self.macs)
+            macs = dict(self.macs)
+            enc, direct = self._route_totals()
         snap = self.snapshot()
         return {
             "pid": os.getpid(),
@@ -422,33 +508,39 @@ class Daemon:
             "mode": self.config.tunnel.mode.value,
             "generation": snap.generation,
             "reloads": dict(self.reloads),
+            "config_digest": self.config_digest.hex(),  # of the file last read: what a reload waits for
+            "last_reload": self.last_reload,
             "csum_offload": self.csum_offload,
             "ring_frames": self.ring_frames,
-            "routes_encapsulated": len(plan.encapsulated.routes),
-            "routes_direct": len(plan.direct.routes),
+            "routes_encapsulated": enc,
+            "routes_direct": direct,
+            "table": {"generation": self.generation, "published": list(self.published),
+                      **(self.routing.summary() if self.routing else {})},
+            "kernel_routes": self.routing.counters() if self.routing else {},
             "next_hops": {str(p): (m.hex(":") if m else None) for p, m in macs.items()},
             "path_mtu": self.icmp.pmtus(),
             "counters": to_json(snap),
         }
 
     def routes(self) -> dict:
-        """Each route with its next hop as the datapath sees it."""
+        """Each route with its source and how it is carried, its next hop as
+        the datapath sees it; the conflicts and the refused kernel routes."""
+        assert self.routing is not None
         with self.lock:
-            plan, macs, generation = self.plan, dict(self.macs), self.datapath.snapshot().generation
+            macs = dict(self.macs)
         pmtus = self.icmp.pmtus()
-        out = []
-        for kind, table in (("encapsulated", plan.encapsulated), ("direct", plan.direct)):
-            for r in table.routes:
-                if kind == "direct":
-                    mac, state = None, "kernel"  # the kernel's own neighbour table resolves it
-                elif r.via not in macs:
-                    mac, state = None, "not_on_underlay"  # its packets drop (no_neigh): see _resolve_nexthops
-                else:
-                    mac = macs[r.via].hex(":") if macs[r.via] else None
-                    state = "resolved" if mac else "unresolved"
-                out.append({"cidr": str(r.cidr), "node": str(r.via), "kind": kind, "source": ROUTE_SOURCE,
-                            "mac": mac, "mac_state": state, "path_mtu": pmtus.get(str(r.via))})
-        return {"tunnel": self.config.tunnel.name, "generation": generation, "routes": out}
+        shown = self.routing.show()
+        for r in shown["routes"]:
+            via = IPv4Address(r["node"])
+            if r["kind"] == "direct":
+                mac, state = None, "kernel"  # the kernel's own neighbour table resolves it
+            elif via not in macs:
+                mac, state = None, "not_on_underlay"  # its packets drop (no_neigh): see _resolve_nexthops
+            else:
+                mac = macs[via].hex(":") if macs[via] else None
+                state = "resolved" if mac else "unresolved"
+            r.update(mac=mac, mac_state=state, path_mtu=pmtus.get(r["node"]))
+        return {"tunnel": self.config.tunnel.name, "generation": self.generation, **shown}
 
     def _write_status(self) -> None:
         if not self.status_file:
@@ -465,11 +557,15 @@ class Daemon:
 def run(config_path: str, status_file: str | None = None, overrides: dict | None = None,
         remove_device: bool = False, ready_file: str | None = None, run_dir: Path = RUN_DIR) -> int:
     """Runs the node in config_path; overrides: tunnel options from the command line."""
-    config = load_config(config_path, overrides)
+    heap.keep_big_blocks_mapped()
+    text = read_config_text(config_path)
+    config = parse_config(text, config_path, overrides)
     for w in config.warnings:
         log.warning("%s", w)
-    return Daemon(config, config_path, status_file, overrides, remove_device=remove_device, ready_file=ready_file,
-                  run_dir=run_dir).run_forever()
+    daemon = Daemon(config, config_path, status_file, overrides, remove_device=remove_device,
+                    ready_file=ready_file, run_dir=run_dir)
+    daemon.config_digest = digest(text)
+    return daemon.run_forever()
 
 
 def down(config: Config) -> list[str]:
@@ -490,7 +586,7 @@ def down(config: Config) -> list[str]:
         hooks = tc_drops.detach(underlay.index)
         if hooks:
             removed.append(f"the tc {' and '.join(hooks)} drops on {underlay.name}")
-        n = kernel.remove_own_routes(underlay.index)
+        n = remove_own_routes(underlay.index, RTPROT_IPIPFAST)
         if n:
             removed.append(f"{n} direct routes on {underlay.name}")
         if tun:

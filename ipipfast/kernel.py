@@ -1,6 +1,7 @@
 """The kernel's side of the tunnel, through netlink (pyroute2): links,
-routes into the TUN, next-hop MACs for the AF_PACKET socket, and the
-neighbour changes that move them."""
+routes into the TUN, next hops and their MACs for the AF_PACKET socket,
+and the neighbour changes that move them. (Routes, by the hundred
+thousand, go through rtnl.py.)"""
 from __future__ import annotations
 
 import errno
@@ -11,7 +12,7 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 
 from pyroute2 import IPRoute
 from pyroute2.ethtool import Ethtool
@@ -21,11 +22,6 @@ from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_GETROUTE
 
 log = logging.getLogger(__name__)
 
-# Routes we install carry this protocol number, so that they are ours to
-# remove (and recognisable in `ip route`: "proto 0xbf"). Values above 0xbf
-# are unassigned in rt_protos; Calico's bird routes use "proto bird" (12).
-RTPROT_IPIPFAST = 0xBF
-RT_SCOPE_LINK = 253
 TUN_TXQUEUELEN = 1000
 NTF_USE = 0x01      # neighbour flag: ask the kernel to resolve it now
 NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE PERMANENT NOARP
@@ -152,41 +148,6 @@ class Kernel:
         carrier on with the first queue attached and off with the last."""
         msg = self.ipr.link(_GET_LINK, index=self.link(name).index)[0]
         return bool(msg.get_attr("IFLA_CARRIER"))
-
-    def remove_own_routes(self, ifindex: int) -> int:
-        """Deletes every IPv4 route of ours (RTPROT_IPIPFAST) through
-        ifindex; returns how many."""
-        ours = [r for r in self.ipr.get_routes(family=socket.AF_INET, oif=ifindex)
-                if r["proto"] == RTPROT_IPIPFAST]
-        for r in ours:
-            self.ipr.route("del", dst=r.get_attr("RTA_DST"), dst_len=r["dst_len"], oif=ifindex,
-                           proto=RTPROT_IPIPFAST, table=r.get_attr("RTA_TABLE") or 254)
-        return len(ours)
-
-    def replace_routes(self, ifindex: int, cidrs: list[IPv4Network], src: IPv4Address | None = None) -> None:
-        for cidr in cidrs:
-            extra = {"prefsrc": str(src)} if src else {}
-            self.ipr.route("replace", dst=str(cidr.network_address), dst_len=cidr.prefixlen,
-                           oif=ifindex, proto=RTPROT_IPIPFAST, scope=RT_SCOPE_LINK, **extra)
-
-    def remove_routes(self, ifindex: int, cidrs: list[IPv4Network]) -> None:
-        for cidr in cidrs:
-            try:
-                self.ipr.route("del", dst=str(cidr.network_address), dst_len=cidr.prefixlen,
-                               oif=ifindex, proto=RTPROT_IPIPFAST)
-            except NetlinkError as e:
-                if e.code != 3:  # ESRCH: already gone (the TUN went first)
-                    raise
-
-    def replace_direct_routes(self, routes: list[tuple[IPv4Network, IPv4Address]], ifindex: int) -> None:
-        """Pod CIDRs routed to their node on the underlay, unencapsulated
-        (Calico's CrossSubnet for same-subnet peers, and Never)."""
-        for cidr, via in routes:
-            self.ipr.route("replace", dst=str(cidr.network_address), dst_len=cidr.prefixlen,
-                           gateway=str(via), oif=ifindex, proto=RTPROT_IPIPFAST)
-
-    def remove_direct_routes(self, cidrs: list[IPv4Network], ifindex: int) -> None:
-        self.remove_routes(ifindex, cidrs)
 
     def nexthop(self, peer: IPv4Address) -> NextHop:
         """The underlay next hop the kernel would use to reach peer."""

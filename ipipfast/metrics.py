@@ -21,7 +21,8 @@ class Reading:
     """What one scrape reads of the node."""
     snapshot: Snapshot
     routes: Mapping[tuple[str, str], int]  # (source, kind) -> how many
-    reloads: Mapping[str, int]             # result: applied | refused -> how many
+    reloads: Mapping[str, int]             # result: applied | unchanged | refused -> how many
+    kernel: Mapping[str, int]              # the kernel route source's and writer's counters (Routing.counters)
 
 
 def _counter(name: str, help: str, labels: tuple[str, ...] = (),
@@ -62,8 +63,25 @@ class NodeCollector(Collector):
         yield _counter("foreign_ipip_dropped_packets", "IPIP packets the node tried to send on the underlay "
                        "that ipipfast did not make (a pod's, masqueraded to the node's address, which every "
                        "other node would accept), dropped by the tc egress filter.", samples={(): s.foreign_ipip})
-        yield _counter("reloads", "Route reloads (SIGHUP) by result: applied, or refused for a bad file "
-                       "(the running table stays).", ("result",), {(k,): n for k, n in r.reloads.items()})
+        yield _counter("reloads", "Config reloads (SIGHUP or an edit of the file) by result: applied, unchanged "
+                       "(the same file), or refused for a bad file (the running table stays).", ("result",),
+                       {(k,): n for k, n in r.reloads.items()})
+        k = r.kernel
+        yield _counter("kernel_route_writes", "Route messages ipipfast sent the kernel (its own routes: into the "
+                       "TUN, and direct ones on the underlay).", samples={(): k["kernel_route_writes"]})
+        yield _counter("kernel_route_write_errors", "Route writes the kernel refused for another reason than "
+                       "the route being held by someone else (tried again at the next resync).",
+                       samples={(): k["kernel_route_write_errors"]})
+        yield _counter("kernel_resyncs", "Full dumps of the kernel's routes (at start, every kernel.resync "
+                       "seconds, after lost notifications), by whether they found the mirror wrong.", ("changed",),
+                       {("false",): k["kernel_resyncs"] - k["kernel_resyncs_changed"],
+                        ("true",): k["kernel_resyncs_changed"]})
+        yield _counter("kernel_notifications_lost", "Times the route notifications overflowed (ENOBUFS) and a "
+                       "dump repaired the mirror.", samples={(): k["kernel_notifications_lost"]})
+        yield _counter("kernel_routes_refused", "Routes into the TUN that ipipfast cannot follow, by reason "
+                       "(no_gateway, multipath, bad_gateway, tos), counted once each.", ("reason",),
+                       {(key.removeprefix("kernel_routes_refused_"),): n for key, n in k.items()
+                        if key.startswith("kernel_routes_refused_")})
         routes = GaugeMetricFamily(f"{PREFIX}_routes", "Routes in the running table, by where they came from "
                                    "and whether they go through the tunnel or directly on the underlay.",
                                    labels=("source", "kind"))

@@ -10,6 +10,7 @@ from ipipfast.config import (
     EtcdConfig,
     EtcdEndpoint,
     EtcdTLS,
+    KernelConfig,
     NodeConfig,
     StatsConfig,
     TunnelConfig,
@@ -17,7 +18,7 @@ from ipipfast.config import (
     load_config,
     parse_config,
 )
-from ipipfast.routes import Mode, Route, RouteTable
+from ipipfast.routes import Mode, Route, RouteSet
 
 NODE = "node:\n  ip: 198.18.0.10/24\n  interface: eth0\n"  # lines 1-3
 
@@ -46,8 +47,8 @@ routes:
 DEFAULT_NODE = NodeConfig(ip=IPv4Interface("198.18.0.10/24"), interface="eth0")
 
 
-def routes(*pairs: tuple[str, str]) -> RouteTable:
-    return RouteTable.from_routes(Route.parse(c, v) for c, v in pairs)
+def routes(*pairs: tuple[str, str]) -> RouteSet:
+    return RouteSet.of(Route.parse(c, v) for c, v in pairs)
 
 
 GOOD = [
@@ -92,6 +93,15 @@ GOOD = [
      Config(node=DEFAULT_NODE, etcd=EtcdConfig((EtcdEndpoint("http", "198.18.0.1", 2379),),
                                                "/coreos.com/network", 30))),
     ("etcd-null", NODE + "  pod_cidrs:\netcd:\n", Config(node=DEFAULT_NODE)),
+    ("routes-empty-list", NODE + "routes: []\n", Config(node=DEFAULT_NODE)),
+    ("kernel", NODE + "kernel: {learn: false, resync: 0}\n",
+     Config(node=DEFAULT_NODE, kernel=KernelConfig(learn=False, resync=0))),
+    ("kernel-empty", NODE + "kernel:\n", Config(node=DEFAULT_NODE, kernel=KernelConfig(learn=True, resync=90))),
+    # Forms the event reader hands to the node reader: quoted, tagged, netmask, anchored items.
+    ("routes-unusual-forms", NODE + "routes:\n  - {'cidr': \"198.19.1.0/24\", via: !!str 198.18.0.11}\n"
+     "  - &r {cidr: 198.19.2.0/255.255.255.0, via: 198.18.0.12}\n  - {via: 198.18.0.13, cidr: 10.0.0.0/08}\n",
+     Config(node=DEFAULT_NODE, routes=routes(("198.19.1.0/24", "198.18.0.11"), ("198.19.2.0/24", "198.18.0.12"),
+                                              ("10.0.0.0/8", "198.18.0.13")))),
 ]
 
 
@@ -108,7 +118,7 @@ BAD = [
     ("yaml-two-documents", NODE + "---\n" + NODE, 4, "invalid YAML"),
     ("top-not-mapping", "- node\n", 1, "the config: expected a mapping, got a list"),
     ("unknown-top-key", NODE + "tunel:\n  mtu: 1400\n", 4, "unknown key 'tunel' at the top level; did you mean 'tunnel'?"),
-    ("unknown-key-no-match", NODE + "zzz: 1\n", 4, "expected one of: node, tunnel, stats, routes"),
+    ("unknown-key-no-match", NODE + "zzz: 1\n", 4, "expected one of: node, tunnel, kernel, stats, routes"),
     ("unknown-tunnel-key", NODE + "tunnel:\n  mode: Always\n  worker: 4\n", 6, "did you mean 'workers'?"),
     ("unknown-route-key", NODE + "routes:\n  - cidr: 198.19.1.0/24\n    vai: 198.18.0.11\n", 6, "did you mean 'via'?"),
     ("non-string-key", NODE + "tunnel:\n  1: 2\n", 5, "keys must be strings, got int 1"),
@@ -194,6 +204,23 @@ BAD = [
      "etcd.tls.ca: cannot read '/nonexistent/ca.pem'"),
     ("etcd-tls-cert-alone", NODE + "etcd:\n  endpoints: [https://a]\n  tls:\n    cert: /dev/null\n", 7,
      "etcd.tls: cert without key"),
+    ("via-self-before-node", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\n  - {cidr: 198.19.2.0/24,"
+     " via: 198.18.0.10}\n" + NODE, 3, "routes[1].via: 198.18.0.10 is this node's own address"),
+    ("route-alias-duplicate", NODE + "routes:\n  - &r {cidr: 198.19.1.0/24, via: 198.18.0.11}\n  - *r\n", 5,
+     "routes[1]: duplicate route for 198.19.1.0/24; routes[0] on line 5"),  # an alias is its anchor's node
+    ("route-undefined-alias", NODE + "routes:\n  - {cidr: 198.19.1.0/24, via: *nope}\n", 5,
+     "invalid YAML: found undefined alias 'nope'"),
+    ("route-key-twice", NODE + "routes:\n  - {cidr: 198.19.1.0/24, cidr: 198.19.2.0/24, via: 198.18.0.11}\n", 5,
+     "duplicate key 'cidr' in routes[0]"),
+    ("route-value-list", NODE + "routes:\n  - {cidr: [198.19.1.0/24], via: 198.18.0.11}\n", 5,
+     "routes[0].cidr: expected a string, got a list"),
+    ("route-via-float", NODE + "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18}\n", 5,
+     "routes[0].via: expected a string, got float 198.18"),
+    ("routes-second-error-in-list", NODE + "routes:\n" + "  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\n" * 1
+     + "  - {cidr: 198.19.2.0/24, via: 198.18.0.311}\n", 6, "routes[1].via: invalid IPv4 address"),
+    ("kernel-learn-string", NODE + "kernel:\n  learn: 'yes'\n", 5, "kernel.learn: expected true or false"),
+    ("kernel-resync-negative", NODE + "kernel:\n  resync: -1\n", 5, "kernel.resync: -1 is out of range 0..86400"),
+    ("kernel-unknown-key", NODE + "kernel:\n  lern: true\n", 5, "unknown key 'lern' in kernel; did you mean 'learn'?"),
     ("duplicate-route", NODE + "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\n"
      "  - {cidr: 198.19.2.0/24, via: 198.18.0.11}\n  - {cidr: 198.19.1.0/24, via: 198.18.0.12}\n",
      7, "routes[2]: duplicate route for 198.19.1.0/24; routes[0] on line 5 already routes it"),
@@ -306,3 +333,95 @@ def test_config_from_dict_errors_have_no_line(d: dict, reason: str) -> None:
     assert e.value.line is None and e.value.source == "testbed"
     assert reason in e.value.reason
     assert str(e.value) == f"testbed: {e.value.reason}"
+
+
+def _cidr_lines_by_compose(text: str) -> list[int]:
+    """The line of each route's cidr value, from PyYAML's own composer."""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    routes = next(v for k, v in root.value if k.value == "routes")
+    return [next(v for k, v in item.value if k.value == "cidr").start_mark.line + 1 for item in routes.value]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_streamed_routes_match_yaml_itself(seed: int) -> None:
+    """The event reader against PyYAML's pure-Python loader and composer:
+    the same routes, and each route's detail is its cidr's line."""
+    import random
+
+    rng = random.Random(seed)
+    lines = [NODE, "routes:\n"]
+    for i in range(300):
+        cidr, via = f"198.19.{i // 4}.{i % 4 * 64}/26", f"198.18.{rng.randrange(4)}.{rng.randrange(11, 250)}"
+        lines.append(rng.choice([
+            f"  - {{cidr: {cidr}, via: {via}}}\n",
+            f"  - cidr: {cidr}\n    via: {via}\n",
+            f"  - via: '{via}'\n    cidr: \"{cidr}\"\n",
+            f"  -\n    cidr: {cidr}  # a comment\n\n    via: {via}\n",
+        ]))
+    text = "".join(lines)
+    config = parse_config(text)
+    expected = config_from_dict(yaml.load(text, Loader=yaml.SafeLoader))
+    assert config.routes == expected.routes and len(config.routes) == 300
+    by_key = dict(zip(config.routes.keys, config.routes.details))
+    assert [by_key[r.key] for r in expected_in_file_order(text)] == _cidr_lines_by_compose(text)
+
+
+def expected_in_file_order(text: str) -> list[Route]:
+    return [Route.parse(r["cidr"], r["via"]) for r in yaml.load(text, Loader=yaml.SafeLoader)["routes"]]
+
+
+def test_command_line_overrides_keep_the_routes(tmp_path: Path) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(FULL)
+    config = load_config(path, {"workers": 4, "tos": "inherit"})
+    assert (config.tunnel.workers, config.tunnel.tos, config.tunnel.batch) == (4, None, 128)
+    assert config.routes == parse_config(FULL).routes
+    with pytest.raises(ConfigError) as e:  # FULL says pmtudisc: false
+        load_config(path, {"ttl": 64})
+    assert e.value.source == f"{path} with --ttl" and e.value.line is None
+
+
+ROUTE_LINE_CASES = [
+    # (id, the routes section and what follows it, whether the line reader takes it)
+    ("flow", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\n  - {via: 198.18.0.12, cidr: 198.19.2.0/26}\n", True),
+    ("block-at-column-0", "routes:\n- cidr: 198.19.1.0/24\n  via: 198.18.0.11\n- via: 198.18.0.12\n  cidr: 198.19.2.7\n", True),
+    ("block-indented-wide", "routes:\n    -   cidr: 198.19.1.0/24\n        via: 198.18.0.11\n", True),
+    ("comments-and-blanks", "routes:  # ours\n\n  # a comment\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}  # one\n"
+     "\n  - cidr: 198.19.2.0/24 # two\n    via: 198.18.0.12\nkernel: {learn: false}\n", True),
+    ("followed-by-a-key", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\nstats: {listen: ':0'}\n", True),
+    ("hash-without-space-is-in-the-value", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11#x}\n", False),
+    ("leading-zero", "routes:\n  - {cidr: 198.19.01.0/24, via: 198.18.0.11}\n", False),
+    ("octet-too-big", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.256}\n", False),
+    ("host-bits", "routes:\n  - {cidr: 198.19.1.1/24, via: 198.18.0.11}\n", False),
+    ("tunnel-loop", "routes:\n  - {cidr: 198.18.0.0/16, via: 198.18.0.11}\n", False),
+    ("via-self", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.10}\n", True),
+    ("duplicate", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\n  - {cidr: 198.19.1.0/24, via: 198.18.0.12}\n", True),
+    ("mixed-indentation", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\n    - {cidr: 198.19.2.0/24, via: 198.18.0.11}\n", False),
+    ("second-key-misaligned", "routes:\n  - cidr: 198.19.1.0/24\n   via: 198.18.0.11\n", False),
+    ("tab", "routes:\n\t- {cidr: 198.19.1.0/24, via: 198.18.0.11}\n", False),
+    ("crlf", "routes:\r\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\r\n", False),
+    ("two-routes-keys", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\nroutes:\n  - {cidr: 198.19.2.0/24, via: 198.18.0.11}\n", False),
+    ("second-document", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11}\n---\n" + NODE, False),
+    ("quoted", "routes:\n  - {cidr: '198.19.1.0/24', via: \"198.18.0.11\"}\n", False),
+    ("extra-key", "routes:\n  - {cidr: 198.19.1.0/24, via: 198.18.0.11, x: 1}\n", False),
+]
+
+
+@pytest.mark.parametrize("section, taken", [c[1:] for c in ROUTE_LINE_CASES], ids=[c[0] for c in ROUTE_LINE_CASES])
+def test_route_lines_read_what_yaml_reads(section: str, taken: bool) -> None:
+    """The line reader against the event reader on the whole text: the same
+    routes with the same lines, or the same error at the same line."""
+    from ipipfast import config as config_module
+    from ipipfast.route_lines import cut
+
+    for text in (NODE + section, section + NODE.replace("\r", "")):
+        assert (cut(text) is not None) == taken, text
+        try:
+            want = config_module._parse(text, "c.yaml", None, None)
+        except ConfigError as e:
+            with pytest.raises(ConfigError) as got:
+                parse_config(text, "c.yaml")
+            assert (got.value.line, got.value.reason) == (e.line, e.reason)
+        else:
+            got = parse_config(text, "c.yaml")
+            assert got == want and list(got.routes.details) == list(want.routes.details)

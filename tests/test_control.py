@@ -144,7 +144,7 @@ class TestLive:
         tb, (ta, _) = bed
         st = ta.request("status")
         assert (st["pid"], st["tunnel"], st["ready"], st["mode"]) == (ta.proc.pid, f"{tb.prefix}t0", True, "Always")
-        assert st["generation"] >= 1 and st["reloads"] == {"applied": 0, "refused": 0}
+        assert st["generation"] >= 1 and st["reloads"] == {"applied": 0, "unchanged": 0, "refused": 0}
         n1 = tb.nodes[1]
         assert st["next_hops"] == {n1.ip: tb.ipr(n1).get_links(ifname=n1.interface)[0].get_attr("IFLA_ADDRESS")}
         assert st["path_mtu"] == {}
@@ -159,7 +159,9 @@ class TestLive:
         assert r["generation"] == ta.request("status")["generation"]
         mac = tb.ipr(n1).get_links(ifname=n1.interface)[0].get_attr("IFLA_ADDRESS")
         assert r["routes"] == [{"cidr": n1.pod_cidr, "node": n1.ip, "kind": "encapsulated", "source": "file",
-                                "mac": mac, "mac_state": "resolved", "path_mtu": None}]
+                                "detail": "node.yaml:5", "kernel": "ours", "mac": mac, "mac_state": "resolved",
+                                "path_mtu": None}]
+        assert (r["conflicts"], r["refused"]) == ([], [])
 
     def test_socket_is_owner_only(self, bed) -> None:
         _, (ta, _) = bed

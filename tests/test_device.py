@@ -13,7 +13,7 @@ import yaml
 
 from ipipfast import daemon, tc_drops
 from ipipfast.config import config_from_dict
-from ipipfast.kernel import RTPROT_IPIPFAST
+from ipipfast.routing import RTPROT_IPIPFAST
 from ipipfast_lab import traffic
 from ipipfast_lab.daemons import TunnelProcess, running_tunnels
 from ipipfast_lab.testbed import Node, Testbed

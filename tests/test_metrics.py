@@ -59,11 +59,14 @@ TWO_WORKERS = Snapshot(
     foreign_ipip=5,
 )
 ROUTES = {("file", "encapsulated"): 3, ("file", "direct"): 1}
-RELOADS = {"applied": 2, "refused": 1}
+RELOADS = {"applied": 2, "unchanged": 3, "refused": 1}
+KERNEL = {"kernel_route_writes": 12, "kernel_route_batches": 3, "kernel_route_write_errors": 1, "kernel_resyncs": 4,
+          "kernel_resyncs_changed": 1, "kernel_notifications_lost": 2, "kernel_routes_refused_no_gateway": 1,
+          "kernel_routes_refused_multipath": 0, "kernel_routes_refused_bad_gateway": 0, "kernel_routes_refused_tos": 0}
 
 
 def test_every_family_from_one_snapshot_summed_over_workers() -> None:
-    samples, _ = parse(scrape(Reading(TWO_WORKERS, ROUTES, RELOADS)))
+    samples, _ = parse(scrape(Reading(TWO_WORKERS, ROUTES, RELOADS, KERNEL)))
     assert ours(samples) == {
         S("ipipfast_packets_total", direction="tx"): 15,
         S("ipipfast_packets_total", direction="rx"): 8,
@@ -82,7 +85,17 @@ def test_every_family_from_one_snapshot_summed_over_workers() -> None:
         S("ipipfast_pmtu_updates_total"): 3,
         S("ipipfast_foreign_ipip_dropped_packets_total"): 5,
         S("ipipfast_reloads_total", result="applied"): 2,
+        S("ipipfast_reloads_total", result="unchanged"): 3,
         S("ipipfast_reloads_total", result="refused"): 1,
+        S("ipipfast_kernel_route_writes_total"): 12,
+        S("ipipfast_kernel_route_write_errors_total"): 1,
+        S("ipipfast_kernel_resyncs_total", changed="false"): 3,
+        S("ipipfast_kernel_resyncs_total", changed="true"): 1,
+        S("ipipfast_kernel_notifications_lost_total"): 2,
+        S("ipipfast_kernel_routes_refused_total", reason="no_gateway"): 1,
+        S("ipipfast_kernel_routes_refused_total", reason="multipath"): 0,
+        S("ipipfast_kernel_routes_refused_total", reason="bad_gateway"): 0,
+        S("ipipfast_kernel_routes_refused_total", reason="tos"): 0,
         S("ipipfast_routes", source="file", kind="encapsulated"): 3,
         S("ipipfast_routes", source="file", kind="direct"): 1,
         S("ipipfast_table_generation"): 7,
@@ -90,7 +103,7 @@ def test_every_family_from_one_snapshot_summed_over_workers() -> None:
 
 
 def test_types_and_help() -> None:
-    _, families = parse(scrape(Reading(TWO_WORKERS, ROUTES, RELOADS)))
+    _, families = parse(scrape(Reading(TWO_WORKERS, ROUTES, RELOADS, KERNEL)))
     gauges = {"ipipfast_routes", "ipipfast_table_generation"}
     for name, (kind, help) in families.items():
         if name.startswith("ipipfast_"):
@@ -103,7 +116,7 @@ def test_every_drop_reason_is_a_series_even_at_zero() -> None:
     idle = Snapshot((Worker(direction(0, 0, 0, TX_REASONS, 0, 0), direction(0, 0, 0, RX_REASONS, 0, 0)),),
                     Icmp(), generation=1)
     samples, _ = parse(scrape(Reading(idle, {("file", "encapsulated"): 0, ("file", "direct"): 0},
-                                      {"applied": 0, "refused": 0})))
+                                      {"applied": 0, "unchanged": 0, "refused": 0}, KERNEL)))
     dropped = {dict(labels)["reason"]: v for (name, labels), v in samples.items()
                if name == "ipipfast_dropped_packets_total"}
     assert dropped == {r: 0 for r in TX_REASONS + RX_REASONS + ("queue_full",)}
@@ -111,20 +124,20 @@ def test_every_drop_reason_is_a_series_even_at_zero() -> None:
 
 def test_huge_counters_survive() -> None:
     big = Snapshot((Worker(direction(2**53, 2**64 - 1, 0, ()), direction(0, 0, 0, ())),), Icmp(), 1)
-    text = scrape(Reading(big, ROUTES, RELOADS))
+    text = scrape(Reading(big, ROUTES, RELOADS, KERNEL))
     assert 'ipipfast_bytes_total{direction="tx"} 1.8446744073709552e+19' in text
     assert parse(text)[0][S("ipipfast_packets_total", direction="tx")] == 2**53
 
 
 def test_process_and_platform_metrics_beside_ours() -> None:
-    samples, families = parse(scrape(Reading(TWO_WORKERS, ROUTES, RELOADS)))
+    samples, families = parse(scrape(Reading(TWO_WORKERS, ROUTES, RELOADS, KERNEL)))
     assert samples[S("process_resident_memory_bytes")] > 0
     assert "process_open_fds" in families and "python_info" in families
 
 
 def test_each_scrape_reads_afresh() -> None:
-    readings = iter([Reading(TWO_WORKERS, ROUTES, RELOADS),
-                     Reading(Snapshot((), Icmp(), generation=8), ROUTES, RELOADS)])
+    readings = iter([Reading(TWO_WORKERS, ROUTES, RELOADS, KERNEL),
+                     Reading(Snapshot((), Icmp(), generation=8), ROUTES, RELOADS, KERNEL)])
     reg = registry(lambda: next(readings))
     first, second = (parse(generate_latest(reg).decode())[0] for _ in range(2))
     assert first[S("ipipfast_table_generation")] == 7 and second[S("ipipfast_table_generation")] == 8

@@ -257,14 +257,15 @@ def test_reload_bad_config_keeps_table_then_good_config_applies():
         start = ta.status()
         bad = ta.reload("node: {ip: 198.18.0.10/24, interface: x}\n"
                         "routes:\n  - {cidr: 198.19.1.0/33, via: 198.18.0.11}\n")
-        assert bad["reloads"] == {"applied": 0, "refused": 1} and bad["generation"] == start["generation"]
+        assert bad["reloads"] == {"applied": 0, "unchanged": 0, "refused": 1}
+        assert bad["generation"] == start["generation"]
         assert "reload refused" in ta.log() and ":3:" in ta.log()  # the line of the bad CIDR
         assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
 
         # n1's pods withdrawn: the blackhole takes them (reload() returns once the new table is in)
         assert ta.reload({**good, "routes": []})["routes_encapsulated"] == 0
         assert traffic.ping(tb, a, b.ip, count=3, interval=0.01, timeout=0.3)["received"] == 0
-        assert ta.reload(good)["reloads"] == {"applied": 2, "refused": 1}
+        assert ta.reload(good)["reloads"] == {"applied": 2, "unchanged": 0, "refused": 1}
         assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
 
 

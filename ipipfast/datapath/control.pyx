@@ -95,8 +95,8 @@ cdef class Datapath:
         """Replaces the forwarding table while the loops run. routes:
         (prefix as host-order int, prefix length, peer index); peers: (IPv4
         as host-order int, next-hop MAC or None until resolved[, path MTU]).
-        Returns once no loop can still see the old table, which is then
-        freed."""
+        Returns the new table's generation once no loop can still see the
+        old table, which is then freed."""
         cdef ipf_table *t
         cdef ipf_table *old
         cdef Worker w
@@ -107,6 +107,7 @@ cdef class Datapath:
             for w in self.workers:
                 w.wait_quiescent()
             ipf_table_free(old)
+            return self.generation
 
     def set_peer_pmtu(self, str peer, uint32_t mtu):
         """Sets a peer's path MTU, learned from fragmentation-needed (0:
