@@ -525,6 +525,14 @@ class Testbed:
             self._ipr[name] = IPRoute(netns=name, flags=0, groups=0)  # flags=0: never create a netns
         return self._ipr[name]
 
+    def mac(self, ns: NsRef, ifname: str | None = None) -> str:
+        """The MAC of ifname in ns (a node's: its underlay interface), as aa:bb:...."""
+        if ifname is None:
+            if not isinstance(ns, Node):
+                raise ValueError("mac() needs the interface's name outside a node")
+            ifname = ns.interface
+        return self.ipr(ns).get_links(ifname=ifname)[0].get_attr("IFLA_ADDRESS")
+
     def node_config(self, node: Node, *, name: str | None = None, mode: str = "Always", **tunnel: Any) -> dict:
         """The ipipfast daemon config for `node`: tunnel to every other node."""
         return {

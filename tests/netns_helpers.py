@@ -12,8 +12,7 @@ from ipipfast_lab.testbed import Node, Testbed
 
 
 def node_mac(tb: Testbed, node: Node) -> bytes:
-    link = tb.ipr(node).get_links(ifname=node.interface)[0]
-    return bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
+    return bytes.fromhex(tb.mac(node).replace(":", ""))
 
 
 def inject(tb: Testbed, node: Node, frames: list[bytes]) -> None:

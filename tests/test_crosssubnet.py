@@ -20,7 +20,7 @@ from ipipfast_lab import traffic
 from ipipfast_lab.bird import KernelRoute, kernel_routes, wait_kernel_routes
 from ipipfast_lab.daemons import TunnelProcess, start_tunnels
 from ipipfast_lab.testbed import Node, Testbed
-from netns_helpers import Capture, node_mac
+from netns_helpers import Capture
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces, TUN and AF_PACKET")]
@@ -62,16 +62,12 @@ def expected_routes(tb: Testbed, node: Node, mode: str) -> set[KernelRoute]:
 def router_mac(tb: Testbed, node: Node) -> str:
     """The MAC of the router's address on node's subnet."""
     assert tb.router is not None
-    return tb.ipr(tb.router).get_links(ifname=tb.router_links[tb.subnets[node.index]])[0].get_attr("IFLA_ADDRESS")
-
-
-def mac(tb: Testbed, node: Node) -> str:
-    return node_mac(tb, node).hex(":")
+    return tb.mac(tb.router, tb.router_links[tb.subnets[node.index]])
 
 
 def hop_mac(tb: Testbed, a: Node, b: Node) -> str:
     """Where a's frames to b go on the wire: b itself, or the router."""
-    return mac(tb, b) if same_subnet(tb, a, b) else router_mac(tb, a)
+    return tb.mac(b) if same_subnet(tb, a, b) else router_mac(tb, a)
 
 
 def expected_next_hops(tb: Testbed, node: Node, mode: str) -> dict[str, str]:
@@ -225,7 +221,7 @@ def test_our_routes_and_next_hops_follow_the_route_to_the_peer(bed, tmp_path) ->
                            timeout=10, proto=RTPROT_IPIPFAST)
         with Capture(bed, n0, tmp_path) as cap:
             assert traffic.ping(bed, a, c.ip, count=PINGS, interval=0.01)["received"] == PINGS  # n1 forwards
-        assert {f[Ether].dst for f in plain(cap.frames, a.ip, c.ip)} == {mac(bed, n1)}
+        assert {f[Ether].dst for f in plain(cap.frames, a.ip, c.ip)} == {bed.mac(n1)}
         ipr.route("del", dst=f"{n2.ip}/32", gateway=n1.ip, oif=u0)
         wait_kernel_routes(bed, n0, expected_routes(bed, n0, "Never"), timeout=10, proto=RTPROT_IPIPFAST)
 
@@ -243,12 +239,12 @@ def test_our_routes_and_next_hops_follow_the_route_to_the_peer(bed, tmp_path) ->
         t0.reload(config(bed, n0, "CrossSubnet"))
         t0.wait_for(lambda s: s["next_hops"] == {n2.ip: router_mac(bed, n0)})
         ipr.route("add", dst=f"{n2.ip}/32", gateway=n1.ip, oif=u0)
-        t0.wait_for(lambda s: s["next_hops"] == {n2.ip: mac(bed, n1)})
+        t0.wait_for(lambda s: s["next_hops"] == {n2.ip: bed.mac(n1)})
         with Capture(bed, n0, tmp_path) as cap:
             # n1 forwards no IPIP it did not send (its tc egress drop): the frames' MAC tells.
             traffic.ping(bed, a, c.ip, count=PINGS, interval=0.01, timeout=0.3)
         sent = ipip(cap.frames, a.ip, c.ip)
-        assert len(sent) >= PINGS and {(f[IP].dst, f[Ether].dst) for f in sent} == {(n2.ip, mac(bed, n1))}
+        assert len(sent) >= PINGS and {(f[IP].dst, f[Ether].dst) for f in sent} == {(n2.ip, bed.mac(n1))}
         ipr.route("del", dst=f"{n2.ip}/32", gateway=n1.ip, oif=u0)
         t0.wait_for(lambda s: s["next_hops"] == {n2.ip: router_mac(bed, n0)})
         with Capture(bed, n0, tmp_path) as cap:
