@@ -28,8 +28,8 @@ from .icmp import IcmpErrors
 from .inotify import ConfigWatcher
 from .kernel import EventsLost, Kernel, Link, NeighbourEvents, NextHop, ipip_module_loaded
 from .kernel_routes import remove_own_routes
-from .routes import DatapathEntries, Kind, Table
 from .peer_hops import NO_HOP
+from .routes import DatapathEntries, Kind, Table
 from .routing import RTPROT_IPIPFAST, Routing
 from .service import Service
 from .tun import open_tun

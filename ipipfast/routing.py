@@ -278,8 +278,9 @@ class Routing:
         if want is None:
             return rtnl.RouteOp("delete", dst, plen)
         via, tun = want & 0xFFFFFFFF, want >> 32 == DEV_TUN
-        # A gateway the route to a node named is on the link by the kernel's
-        # own account, which onlink takes as it is (the route to it may be onlink too).
+        # A gateway taken from the route to a node is on the link by the
+        # kernel's own account (that route may be onlink itself, as a /32
+        # node's default route is): onlink skips the check that would refuse it.
         return rtnl.RouteOp("add" if have is None else "replace", dst, plen, self.tun if tun else self.underlay,
                             via, onlink=tun or via in self.hops.gateways, prefsrc=int(self.node.ip) if tun else 0)
 
@@ -305,7 +306,7 @@ class Routing:
         foreign, hops = self.mirror.state.foreign, self.hops.hops
         for key, via, src, detail, kind in zip(t.routes.keys, t.routes.vias, t.sources, t.routes.details, t.kinds):
             source = Source(src)
-            hop = hops.get(via, NO_HOP)
+            hop = hops.get(via)  # None: not asked yet
             if kind == Kind.FOREIGN:
                 holder = foreign.get(key)
                 kernel = "none" if holder is None else f"proto {protocol_name(holder >> 32 & 0xFF)}"
@@ -314,10 +315,10 @@ class Routing:
             elif own.get(key) is not None:
                 kernel = "ours"
             else:
-                kernel = "no route to its node" if kind == Kind.DIRECT and via in hops and hop == NO_HOP else "pending"
+                kernel = "no route to its node" if kind == Kind.DIRECT and hop == NO_HOP else "pending"
             yield {"cidr": cidr_text(key), "node": str(IPv4Address(via)), "source": str(source),
                    "detail": self.detail(source, detail), "kind": _KIND_NAMES[Kind(kind)],
-                   "next_hop": str(IPv4Address(hop)) if hop != NO_HOP else None, "kernel": kernel}
+                   "next_hop": str(IPv4Address(hop)) if hop else None, "kernel": kernel}
 
     def show(self) -> dict:
         """Everything about the table, as plain data (for the control socket):
