@@ -22,7 +22,6 @@ import os
 import shlex
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 from ipipfast_lab import traffic
 from ipipfast_lab.daemons import start_tunnels
 from ipipfast_lab.testbed import Testbed
+from ipipfast_lab.wire import read_pcap
 
 from . import stopping
 
@@ -43,16 +43,9 @@ HERE = Path(__file__).resolve().parent
 def frames_to(pcap: Path, src: str) -> list[tuple[float, str]]:
     """(time, destination MAC) of every IPIP frame from src in a pcap file
     (read by hand: scapy takes seconds for the tens of thousands here)."""
-    data = pcap.read_bytes()
     want = bytes(int(x) for x in src.split("."))
-    out, at = [], 24  # after the file header
-    while at + 16 <= len(data):
-        sec, usec, n, _ = struct.unpack_from("<IIII", data, at)
-        frame = data[at + 16:at + 16 + n]
-        at += 16 + n
-        if len(frame) >= 34 and frame[12:14] == b"\x08\x00" and frame[23] == 4 and frame[26:30] == want:
-            out.append((sec + usec / 1e6, frame[:6].hex(":")))
-    return out
+    return [(t, frame[:6].hex(":")) for t, frame in read_pcap(pcap)
+            if len(frame) >= 34 and frame[12:14] == b"\x08\x00" and frame[23] == 4 and frame[26:30] == want]
 
 
 def measure(rounds: int, interval: float, cwd: Path | None) -> list[float]:

@@ -28,6 +28,7 @@ from .icmp import IcmpErrors
 from .inotify import ConfigWatcher
 from .kernel import EventsLost, Kernel, Link, NeighbourEvents, NextHop, ipip_module_loaded
 from .kernel_routes import remove_own_routes
+from .peer_hops import NO_HOP
 from .routes import DatapathEntries, Kind, Table
 from .routing import RTPROT_IPIPFAST, Routing
 from .service import Service
@@ -94,7 +95,6 @@ class Daemon:
         self.published: deque[tuple[int, int, int]] = deque(maxlen=PUBLISHED_KEPT)
         self.reloads: Counter[str] = Counter(applied=0, unchanged=0, refused=0)  # SIGHUP or an edit, by result
         self.last_reload: dict = {}
-        self._resolve_all = False  # next time, ask the kernel for every peer's next hop again
         self.macs: dict[IPv4Address, bytes | None] = {}
         self.nexthops: dict[IPv4Address, NextHop] = {}
         self.lock = threading.RLock()  # plan, next hops and MACs: main and neighbour threads
@@ -352,19 +352,21 @@ class Daemon:
                                           tunnel=dataclasses.replace(self.config.tunnel, mode=new.tunnel.mode))
         self.routing.set_file(new.routes)
         self.routing.set_mode(new.tunnel.mode)
-        self._resolve_all = True
         log.info("reloaded: %d routes from the file, mode %s", len(new.routes), new.tunnel.mode)
 
     def _reconcile(self) -> None:
         """One pass: the kernel's changes, then the table if a source
+        changed and the next hops of peers that are new or whose route
         changed, to the datapath first and then to the kernel, so that no
         packet reaches the TUN before its entry."""
         assert self.routing is not None
         self.routing.take_kernel()
         table = self.routing.build()
-        if table is not None:
+        moved = self.routing.resolve()
+        if table is not None or any(int(p) in moved for p in self.plan.encapsulated):
             with self.lock:
-                self.plan = Plan.of(table)
+                if table is not None:
+                    self.plan = Plan.of(table)
                 self._resolve_nexthops(self.plan)
                 self._push_table()
         self.routing.program()
@@ -393,20 +395,15 @@ class Daemon:
     # ---- next hops ------------------------------------------------------------
 
     def _resolve_nexthops(self, plan: Plan) -> None:
-        """The underlay next hop of each encapsulated peer: asked of the
-        kernel for new peers (and for all after a reload), kept for the rest."""
-        resolve_all, self._resolve_all = self._resolve_all, False
+        """The underlay next hop of each encapsulated peer, as routing has
+        it from the kernel's route to the peer; a peer the underlay does not
+        reach has none, and its packets drop (no_neigh)."""
+        assert self.routing is not None
         nexthops = {}
         for peer in plan.encapsulated:
-            if not resolve_all and peer in self.nexthops:
-                nexthops[peer] = self.nexthops[peer]
-                continue
-            hop = self.kernel.nexthop(peer)
-            if hop.ifindex != self.underlay.index:
-                log.warning("peer %s is reached through ifindex %d, not the underlay %s: "
-                            "its packets are dropped (no_neigh)", peer, hop.ifindex, self.underlay.name)
-                continue
-            nexthops[peer] = hop
+            hop = self.routing.next_hop(int(peer))
+            if hop != NO_HOP:
+                nexthops[peer] = NextHop(peer, IPv4Address(hop), self.underlay.index)
         self.nexthops = nexthops
         self._refresh_macs(push=False)
 

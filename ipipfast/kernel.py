@@ -1,7 +1,7 @@
 """The kernel's side of the tunnel, through netlink (pyroute2): links,
-routes into the TUN, next hops and their MACs for the AF_PACKET socket,
-and the neighbour changes that move them. (Routes, by the hundred
-thousand, go through rtnl.py.)"""
+the next hops' MACs for the AF_PACKET socket, and the neighbour changes
+that move them. (Routes, by the hundred thousand, and the lookups of the
+next hops themselves go through rtnl.py.)"""
 from __future__ import annotations
 
 import errno
@@ -18,7 +18,7 @@ from pyroute2 import IPRoute
 from pyroute2.ethtool import Ethtool
 from pyroute2.netlink import NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_GETROUTE
+from pyroute2.netlink.rtnl import RTM_GETLINK
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ EVENTS_RCVBUF = 1 << 20  # a burst of neighbour changes (a whole subnet's ARP) f
 # ACK, returns at the reply and leaves the ACK behind in a queue that nobody
 # reads: about 1.5 kB per call for the life of the socket.
 _GET_LINK = (RTM_GETLINK, NLM_F_REQUEST)
-_GET_ROUTE = (RTM_GETROUTE, NLM_F_REQUEST)
 
 
 def ipip_module_loaded(sys_module: str = "/sys/module") -> bool:
@@ -53,7 +52,7 @@ class Link:
 @dataclass(frozen=True)
 class NextHop:
     """Where frames for a peer go on the underlay: the peer itself when it
-    is on-link, else the gateway that the kernel's routing table names."""
+    is on-link, else the gateway of the kernel's route to it (peer_hops)."""
     peer: IPv4Address
     ip: IPv4Address
     ifindex: int
@@ -148,12 +147,6 @@ class Kernel:
         carrier on with the first queue attached and off with the last."""
         msg = self.ipr.link(_GET_LINK, index=self.link(name).index)[0]
         return bool(msg.get_attr("IFLA_CARRIER"))
-
-    def nexthop(self, peer: IPv4Address) -> NextHop:
-        """The underlay next hop the kernel would use to reach peer."""
-        msg = self.ipr.route(_GET_ROUTE, dst=str(peer))[0]
-        gateway = msg.get_attr("RTA_GATEWAY")
-        return NextHop(peer, IPv4Address(gateway) if gateway else peer, msg.get_attr("RTA_OIF"))
 
     def neighbour_mac(self, ip: IPv4Address, ifindex: int) -> bytes | None:
         """The resolved MAC of ip on ifindex, or None."""

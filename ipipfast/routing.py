@@ -2,14 +2,20 @@
 datapath and our routes out to the kernel. Everything here runs on the
 daemon's main thread, which the sources wake (RouteMonitor, SIGHUP, the
 config watcher); one pass there is: take the kernel's notifications (after a
-dump when one is due), rebuild the table if a source changed, push it to the
-datapath (the daemon does that, under its lock), then write only the kernel
-routes that differ.
+dump when one is due), rebuild the table if a source changed, ask the kernel
+for the next hops of the peers that are new or whose route changed
+(peer_hops), push the table to the datapath (the daemon does that, under its
+lock), then write only the kernel routes that differ.
 
 Our routes carry rtm_protocol 0xbf, so `ip route` shows whose they are
 ("proto 191", or a name given in /etc/iproute2/rt_protos.d/):
     <cidr> via <node> dev <tun> proto 191 src <node ip> onlink  (encapsulated)
-    <cidr> via <node> dev <underlay> proto 191                 (direct)
+    <cidr> via <node> dev <underlay> proto 191                 (direct, the node on the link)
+    <cidr> via <gateway> dev <underlay> proto 191 onlink       (direct, the node behind a router)
+A direct route follows the kernel's route to its node, as BIRD resolves a
+next hop that is not on-link: a node in another subnet is reached through
+the gateway of the route to it (whose router must know the pod CIDR, as in
+Calico's BGP mode), and one the underlay does not reach gets no route.
 A route someone else holds at the key we would write (the same CIDR at
 metric 0) is never replaced or deleted: an add is exclusive, a delete
 matches our protocol only; the CIDR is shown as held by that route. A move
@@ -29,6 +35,7 @@ from pathlib import Path
 from . import heap, rtnl
 from .intmap import IntMap
 from .kernel_routes import DEV_TUN, DEV_UNDERLAY, KernelRoutes, RouteMonitor, protocol_name
+from .peer_hops import NO_HOP, PeerHops
 from .routes import Kind, Mode, RouteSet, Side, Source, Table, cidr_text, network_of
 
 log = logging.getLogger(__name__)
@@ -49,6 +56,7 @@ class Routing:
         self.config_name = Path(config_path).name if config_path else "<config>"
         self.writer = rtnl.RouteSocket(RTPROT_IPIPFAST)
         self.mirror = KernelRoutes(tun, underlay, int(node.ip), RTPROT_IPIPFAST)
+        self.hops = PeerHops(underlay)
         # Subscribed before the first dump: every change after it is queued.
         self.monitor = RouteMonitor(self.writer, wake)
         self.file = RouteSet()
@@ -67,6 +75,8 @@ class Routing:
     # ---- sources -------------------------------------------------------------------
 
     def set_file(self, routes: RouteSet) -> None:
+        """The file's routes (after a reload: every peer's next hop is asked again)."""
+        self.hops.all_stale()
         if routes != self.file or list(routes.details) != list(self.file.details):
             self.file = routes
             self._dirty = self._full = True
@@ -87,10 +97,12 @@ class Routing:
             # Queued notifications are newer than the last dump (and, after a
             # loss, than the drain), so replaying them over this one is right.
             self.mirror.load(self.writer.dump)
+            self.hops.all_stale()
             heap.trim()
             self._next_resync = now + self.resync_interval if self.resync_interval else float("inf")
             self._candidates |= self._retry
             self._retry = set()
+        self.hops.routes_changed(queue)
         if self.mirror.apply(queue):
             self._next_resync = 0.0
             self.monitor.wake()
@@ -116,7 +128,24 @@ class Routing:
             sources[Source.KERNEL] = kernel
         self.table = Table.build(sources, self.mode, self.node)
         self._dirty = False
+        self.hops.track(self.table.routes.vias)
         return self.table
+
+    def resolve(self) -> set[int]:
+        """Asks the kernel for the next hops of the peers that are new or
+        whose route may have changed; returns the peers whose next hop
+        changed. Their direct routes are written again at program()."""
+        moved = self.hops.resolve(self.writer.lookup)
+        if moved and not self._full:
+            t = self.table
+            self._candidates.update(key for key, via, kind in zip(t.routes.keys, t.routes.vias, t.kinds)
+                                    if kind == Kind.DIRECT and via in moved)
+        return moved
+
+    def next_hop(self, peer: int) -> int:
+        """Where packets to peer go on the underlay (the peer, or the gateway
+        of the kernel's route to it), or NO_HOP."""
+        return self.hops.get(peer)
 
     # ---- our kernel routes -------------------------------------------------------------
 
@@ -136,9 +165,10 @@ class Routing:
             return t.routes.keys, array("Q", t.routes.vias)  # all into the TUN (DEV_TUN is 0)
         keys, values = array("Q"), array("Q")
         for key, via, kind in zip(t.routes.keys, t.routes.vias, t.kinds):
-            if kind != Kind.FOREIGN:
+            want = self._want(via, kind)
+            if want is not None:
                 keys.append(key)
-                values.append(via | (DEV_UNDERLAY << 32 if kind == Kind.DIRECT else 0))
+                values.append(want)
         return keys, values
 
     def _program_all(self) -> None:
@@ -233,17 +263,26 @@ class Routing:
                            for k, v in self.mirror.state.own.items() if v >> 32 == DEV_UNDERLAY])
 
     def _want(self, via: int, kind: int) -> int | None:
-        if kind == Kind.FOREIGN:
-            return None
-        return via | (DEV_TUN if kind == Kind.ENCAPSULATED else DEV_UNDERLAY) << 32
+        """Our kernel route for a CIDR of the table, as via | device << 32,
+        or None: none (someone else's route leads into the TUN, or the
+        underlay does not reach the node of a direct one)."""
+        if kind == Kind.ENCAPSULATED:
+            return via  # | DEV_TUN << 32, which is 0
+        if kind == Kind.DIRECT:
+            hop = self.hops.get(via)
+            return None if hop == NO_HOP else hop | DEV_UNDERLAY << 32
+        return None
 
     def _op(self, key: int, want: int | None, have: int | None) -> rtnl.RouteOp:
         dst, plen = network_of(key)
         if want is None:
             return rtnl.RouteOp("delete", dst, plen)
         via, tun = want & 0xFFFFFFFF, want >> 32 == DEV_TUN
+        # A gateway taken from the route to a node is on the link by the
+        # kernel's own account (that route may be onlink itself, as a /32
+        # node's default route is): onlink skips the check that would refuse it.
         return rtnl.RouteOp("add" if have is None else "replace", dst, plen, self.tun if tun else self.underlay,
-                            via, onlink=tun, prefsrc=int(self.node.ip) if tun else 0)
+                            via, onlink=tun or via in self.hops.gateways, prefsrc=int(self.node.ip) if tun else 0)
 
     # ---- what it looks like ----------------------------------------------------------------
 
@@ -260,21 +299,26 @@ class Routing:
 
     def routes(self) -> Iterator[dict]:
         """Each route of the table: CIDR, node, source and its detail, how
-        it is carried, and what holds it in the kernel. Safe from another
-        thread: the table is immutable, the mirror only looked up."""
+        it is carried, its next hop on the underlay, and what holds it in
+        the kernel. Safe from another thread: the table is immutable, the
+        mirror and the next hops only looked up."""
         t, own, blocked = self.table, self.mirror.state.own, self.mirror.blocked
-        foreign = self.mirror.state.foreign
+        foreign, hops = self.mirror.state.foreign, self.hops.hops
         for key, via, src, detail, kind in zip(t.routes.keys, t.routes.vias, t.sources, t.routes.details, t.kinds):
             source = Source(src)
+            hop = hops.get(via)  # None: not asked yet
             if kind == Kind.FOREIGN:
                 holder = foreign.get(key)
                 kernel = "none" if holder is None else f"proto {protocol_name(holder >> 32 & 0xFF)}"
             elif key in blocked:
                 kernel = "held by another route"
+            elif own.get(key) is not None:
+                kernel = "ours"
             else:
-                kernel = "ours" if own.get(key) is not None else "pending"
+                kernel = "no route to its node" if kind == Kind.DIRECT and hop == NO_HOP else "pending"
             yield {"cidr": cidr_text(key), "node": str(IPv4Address(via)), "source": str(source),
-                   "detail": self.detail(source, detail), "kind": _KIND_NAMES[Kind(kind)], "kernel": kernel}
+                   "detail": self.detail(source, detail), "kind": _KIND_NAMES[Kind(kind)],
+                   "next_hop": str(IPv4Address(hop)) if hop else None, "kernel": kernel}
 
     def show(self) -> dict:
         """Everything about the table, as plain data (for the control socket):

@@ -62,9 +62,12 @@ _BE32 = struct.Struct("!I")
 # network order).
 _ROUTE_GW = struct.Struct("=IHHII BBBBBBBBI HHI HHI HHI")            # dst, oif, gateway
 _ROUTE_GW_SRC = struct.Struct("=IHHII BBBBBBBBI HHI HHI HHI HHI")    # ... prefsrc
-_ROUTE_DEL = struct.Struct("=IHHII BBBBBBBBI HHI")                   # dst
+_ROUTE_DEL = struct.Struct("=IHHII BBBBBBBBI HHI")                   # dst (a delete, or a lookup)
 _RTMSG_END = _HDR.size + _RTMSG.size
 BATCH_BYTES = 64 * 1024
+# Lookups per sendmsg(): the kernel queues each answer as a skb of about
+# 4 kB (NLMSG_GOODSIZE), and drops answers that overflow the receive buffer.
+LOOKUP_BATCH = 64
 DUMP_ATTEMPTS = 5  # as felix: a dump the kernel marks interrupted is retried (by the caller)
 _DONTWAIT = socket.MSG_DONTWAIT
 _htonl = socket.htonl
@@ -315,6 +318,31 @@ class RouteSocket:
                     break
                 yield view, off, length, kind, flags, seq
                 off += (length + 3) & ~3
+
+    def lookup(self, addresses: Iterable[int]) -> dict[int, RouteMsg | int]:
+        """The route the kernel takes to each address, as `ip route get`
+        answers (RTM_GETROUTE: its oif and gateway), or the errno it
+        answered instead (ENETUNREACH: no route; EINVAL: a blackhole)."""
+        out: dict[int, RouteMsg | int] = {}
+        todo = list(dict.fromkeys(addresses))
+        for start in range(0, len(todo), LOOKUP_BATCH):
+            pending: dict[int, int] = {}
+            for addr in todo[start:start + LOOKUP_BATCH]:
+                pending[self._next_seq()] = addr
+            self.sock.sendall(b"".join(
+                _ROUTE_DEL.pack(_ROUTE_DEL.size, RTM_GETROUTE, NLM_F_REQUEST, seq, 0, socket.AF_INET, 32, 0, 0,
+                                0, 0, 0, 0, 0, 8, RTA_DST, _htonl(addr)) for seq, addr in pending.items()))
+            for view, off, length, kind, _, seq in self._replies():
+                addr = pending.pop(seq, None)
+                if addr is None:
+                    continue
+                if kind == NLMSG_ERROR:
+                    out[addr] = -_ERR.unpack_from(view, off + _HDR.size)[0]
+                elif kind == RTM_NEWROUTE:
+                    out[addr] = _decode_route(view, off, off + length, True) or errno.EAFNOSUPPORT
+                if not pending:
+                    break
+        return out
 
     def dump(self, consume: Callable[[RouteMsg], None]) -> bool:
         """Hands every IPv4 route of table main to consume, as they are

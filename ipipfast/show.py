@@ -73,8 +73,9 @@ def peers(routes: dict) -> dict:
     """The routes reply grouped by the node they lead to."""
     out: dict[str, dict] = {}
     for r in routes["routes"]:
-        peer = out.setdefault(r["node"], {"node": r["node"], "kind": r["kind"], "mac": r["mac"],
-                                          "mac_state": r["mac_state"], "path_mtu": r["path_mtu"], "cidrs": []})
+        peer = out.setdefault(r["node"], {"node": r["node"], "kind": r["kind"], "next_hop": r["next_hop"],
+                                          "mac": r["mac"], "mac_state": r["mac_state"], "path_mtu": r["path_mtu"],
+                                          "cidrs": []})
         peer["cidrs"].append(r["cidr"])
     return {"tunnel": routes["tunnel"], "generation": routes["generation"], "peers": list(out.values())}
 
@@ -88,21 +89,27 @@ def mac_text(r: dict) -> str:
     return r["mac"] or r["mac_state"].replace("_", " ")  # unresolved, kernel, not on underlay
 
 
+def hop_text(r: dict) -> str:
+    return r["next_hop"] or "none"  # the underlay does not reach the node
+
+
 def mtu_text(r: dict) -> str:
     return str(r["path_mtu"]) if r["path_mtu"] else "-"
 
 
 def _routes_text(answer: dict) -> str:
     head = f"routes of {answer['tunnel']} (table generation {answer['generation']}): {len(answer['routes'])}\n"
-    rows = [["cidr", "node", "kind", "next-hop mac", "path mtu", "source"]]
-    rows += [[r["cidr"], r["node"], r["kind"], mac_text(r), mtu_text(r), r["source"]] for r in answer["routes"]]
+    rows = [["cidr", "node", "kind", "next hop", "next-hop mac", "path mtu", "source"]]
+    rows += [[r["cidr"], r["node"], r["kind"], hop_text(r), mac_text(r), mtu_text(r), r["source"]]
+             for r in answer["routes"]]
     return head + (_table(rows) if answer["routes"] else "")
 
 
 def _peers_text(answer: dict) -> str:
     head = f"peers of {answer['tunnel']} (table generation {answer['generation']}): {len(answer['peers'])}\n"
-    rows = [["node", "kind", "next-hop mac", "path mtu", "cidrs"]]
-    rows += [[p["node"], p["kind"], mac_text(p), mtu_text(p), " ".join(p["cidrs"])] for p in answer["peers"]]
+    rows = [["node", "kind", "next hop", "next-hop mac", "path mtu", "cidrs"]]
+    rows += [[p["node"], p["kind"], hop_text(p), mac_text(p), mtu_text(p), " ".join(p["cidrs"])]
+             for p in answer["peers"]]
     return head + (_table(rows) if answer["peers"] else "")
 
 

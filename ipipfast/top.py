@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .control import ControlError, NoDaemon, request
-from .show import mac_text, mtu_text, peers, pick
+from .show import hop_text, mac_text, mtu_text, peers, pick
 
 INTERVAL = 1.0   # seconds between samples
 PIPE_WIDTH = 120  # columns of a frame into a pipe or file (a terminal gives its own)
@@ -47,11 +47,13 @@ def si(x: float) -> str:
     return f"{x:.3g}" if x and abs(x) < 10 and x != int(x) else f"{x:.0f}"
 
 
+_LEFT = ("reason", "node", "kind", "next hop", "next-hop mac", "state", "cidrs")  # the words; numbers right
+
+
 def _table(title: str, *columns: str) -> Table:
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i < 1 or c in ("reason", "node", "kind", "next-hop mac", "state", "cidrs")
-                     else "right")
+        t.add_column(c, justify="left" if i < 1 or c in _LEFT else "right")
     return t
 
 
@@ -90,9 +92,9 @@ def frame(prev: Sample, cur: Sample) -> Group:
                         rate(sum(w["tx"]["drops"].values()), sum(v["tx"]["drops"].values())),
                         rate(sum(w["rx"]["drops"].values()), sum(v["rx"]["drops"].values())))
 
-    hops = _table("next hops", "node", "kind", "next-hop mac", "state", "path mtu", "cidrs")
+    hops = _table("next hops", "node", "kind", "next hop", "next-hop mac", "state", "path mtu", "cidrs")
     for peer in cur.peers:
-        hops.add_row(peer["node"], peer["kind"], mac_text(peer), peer["mac_state"], mtu_text(peer),
+        hops.add_row(peer["node"], peer["kind"], hop_text(peer), mac_text(peer), peer["mac_state"], mtu_text(peer),
                      " ".join(peer["cidrs"]))
     return Group(head, *(x for t in (traffic, drops, workers, hops) for x in (Text(), t)))
 

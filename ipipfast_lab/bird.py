@@ -80,12 +80,13 @@ def kernel_routes(tb: Testbed, node: Node, proto: int = RTPROT_BIRD) -> set[Kern
     return routes
 
 
-def wait_kernel_routes(tb: Testbed, node: Node, expected: set[KernelRoute], timeout: float = 30) -> None:
-    """Until the node's proto-bird routes are exactly `expected`."""
+def wait_kernel_routes(tb: Testbed, node: Node, expected: set[KernelRoute], timeout: float = 30,
+                       proto: int = RTPROT_BIRD) -> None:
+    """Until the node's routes of `proto` (bird's, unless told) are exactly `expected`."""
     deadline = time.monotonic() + timeout
-    while (got := kernel_routes(tb, node)) != expected:
+    while (got := kernel_routes(tb, node, proto)) != expected:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{node.name}: bird routes after {timeout}s: {sorted(got, key=str)}, "
+            raise TimeoutError(f"{node.name}: proto {proto} routes after {timeout}s: {sorted(got, key=str)}, "
                                f"expected {sorted(expected, key=str)}")
         time.sleep(0.05)
 

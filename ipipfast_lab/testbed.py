@@ -27,7 +27,9 @@ Two underlays:
   reach it with TTL 1, host unreachable (3/1) for destinations made
   unreachable by `router_unreachable(cidr)`. (Only net unreachable, 3/0, for
   addresses it has no route to, stays throttled by the kernel: 5 per sender,
-  then 1/s.) `add_plain_routes()` also teaches the router every pod CIDR.
+  then 1/s.) `add_plain_routes()` also teaches the router every pod CIDR;
+  without them it knows none. `move_node()` moves a node into another subnet
+  (a new address, the same interface).
 
 Processes started in a namespace see a private /run/ipipfast (`run_dir`),
 so two nodes' daemons never meet in the one filesystem they share.
@@ -472,6 +474,34 @@ class Testbed:
         nx = ipr.link_lookup(ifname=f"{self.prefix}nx")[0]
         ipr.route("del" if remove else "add", dst=str(net), oif=nx, scope=_SCOPE_LINK)
 
+    def move_node(self, node: Node, subnet: int) -> None:
+        """Moves a node that is alone in its subnet into `subnet`, which
+        other nodes share, as a node that changes racks does: the router's end
+        of its link leaves its old subnet for that subnet's bridge, and the
+        node takes the next address there (198.18.X.(10 + nodes already in
+        X)) and its gateway. Its interface stays (sockets bound to it too);
+        a daemon configured with the old address needs a restart."""
+        if self.router is None:
+            raise RuntimeError("move_node needs underlay='routed'")
+        old = self.subnets[node.index]
+        if self.subnets.count(old) != 1 or self.subnets.count(subnet) < 2:
+            raise ValueError(f"move_node moves a node alone in its subnet into one that two or more share, "
+                             f"not {node.name} from 198.18.{old}.0/24 ({self.subnets.count(old)} nodes) "
+                             f"to 198.18.{subnet}.0/24 ({self.subnets.count(subnet)})")
+        rt = self.ipr(self.router)
+        port, bridge = (rt.link_lookup(ifname=self.router_links[x])[0] for x in (old, subnet))
+        rt.addr("del", index=port, address=f"198.18.{old}.1", prefixlen=UNDERLAY_PREFIXLEN)
+        rt.link("set", index=port, master=bridge)
+        del self.router_links[old]
+        ip, gateway = f"198.18.{subnet}.{10 + self.subnets.count(subnet)}", f"198.18.{subnet}.1"
+        ipr = self.ipr(node)
+        idx = ipr.link_lookup(ifname=node.interface)[0]
+        ipr.addr("del", index=idx, address=node.ip, prefixlen=node.prefixlen)
+        ipr.addr("add", index=idx, address=ip, prefixlen=UNDERLAY_PREFIXLEN)
+        ipr.route("replace", dst="0.0.0.0/0", gateway=gateway, oif=idx, flags=_RTNH_F_ONLINK)
+        node.ip, node.gateway = ip, gateway
+        self.subnets[node.index] = subnet
+
     # -- control plane -----------------------------------------------------------
 
     def control_plane_link(self, up: bool) -> None:
@@ -494,6 +524,14 @@ class Testbed:
         if name not in self._ipr:
             self._ipr[name] = IPRoute(netns=name, flags=0, groups=0)  # flags=0: never create a netns
         return self._ipr[name]
+
+    def mac(self, ns: NsRef, ifname: str | None = None) -> str:
+        """The MAC of ifname in ns (a node's: its underlay interface), as aa:bb:...."""
+        if ifname is None:
+            if not isinstance(ns, Node):
+                raise ValueError("mac() needs the interface's name outside a node")
+            ifname = ns.interface
+        return self.ipr(ns).get_links(ifname=ifname)[0].get_attr("IFLA_ADDRESS")
 
     def node_config(self, node: Node, *, name: str | None = None, mode: str = "Always", **tunnel: Any) -> dict:
         """The ipipfast daemon config for `node`: tunnel to every other node."""

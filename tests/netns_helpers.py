@@ -2,21 +2,17 @@
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import Ether
-from scapy.packet import raw
-from scapy.utils import rdpcap
 
 from ipipfast import tc_drops
-from ipipfast_lab import traffic
-from ipipfast_lab.testbed import Node, Pod, Testbed
+from ipipfast_lab import wire
+from ipipfast_lab.testbed import Node, Testbed
 
 
 def node_mac(tb: Testbed, node: Node) -> bytes:
-    link = tb.ipr(node).get_links(ifname=node.interface)[0]
-    return bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
+    return bytes.fromhex(tb.mac(node).replace(":", ""))
 
 
 def inject(tb: Testbed, node: Node, frames: list[bytes]) -> None:
@@ -31,26 +27,15 @@ def inject(tb: Testbed, node: Node, frames: list[bytes]) -> None:
     tb.in_netns(node, send)
 
 
-class Capture:
-    """Frames on a node's underlay interface, or a pod's eth0, while the block
-    runs: every frame the interface had passed when the block ends (the
-    capture writes out what its socket holds before it exits)."""
-
-    def __init__(self, tb: Testbed, where: Node | Pod, tmp: Path) -> None:
-        self.tb, self.where, self.path = tb, where, tmp / f"{where.name}.pcap"
-        self.iface = where.interface if isinstance(where, Node) else "eth0"  # a pod's only link
-
-    def __enter__(self) -> Capture:
-        self.proc = traffic.serve(self.tb, self.where, "capture", "--iface", self.iface, "--out", self.path)
-        return self
+class Capture(wire.Capture):
+    """The lab's capture, its frames parsed by scapy."""
 
     def __exit__(self, *exc: object) -> None:
-        self.proc.terminate()
-        traffic.collect(self.proc)
+        super().__exit__(*exc)
         self.frames = []
-        for p in rdpcap(str(self.path)):
-            f = Ether(raw(p))
-            f.time = p.time  # when the capture read it, so after it was sent
+        for record in self.records:
+            f = Ether(record.data)
+            f.time = record.time  # when the capture read it, so after it was sent
             self.frames.append(f)
 
     def ipip(self) -> list[Ether]:

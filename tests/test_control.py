@@ -159,8 +159,8 @@ class TestLive:
         assert r["generation"] == ta.request("status")["generation"]
         mac = tb.ipr(n1).get_links(ifname=n1.interface)[0].get_attr("IFLA_ADDRESS")
         assert r["routes"] == [{"cidr": n1.pod_cidr, "node": n1.ip, "kind": "encapsulated", "source": "file",
-                                "detail": "node.yaml:5", "kernel": "ours", "mac": mac, "mac_state": "resolved",
-                                "path_mtu": None}]
+                                "detail": "node.yaml:5", "next_hop": n1.ip, "kernel": "ours", "mac": mac,
+                                "mac_state": "resolved", "path_mtu": None}]
         assert (r["conflicts"], r["refused"]) == ([], [])
 
     def test_socket_is_owner_only(self, bed) -> None:

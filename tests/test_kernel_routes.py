@@ -18,7 +18,7 @@ from scapy.layers.inet import IP
 from ipipfast.config import digest
 from ipipfast_lab import traffic
 from ipipfast_lab.daemons import TunnelProcess, delta, start_tunnels
-from ipipfast_lab.testbed import Node, Testbed
+from ipipfast_lab.testbed import UNDERLAY_GATEWAY, Node, Testbed
 from netns_helpers import Capture
 
 pytestmark = [pytest.mark.netns,
@@ -336,6 +336,7 @@ def _show_in_node(n: Node, tun: str, out: dict) -> None:
         ip("add", "198.19.2.0/24", "via", "198.18.0.11", "dev", n.interface, "proto", "static")
         routing.take_kernel()
         routing.build()
+        routing.resolve()
         routing.program()
         out.update(json.loads(json.dumps(routing.show())))  # plain data, as the control socket sends it
         out["counts"] = {f"{s}/{k}": v for (s, k), v in routing.counts().items()}
@@ -359,13 +360,13 @@ def test_show_gives_each_route_its_source_and_the_conflicts_and_refusals(tmp_pat
         shown = json.loads(path.read_text())
     assert shown["routes"] == [
         {"cidr": "198.19.1.0/24", "node": "198.18.0.11", "source": "file", "detail": "node.yaml:7",
-         "kind": "direct", "kernel": "ours"},
+         "kind": "direct", "next_hop": "198.18.0.11", "kernel": "ours"},
         {"cidr": "198.19.2.0/24", "node": "198.18.9.12", "source": "file", "detail": "node.yaml:7",
-         "kind": "encapsulated", "kernel": "held by another route"},
+         "kind": "encapsulated", "next_hop": UNDERLAY_GATEWAY, "kernel": "held by another route"},
         {"cidr": "198.19.3.0/24", "node": "198.18.9.13", "source": "file", "detail": "node.yaml:7",
-         "kind": "encapsulated", "kernel": "proto bird"},
+         "kind": "encapsulated", "next_hop": UNDERLAY_GATEWAY, "kernel": "proto bird"},
         {"cidr": "198.19.4.0/24", "node": "198.18.9.14", "source": "kernel", "detail": "proto 80",
-         "kind": "encapsulated", "kernel": "proto 80"},
+         "kind": "encapsulated", "next_hop": UNDERLAY_GATEWAY, "kernel": "proto 80"},
     ]
     assert shown["conflicts"] == [{"cidr": "198.19.3.0/24",
                                    "winner": {"source": "file", "node": "198.18.9.13", "detail": "node.yaml:7"},

@@ -144,6 +144,46 @@ def test_multipath_and_gatewayless_routes_decode_as_iproute2_wrote_them(node) ->
     in_node(node, check)
 
 
+def test_lookups_answer_as_ip_route_get(node) -> None:
+    """Each lookup names the device and gateway `ip route get` names, or
+    the error it reports; thousands go in batches, each answered."""
+    def check(n: Node) -> None:
+        run = lambda *a: subprocess.run(["ip", "route", *a], check=True)  # noqa: E731
+        run("add", "198.18.7.0/24", "via", "198.18.0.11", "proto", "static")
+        run("add", "blackhole", "198.18.8.0/24")
+        sock = rtnl.RouteSocket(OURS)
+        names = {i: name for i, name in socket.if_nameindex()}
+
+        def iproute2(addr: str) -> tuple[str, str | None] | str:
+            got = subprocess.run(["ip", "-json", "route", "get", addr], capture_output=True, text=True)
+            if got.returncode:
+                return got.stderr.strip()
+            r = json.loads(got.stdout)[0]
+            return r["dev"], r.get("gateway")
+
+        def ours(answer: rtnl.RouteMsg | int) -> tuple[str, str | None] | str:
+            if isinstance(answer, int):
+                return f"RTNETLINK answers: {os.strerror(answer)}"
+            return names[answer.oif], str(IPv4Address(answer.gateway)) if answer.gateway else None
+
+        probes = ["198.18.0.11", "198.18.5.5", "198.18.7.9", "198.18.8.1", n.ip]
+        got = sock.lookup(map(ip4, probes))
+        assert [ours(got[ip4(a)]) for a in probes] == [iproute2(a) for a in probes]
+        assert ours(got[ip4("198.18.5.5")]) == (n.interface, "198.18.0.1")  # through the default route
+        run("del", "default")
+        assert ours(sock.lookup([ip4("198.18.5.5")])[ip4("198.18.5.5")]) == iproute2("198.18.5.5")
+        assert iproute2("198.18.5.5") == "RTNETLINK answers: Network is unreachable"
+        many = [ip4("198.18.0.0") + i for i in range(1, 5000)]  # on the link, behind 198.18.0.11, through nothing
+        got = sock.lookup(many)
+        assert sorted(got) == many
+        for addr in many[::97]:
+            assert ours(got[addr]) == iproute2(str(IPv4Address(addr)))
+        run("add", "default", "via", "198.18.0.1", "dev", n.interface, "onlink", "proto", "static")
+        run("del", "198.18.7.0/24")
+        run("del", "blackhole", "198.18.8.0/24")
+    in_node(node, check)
+
+
 def test_subscription_hears_others_but_not_our_writer(node) -> None:
     def check(n: Node) -> None:
         dev = socket.if_nametoindex(n.interface)

@@ -27,10 +27,10 @@ def status(pid: int, tx: int, rx: int, no_route: int, foreign: int, workers: lis
     }
 
 
-PEERS = [{"node": "198.18.0.11", "kind": "encapsulated", "mac": "02:00:5e:00:00:01", "mac_state": "resolved",
-          "path_mtu": 1400, "cidrs": ["198.19.1.0/24"]},
-         {"node": "198.18.0.12", "kind": "encapsulated", "mac": None, "mac_state": "unresolved",
-          "path_mtu": None, "cidrs": ["198.19.2.0/24", "198.19.3.0/24"]}]
+PEERS = [{"node": "198.18.0.11", "kind": "encapsulated", "next_hop": "198.18.0.11", "mac": "02:00:5e:00:00:01",
+          "mac_state": "resolved", "path_mtu": 1400, "cidrs": ["198.19.1.0/24"]},
+         {"node": "198.18.9.12", "kind": "encapsulated", "next_hop": "198.18.0.1", "mac": None,
+          "mac_state": "unresolved", "path_mtu": None, "cidrs": ["198.19.2.0/24", "198.19.3.0/24"]}]
 
 
 def text(prev: Sample, cur: Sample) -> str:
@@ -59,8 +59,9 @@ def test_rates_are_the_difference_over_the_time_between_samples() -> None:
     assert row(out, "tx", "no_route") == ["5", "13"]
     assert row(out, "egress", "foreign_ipip") == ["2", "4"]
     assert row(out, "0") == ["6k", "1k", "0", "0"] and row(out, "1") == ["6k", "1k", "0", "0"]
-    assert row(out, "198.18.0.11") == ["encapsulated", "02:00:5e:00:00:01", "resolved", "1400", "198.19.1.0/24"]
-    assert row(out, "198.18.0.12") == ["encapsulated", "unresolved", "unresolved", "-",
+    assert row(out, "198.18.0.11") == ["encapsulated", "198.18.0.11", "02:00:5e:00:00:01", "resolved", "1400",
+                                       "198.19.1.0/24"]
+    assert row(out, "198.18.9.12") == ["encapsulated", "198.18.0.1", "unresolved", "unresolved", "-",
                                        "198.19.2.0/24", "198.19.3.0/24"]
 
 
@@ -100,4 +101,4 @@ def test_once_on_a_live_daemon_under_a_flood() -> None:
         assert row(out, "tx", "no_route")[0] == "0" and row(out, "egress", "foreign_ipip") == ["0", "0"]
         assert float(row(out, "0")[0]) > 0  # the one worker
         mac = tb.ipr(n1).get_links(ifname=n1.interface)[0].get_attr("IFLA_ADDRESS")  # the oracle: the peer's link
-        assert row(out, n1.ip) == ["encapsulated", mac, "resolved", "-", n1.pod_cidr]
+        assert row(out, n1.ip) == ["encapsulated", n1.ip, mac, "resolved", "-", n1.pod_cidr]
