@@ -161,8 +161,12 @@ class Daemon:
         except OSError as e:  # NetlinkError is an OSError too
             log.warning("tc drops not attached (%s): the kernel also processes every IPIP frame, which costs "
                         "CPU, and IPIP that pods send leaves the node unchecked", e)
+        self.outer_mtu = self.underlay.mtu  # what the datapath sends at most (see _follow_mtus)
         self.routing = Routing(self.tun.index, self.underlay.index, cfg.node.ip, cfg.tunnel.mode,
                                cfg.kernel.learn, cfg.kernel.resync, self.config_path, self.wake.set)
+        # Link notifications tell every MTU change from here on; one made
+        # before the subscription is read now.
+        self._follow_mtus({link.index: link.mtu for link in map(self.kernel.link, (self.underlay.name, self.tun.name))})
         self.routing.set_file(cfg.routes)
         self._reconcile()  # the first dump of the kernel's routes, the table, our routes
         heap.trim()  # what parsing the file and the dump left
@@ -361,6 +365,7 @@ class Daemon:
         packet reaches the TUN before its entry."""
         assert self.routing is not None
         self.routing.take_kernel()
+        self._follow_mtus(self.routing.take_mtus())
         table = self.routing.build()
         if table is not None:
             with self.lock:
@@ -368,6 +373,34 @@ class Daemon:
                 self._resolve_nexthops(self.plan)
                 self._push_table()
         self.routing.program()
+
+    def _follow_mtus(self, mtus: dict[int, int]) -> None:
+        """MTUs of the underlay and the TUN that changed while running. The
+        underlay's is the largest outer packet: the datapath sends no larger
+        one from then on (a raise stops at what its rings' slots hold). The
+        TUN's is the inner MTU, someone else's to set (felix sets tunl0's):
+        taken as it is."""
+        assert self.datapath is not None
+        underlay, tun = mtus.get(self.underlay.index, self.underlay.mtu), mtus.get(self.tun.index, self.tun.mtu)
+        if underlay == self.underlay.mtu and tun == self.tun.mtu:
+            return
+        if underlay != self.underlay.mtu:
+            old, self.outer_mtu = self.underlay.mtu, self.datapath.set_mtu(underlay)
+            self.underlay = replace(self.underlay, mtu=underlay)
+            if self.outer_mtu < underlay:
+                log.warning("%s: MTU %d -> %d, but the tunnel sends outer packets up to %d bytes only, what its "
+                            "rings' slots (sized for the MTU at start) hold, until a restart", self.underlay.name,
+                            old, underlay, self.outer_mtu)
+            else:
+                log.info("%s: MTU %d -> %d: outer packets up to %d bytes", self.underlay.name, old, underlay,
+                         underlay)
+        if tun != self.tun.mtu:
+            log.info("%s: MTU %d -> %d", self.tun.name, self.tun.mtu, tun)
+            self.tun = replace(self.tun, mtu=tun)
+        if self.tun.mtu + 20 > self.outer_mtu:
+            log.warning("%s's MTU %d does not fit in the underlay's %d: inner packets over %d bytes are answered "
+                        "with fragmentation needed when they have DF, and dropped (too_big) when not",
+                        self.tun.name, self.tun.mtu, self.outer_mtu, self.outer_mtu - 20)
 
     def _route_totals(self) -> tuple[int, int]:
         """(encapsulated, direct) routes in the table."""
@@ -512,6 +545,8 @@ class Daemon:
             "last_reload": self.last_reload,
             "csum_offload": self.csum_offload,
             "ring_frames": self.ring_frames,
+            # The TUN's (the inner MTU), the underlay's, and the largest outer packet the datapath sends.
+            "mtu": {"tun": self.tun.mtu, "underlay": self.underlay.mtu, "outer": self.outer_mtu},
             "routes_encapsulated": enc,
             "routes_direct": direct,
             "table": {"generation": self.generation, "published": list(self.published),
