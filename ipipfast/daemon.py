@@ -21,7 +21,7 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 from . import _datapath, heap, metrics, tc_drops
-from .config import Config, ConfigError, digest, parse_config, read_config_text
+from .config import Config, ConfigError, NodeConfig, digest, parse_config, read_config_text
 from .control import RUN_DIR, ControlServer, socket_path
 from .counters import Snapshot, to_json
 from .icmp import IcmpErrors
@@ -32,6 +32,7 @@ from .routes import DatapathEntries, Kind, Table
 from .routing import RTPROT_IPIPFAST, Routing
 from .service import Service
 from .tun import open_tun
+from .underlay import UnderlayError, find_underlay
 from .wake_pipe import WakePipe
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,11 @@ class StartError(RuntimeError):
 class Daemon:
     def __init__(self, config: Config, config_path: str | None = None,
                  status_file: str | None = None, overrides: dict | None = None,
-                 remove_device: bool = False, ready_file: str | None = None, run_dir: Path = RUN_DIR) -> None:
+                 remove_device: bool = False, ready_file: str | None = None, run_dir: Path = RUN_DIR,
+                 node_ip: str | None = None) -> None:
         self.config = config
+        self.node_as_read = config.node  # config.node is completed from the kernel at start
+        self.node_ip = node_ip  # run --node-ip, over the file's node.ip at every read
         self.service = Service(self.healthy, ready_file)
         self.remove_device = remove_device  # at exit, remove what this run created (run --remove-device)
         self.config_path = config_path
@@ -127,6 +131,7 @@ class Daemon:
         cfg = self.config
         if ipip_module_loaded():
             raise StartError(IPIP_MODULE_LOADED)
+        cfg = self.config = replace(cfg, node=_underlay_node(self.kernel, cfg))
         self.underlay: Link = self.kernel.link(cfg.node.interface)
         if cfg.tunnel.mtu and cfg.tunnel.mtu + 20 > self.underlay.mtu:
             raise ConfigError("<config>", None, f"tunnel.mtu {cfg.tunnel.mtu} + 20 exceeds the underlay MTU "
@@ -324,7 +329,7 @@ class Daemon:
                 log.info("reload: %s is unchanged", self.config_path)
                 new = None
             else:
-                new = parse_config(text, self.config_path, self.overrides)
+                new = parse_config(text, self.config_path, self.overrides, self.node_ip)
         except ConfigError as e:
             self.reloads["refused"] += 1
             log.error("reload refused, keeping the running table: %s", e)
@@ -342,11 +347,10 @@ class Daemon:
     def _take(self, new: Config) -> None:
         """The routes and the mode of a new config; the rest needs a restart."""
         assert self.routing is not None
-        for w in new.warnings:
-            log.warning("%s", w)
         changed = [f.name for f in dataclasses.fields(new.tunnel)
                    if f.name != "mode" and getattr(new.tunnel, f.name) != getattr(self.config.tunnel, f.name)]
-        changed += [name for name in ("node", "kernel", "stats") if getattr(new, name) != getattr(self.config, name)]
+        changed += [name for name in ("kernel", "stats") if getattr(new, name) != getattr(self.config, name)]
+        changed += ["node"] if new.node != self.node_as_read else []
         if changed:
             log.warning("reload: %s change only on restart; the routes and the mode are reloaded",
                         ", ".join(changed))
@@ -589,16 +593,24 @@ class Daemon:
             self._write_status()
 
 
+def _underlay_node(kernel: Kernel, config: Config) -> NodeConfig:
+    """config.node with the underlay's interface and prefix length found."""
+    try:
+        return find_underlay(config.node, kernel.holders(config.node.ip.ip), config.tunnel.mode)
+    except UnderlayError as e:
+        raise StartError(str(e)) from None
+
+
 def run(config_path: str, status_file: str | None = None, overrides: dict | None = None,
-        remove_device: bool = False, ready_file: str | None = None, run_dir: Path = RUN_DIR) -> int:
-    """Runs the node in config_path; overrides: tunnel options from the command line."""
+        remove_device: bool = False, ready_file: str | None = None, run_dir: Path = RUN_DIR,
+        node_ip: str | None = None) -> int:
+    """Runs the node in config_path; overrides: tunnel options from the
+    command line; node_ip: its --node-ip."""
     heap.keep_big_blocks_mapped()
     text = read_config_text(config_path)
-    config = parse_config(text, config_path, overrides)
-    for w in config.warnings:
-        log.warning("%s", w)
+    config = parse_config(text, config_path, overrides, node_ip)
     daemon = Daemon(config, config_path, status_file, overrides, remove_device=remove_device,
-                    ready_file=ready_file, run_dir=run_dir)
+                    ready_file=ready_file, run_dir=run_dir, node_ip=node_ip)
     daemon.config_digest = digest(text)
     return daemon.run_forever()
 
@@ -611,7 +623,7 @@ def down(config: Config) -> list[str]:
     kernel = Kernel()
     removed: list[str] = []
     try:
-        underlay = kernel.link(config.node.interface)
+        underlay = kernel.link(_underlay_node(kernel, config).interface)
         try:
             tun: Link | None = kernel.link(config.tunnel.name)
         except LookupError:

@@ -103,6 +103,12 @@ class Kernel:
         mac = msg.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00"
         return Link(msg["index"], name, bytes.fromhex(mac.replace(":", "")), msg.get_attr("IFLA_MTU"))
 
+    def holders(self, ip: IPv4Address) -> list[tuple[str, int]]:
+        """(interface, prefix length) of each IPv4 address ip on this node."""
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in self.ipr.get_links()}
+        return [(names[m["index"]], m["prefixlen"]) for m in self.ipr.get_addr(family=socket.AF_INET)
+                if m.get_attr("IFA_LOCAL") == str(ip) and m["index"] in names]
+
     @staticmethod
     def tx_dropped(name: str) -> int:
         """What the device dropped on transmit: for a TUN, packets that found
