@@ -139,8 +139,12 @@ class Kernel:
         link = self.link(name)
         disable_v6 = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
         if os.path.exists(disable_v6):
-            with open(disable_v6, "w") as f:
-                f.write("1")
+            try:
+                with open(disable_v6, "w") as f:
+                    f.write("1")
+            except OSError as e:  # a container's /proc/sys is read-only
+                log.warning("IPv6 stays on %s (%s: %s): what the kernel sends into it, such as router "
+                            "solicitations, is counted as dropped (not_ipv4)", name, disable_v6, e.strerror)
         # A TUN queues 500 packets (an Ethernet device 1000): a burst that
         # arrives while the encap loop waits for a CPU is dropped beyond it.
         self.ipr.link("set", index=link.index, txqlen=TUN_TXQUEUELEN, state="up", **({"mtu": mtu} if mtu else {}))
