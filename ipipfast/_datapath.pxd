@@ -46,5 +46,6 @@ cdef class Worker:
         Datapath dp
         ipf_tx *tx                  # the encap loop's state
         ipf_rx *rx                  # the decap loop's
+        uint32_t mtu_room           # the largest outer MTU its slots and buffer hold
     cdef void wait_quiescent(self) noexcept nogil
     cdef void read(self, ipf_tx_stats *tx, ipf_rx_stats *rx)

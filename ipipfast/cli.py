@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                         "the TUN and every route into it stay, as tunl0 does, for the next run to attach to")
     p.add_argument("--run-dir", type=Path, default=RUN_DIR,
                    help=f"where the control socket <tunnel>.sock goes ({RUN_DIR})")
+    _node_ip_argument(p)
     opts = p.add_argument_group("tunnel options (override the config file's tunnel section, as `ip tunnel` does)")
     opts.add_argument("--ttl", help="inherit | 1-255 (a fixed ttl sets pmtudisc)")
     opts.add_argument("--tos", help="inherit | 0-255")
@@ -52,10 +53,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("check-config", help="validate a config file; errors name the line")
     p.add_argument("path")
+    _node_ip_argument(p)
 
     p = sub.add_parser("down", help="remove ipipfast's TUN (with every route into it), its direct routes and "
                                     "its tc drop from this node")
     p.add_argument("--config", required=True, help="the node's YAML config (names the TUN and the underlay)")
+    _node_ip_argument(p)
 
     show.add_parser(sub)
     p = sub.add_parser("top", help="a running daemon's rates, drops, workers and next hops, live")
@@ -73,15 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         from .config import ConfigError, load_config
         try:
-            cfg = load_config(args.path)
+            cfg = load_config(args.path, node_ip=args.node_ip)
         except ConfigError as e:
             print(e, file=sys.stderr)
             return 1
         except OSError as e:
             print(f"{args.path}: {e.strerror}", file=sys.stderr)
             return 1
-        for w in cfg.warnings:
-            print(f"warning: {w}", file=sys.stderr)
         from .routes import Kind, Source, Table
         table = Table.build({Source.FILE: cfg.routes}, cfg.tunnel.mode, cfg.node.ip)
         direct = table.kinds.count(Kind.DIRECT)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         from .config import ConfigError, load_config
         from .daemon import StartError, down
         try:
-            removed = down(load_config(args.config))
+            removed = down(load_config(args.config, node_ip=args.node_ip))
         except (ConfigError, StartError) as e:
             print(e, file=sys.stderr)
             return 1
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 overrides[k] = int(overrides[k])
         try:
             return run(args.config, args.status_file, overrides, remove_device=args.remove_device,
-                       ready_file=args.ready_file, run_dir=args.run_dir)
+                       ready_file=args.ready_file, run_dir=args.run_dir, node_ip=args.node_ip)
         except (ConfigError, StartError) as e:
             print(e, file=sys.stderr)
             return 1
@@ -120,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in handlers:
         return handlers[args.command](args)
     return 2
+
+
+def _node_ip_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--node-ip", metavar="IP",
+                   help="this node's underlay address, over the file's node.ip (a DaemonSet's status.hostIP: "
+                        "one config for every node); without a prefix length, the interface holding it gives one")
 
 
 if __name__ == "__main__":

@@ -63,9 +63,12 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class NodeConfig:
-    ip: IPv4Interface  # a bare address means /32: CrossSubnet then finds no peer local
-    interface: str
+    # A bare address is /32 until the daemon finds it on an interface (underlay.py),
+    # whose prefix length CrossSubnet then uses.
+    ip: IPv4Interface
+    interface: str | None = None  # None: the interface that holds ip
     pod_cidrs: tuple[IPv4Network, ...] = ()  # this node's pod blocks, registered in etcd
+    prefixlen_given: bool = True  # False for a bare address
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,6 @@ class Config:
     stats: StatsConfig = StatsConfig()
     routes: RouteSet = field(default_factory=RouteSet)  # detail: the line of each route's cidr
     etcd: EtcdConfig | None = None
-    # "source:line: text" for things that parse but are probably not meant; log them.
-    warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
 def read_config_text(path: str | PathLike[str]) -> str:
@@ -159,31 +160,41 @@ def digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
-def load_config(path: str | PathLike[str], tunnel: Mapping[str, Any] | None = None) -> Config:
+def load_config(path: str | PathLike[str], tunnel: Mapping[str, Any] | None = None,
+                node_ip: str | None = None) -> Config:
     """The config in the file at path; `tunnel` overrides keys of its tunnel
     section (the command line's options), checked by the same rules after
-    the file itself is."""
-    return parse_config(read_config_text(path), str(path), tunnel)
+    the file itself is; node_ip (--node-ip) stands for node.ip."""
+    return parse_config(read_config_text(path), str(path), tunnel, node_ip)
 
 
-def parse_config(text: str, source: str = "<config>", tunnel: Mapping[str, Any] | None = None) -> Config:
+def parse_config(text: str, source: str = "<config>", tunnel: Mapping[str, Any] | None = None,
+                 node_ip: str | None = None) -> Config:
     cut = route_lines.cut(text)
+    overrides = _Overrides(tunnel or {}, node_ip)
     if cut is not None:
         try:
-            return _parse(cut.remainder, source, tunnel, cut)
+            return _parse(cut.remainder, source, overrides, cut)
         except (ConfigError, _NotTheRoutes):
             pass  # the whole text through YAML: it decides, and has the words for any error
-    return _parse(text, source, tunnel, None)
+    return _parse(text, source, overrides, None)
+
+
+@dataclass(frozen=True)
+class _Overrides:
+    """What the command line says over the file."""
+    tunnel: Mapping[str, Any]
+    node_ip: str | None
 
 
 class _NotTheRoutes(Exception):
     """The lines read as routes were not the top-level routes key's value."""
 
 
-def _parse(text: str, source: str, tunnel: Mapping[str, Any] | None, cut: route_lines.Cut | None) -> Config:
+def _parse(text: str, source: str, overrides: _Overrides, cut: route_lines.Cut | None) -> Config:
     events = Events(text)
     try:
-        return _read(events, _Reader(source), tunnel, cut)
+        return _read(events, _Reader(source), overrides, cut)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         context = f" ({e.context})" if e.context else ""
@@ -195,10 +206,12 @@ def _parse(text: str, source: str, tunnel: Mapping[str, Any] | None, cut: route_
         events.close()
 
 
-def _read(events: Events, reader: _Reader, tunnel: Mapping[str, Any] | None, cut: route_lines.Cut | None) -> Config:
+def _read(events: Events, reader: _Reader, overrides: _Overrides, cut: route_lines.Cut | None) -> Config:
     first = events.root()
     if first is None:
-        raise ConfigError(reader.source, None, "the config is empty; it needs at least node.ip and node.interface")
+        if not overrides.node_ip:
+            raise ConfigError(reader.source, None, "the config is empty; it needs at least node.ip")
+        return reader.config(yaml.MappingNode(_MAP_TAG, []), None, overrides)
     routes: _Routes | None = None
     if isinstance(first, yaml.MappingStartEvent) and first.anchor is None and first.tag is None:
         root = yaml.MappingNode(_MAP_TAG, [], first.start_mark, None, flow_style=first.flow_style)
@@ -220,7 +233,7 @@ def _read(events: Events, reader: _Reader, tunnel: Mapping[str, Any] | None, cut
     if cut is not None and routes is None:
         raise _NotTheRoutes()
     events.end()
-    return reader.config(root, routes, tunnel)
+    return reader.config(root, routes, overrides)
 
 
 class _Representer(SafeRepresenter):
@@ -243,7 +256,7 @@ def config_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> Config:
         root = _Representer().represent_data(dict(d))
     except RepresenterError as e:  # args: (message, offending object)
         raise ConfigError(source, None, f"{e.args[0]}: {e.args[-1]!r}") from None
-    return _Reader(source).config(root, None, None)
+    return _Reader(source).config(root, None, _Overrides({}, None))
 
 
 def _line(node: yaml.Node) -> int | None:
@@ -281,13 +294,9 @@ class _Reader:
     def __init__(self, source: str) -> None:
         self.source = source
         self.constructor = yaml.constructor.SafeConstructor()
-        self.warnings: list[str] = []
 
     def error(self, node: yaml.Node, reason: str) -> ConfigError:
         return ConfigError(self.source, _line(node), reason)
-
-    def warn(self, node: yaml.Node, reason: str) -> None:
-        self.warnings.append(str(self.error(node, reason)))
 
     # -- generic shapes ------------------------------------------------------
 
@@ -368,12 +377,13 @@ class _Reader:
 
     # -- sections ------------------------------------------------------------
 
-    def config(self, root: yaml.Node, streamed: _Routes | None, overrides: Mapping[str, Any] | None) -> Config:
-        top = self.mapping(root, "", ("node", "tunnel", "kernel", "stats", "routes", "etcd"), required=("node",))
+    def config(self, root: yaml.Node, streamed: _Routes | None, overrides: _Overrides) -> Config:
+        top = self.mapping(root, "", ("node", "tunnel", "kernel", "stats", "routes", "etcd"),
+                           required=() if overrides.node_ip else ("node",))
         tunnel = self.tunnel(top.get("tunnel"))
-        if overrides:
-            tunnel = self.overridden(top.get("tunnel"), overrides)
-        node = self.node(top["node"], tunnel.mode)
+        if overrides.tunnel:
+            tunnel = self.overridden(top.get("tunnel"), overrides.tunnel)
+        node = self.node(top.get("node"), overrides.node_ip)
         section = top.get("routes")
         if section is not None and section.tag == _STREAMED:
             assert streamed is not None
@@ -387,7 +397,6 @@ class _Reader:
             stats=self.stats(top.get("stats")),
             routes=routes.finish(self, node),
             etcd=self.etcd(top.get("etcd")),
-            warnings=tuple(self.warnings),
         )
 
     def overridden(self, section: yaml.Node | None, overrides: Mapping[str, Any]) -> TunnelConfig:
@@ -396,25 +405,29 @@ class _Reader:
         node = _Representer().represent_data({**d, **overrides})
         return _Reader(f"{self.source} with {' '.join(f'--{k}' for k in overrides)}").tunnel(node)
 
-    def node(self, section: yaml.Node, mode: Mode) -> NodeConfig:
-        m = self.mapping(section, "node", ("ip", "interface", "pod_cidrs"), required=("ip", "interface"))
-        text = self.string(m["ip"], "node.ip")
+    def node(self, section: yaml.Node | None, node_ip: str | None) -> NodeConfig:
+        m = self.mapping(section, "node", ("ip", "interface", "pod_cidrs"), required=() if node_ip else ("ip",))
+        if node_ip is None:
+            ip, given = self.node_ip(self.string(m["ip"], "node.ip"), m["ip"])
+        else:
+            ip, given = _Reader(f"{self.source} with --node-ip").node_ip(node_ip, None)
+        interface = self.ifname(m["interface"], "node.interface") if "interface" in m else None
+        return NodeConfig(ip=ip, interface=interface, pod_cidrs=self.pod_cidrs(m.get("pod_cidrs"), ip),
+                          prefixlen_given=given)
+
+    def node_ip(self, text: str, node: yaml.Node | None) -> tuple[IPv4Interface, bool]:
+        """node.ip (or --node-ip, at node None), and whether it has a prefix length."""
+        def error(reason: str) -> ConfigError:
+            return ConfigError(self.source, None, reason) if node is None else self.error(node, reason)
         try:
             ip = IPv4Interface(text)
         except ValueError as e:
-            raise self.error(m["ip"], f"node.ip: invalid IPv4 address {text!r}: {e}") from None
+            raise error(f"node.ip: invalid IPv4 address {text!r}: {e}") from None
         try:
             check_unicast(ip.ip, "node.ip")
         except ValueError as e:
-            raise self.error(m["ip"], str(e)) from None
-        if "/" not in text and mode is Mode.CROSS_SUBNET:
-            self.warn(
-                m["ip"],
-                f"node.ip {text} has no prefix length, so it is /32 and CrossSubnet encapsulates to every peer;"
-                f" give the underlay subnet (e.g. {text}/24) to reach same-subnet peers directly",
-            )
-        return NodeConfig(ip=ip, interface=self.ifname(m["interface"], "node.interface"),
-                          pod_cidrs=self.pod_cidrs(m.get("pod_cidrs"), ip))
+            raise error(str(e)) from None
+        return ip, "/" in text
 
     def pod_cidrs(self, section: yaml.Node | None, ip: IPv4Interface) -> tuple[IPv4Network, ...]:
         cidrs: dict[IPv4Network, yaml.Node] = {}

@@ -21,7 +21,7 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 from . import _datapath, heap, metrics, tc_drops
-from .config import Config, ConfigError, digest, parse_config, read_config_text
+from .config import Config, ConfigError, NodeConfig, digest, parse_config, read_config_text
 from .control import RUN_DIR, ControlServer, socket_path
 from .counters import Snapshot, to_json
 from .icmp import IcmpErrors
@@ -33,6 +33,7 @@ from .routes import DatapathEntries, Kind, Table
 from .routing import RTPROT_IPIPFAST, Routing
 from .service import Service
 from .tun import open_tun
+from .underlay import UnderlayError, find_underlay
 from .wake_pipe import WakePipe
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,11 @@ class StartError(RuntimeError):
 class Daemon:
     def __init__(self, config: Config, config_path: str | None = None,
                  status_file: str | None = None, overrides: dict | None = None,
-                 remove_device: bool = False, ready_file: str | None = None, run_dir: Path = RUN_DIR) -> None:
+                 remove_device: bool = False, ready_file: str | None = None, run_dir: Path = RUN_DIR,
+                 node_ip: str | None = None) -> None:
         self.config = config
+        self.node_as_read = config.node  # config.node is completed from the kernel at start
+        self.node_ip = node_ip  # run --node-ip, over the file's node.ip at every read
         self.service = Service(self.healthy, ready_file)
         self.remove_device = remove_device  # at exit, remove what this run created (run --remove-device)
         self.config_path = config_path
@@ -127,6 +131,7 @@ class Daemon:
         cfg = self.config
         if ipip_module_loaded():
             raise StartError(IPIP_MODULE_LOADED)
+        cfg = self.config = replace(cfg, node=_underlay_node(self.kernel, cfg))
         self.underlay: Link = self.kernel.link(cfg.node.interface)
         if cfg.tunnel.mtu and cfg.tunnel.mtu + 20 > self.underlay.mtu:
             raise ConfigError("<config>", None, f"tunnel.mtu {cfg.tunnel.mtu} + 20 exceeds the underlay MTU "
@@ -161,8 +166,12 @@ class Daemon:
         except OSError as e:  # NetlinkError is an OSError too
             log.warning("tc drops not attached (%s): the kernel also processes every IPIP frame, which costs "
                         "CPU, and IPIP that pods send leaves the node unchecked", e)
+        self.outer_mtu = self.underlay.mtu  # what the datapath sends at most (see _follow_mtus)
         self.routing = Routing(self.tun.index, self.underlay.index, cfg.node.ip, cfg.tunnel.mode,
                                cfg.kernel.learn, cfg.kernel.resync, self.config_path, self.wake.set)
+        # Link notifications tell every MTU change from here on; one made
+        # before the subscription is read now.
+        self._follow_mtus({link.index: link.mtu for link in map(self.kernel.link, (self.underlay.name, self.tun.name))})
         self.routing.set_file(cfg.routes)
         self._reconcile()  # the first dump of the kernel's routes, the table, our routes
         heap.trim()  # what parsing the file and the dump left
@@ -320,7 +329,7 @@ class Daemon:
                 log.info("reload: %s is unchanged", self.config_path)
                 new = None
             else:
-                new = parse_config(text, self.config_path, self.overrides)
+                new = parse_config(text, self.config_path, self.overrides, self.node_ip)
         except ConfigError as e:
             self.reloads["refused"] += 1
             log.error("reload refused, keeping the running table: %s", e)
@@ -338,11 +347,10 @@ class Daemon:
     def _take(self, new: Config) -> None:
         """The routes and the mode of a new config; the rest needs a restart."""
         assert self.routing is not None
-        for w in new.warnings:
-            log.warning("%s", w)
         changed = [f.name for f in dataclasses.fields(new.tunnel)
                    if f.name != "mode" and getattr(new.tunnel, f.name) != getattr(self.config.tunnel, f.name)]
-        changed += [name for name in ("node", "kernel", "stats") if getattr(new, name) != getattr(self.config, name)]
+        changed += [name for name in ("kernel", "stats") if getattr(new, name) != getattr(self.config, name)]
+        changed += ["node"] if new.node != self.node_as_read else []
         if changed:
             log.warning("reload: %s change only on restart; the routes and the mode are reloaded",
                         ", ".join(changed))
@@ -361,6 +369,7 @@ class Daemon:
         packet reaches the TUN before its entry."""
         assert self.routing is not None
         self.routing.take_kernel()
+        self._follow_mtus(self.routing.take_mtus())
         table = self.routing.build()
         moved = self.routing.resolve()
         if table is not None or any(int(p) in moved for p in self.plan.encapsulated):
@@ -370,6 +379,34 @@ class Daemon:
                 self._resolve_nexthops(self.plan)
                 self._push_table()
         self.routing.program()
+
+    def _follow_mtus(self, mtus: dict[int, int]) -> None:
+        """MTUs of the underlay and the TUN that changed while running. The
+        underlay's is the largest outer packet: the datapath sends no larger
+        one from then on (a raise stops at what its rings' slots hold). The
+        TUN's is the inner MTU, someone else's to set (felix sets tunl0's):
+        taken as it is."""
+        assert self.datapath is not None
+        underlay, tun = mtus.get(self.underlay.index, self.underlay.mtu), mtus.get(self.tun.index, self.tun.mtu)
+        if underlay == self.underlay.mtu and tun == self.tun.mtu:
+            return
+        if underlay != self.underlay.mtu:
+            old, self.outer_mtu = self.underlay.mtu, self.datapath.set_mtu(underlay)
+            self.underlay = replace(self.underlay, mtu=underlay)
+            if self.outer_mtu < underlay:
+                log.warning("%s: MTU %d -> %d, but the tunnel sends outer packets up to %d bytes only, what its "
+                            "rings' slots (sized for the MTU at start) hold, until a restart", self.underlay.name,
+                            old, underlay, self.outer_mtu)
+            else:
+                log.info("%s: MTU %d -> %d: outer packets up to %d bytes", self.underlay.name, old, underlay,
+                         underlay)
+        if tun != self.tun.mtu:
+            log.info("%s: MTU %d -> %d", self.tun.name, self.tun.mtu, tun)
+            self.tun = replace(self.tun, mtu=tun)
+        if self.tun.mtu + 20 > self.outer_mtu:
+            log.warning("%s's MTU %d does not fit in the underlay's %d: inner packets over %d bytes are answered "
+                        "with fragmentation needed when they have DF, and dropped (too_big) when not",
+                        self.tun.name, self.tun.mtu, self.outer_mtu, self.outer_mtu - 20)
 
     def _route_totals(self) -> tuple[int, int]:
         """(encapsulated, direct) routes in the table."""
@@ -509,6 +546,8 @@ class Daemon:
             "last_reload": self.last_reload,
             "csum_offload": self.csum_offload,
             "ring_frames": self.ring_frames,
+            # The TUN's (the inner MTU), the underlay's, and the largest outer packet the datapath sends.
+            "mtu": {"tun": self.tun.mtu, "underlay": self.underlay.mtu, "outer": self.outer_mtu},
             "routes_encapsulated": enc,
             "routes_direct": direct,
             "table": {"generation": self.generation, "published": list(self.published),
@@ -551,16 +590,24 @@ class Daemon:
             self._write_status()
 
 
+def _underlay_node(kernel: Kernel, config: Config) -> NodeConfig:
+    """config.node with the underlay's interface and prefix length found."""
+    try:
+        return find_underlay(config.node, kernel.holders(config.node.ip.ip), config.tunnel.mode)
+    except UnderlayError as e:
+        raise StartError(str(e)) from None
+
+
 def run(config_path: str, status_file: str | None = None, overrides: dict | None = None,
-        remove_device: bool = False, ready_file: str | None = None, run_dir: Path = RUN_DIR) -> int:
-    """Runs the node in config_path; overrides: tunnel options from the command line."""
+        remove_device: bool = False, ready_file: str | None = None, run_dir: Path = RUN_DIR,
+        node_ip: str | None = None) -> int:
+    """Runs the node in config_path; overrides: tunnel options from the
+    command line; node_ip: its --node-ip."""
     heap.keep_big_blocks_mapped()
     text = read_config_text(config_path)
-    config = parse_config(text, config_path, overrides)
-    for w in config.warnings:
-        log.warning("%s", w)
+    config = parse_config(text, config_path, overrides, node_ip)
     daemon = Daemon(config, config_path, status_file, overrides, remove_device=remove_device,
-                    ready_file=ready_file, run_dir=run_dir)
+                    ready_file=ready_file, run_dir=run_dir, node_ip=node_ip)
     daemon.config_digest = digest(text)
     return daemon.run_forever()
 
@@ -573,7 +620,7 @@ def down(config: Config) -> list[str]:
     kernel = Kernel()
     removed: list[str] = []
     try:
-        underlay = kernel.link(config.node.interface)
+        underlay = kernel.link(_underlay_node(kernel, config).interface)
         try:
             tun: Link | None = kernel.link(config.tunnel.name)
         except LookupError:

@@ -102,6 +102,12 @@ class Kernel:
         mac = msg.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00"
         return Link(msg["index"], name, bytes.fromhex(mac.replace(":", "")), msg.get_attr("IFLA_MTU"))
 
+    def holders(self, ip: IPv4Address) -> list[tuple[str, int]]:
+        """(interface, prefix length) of each IPv4 address ip on this node."""
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in self.ipr.get_links()}
+        return [(names[m["index"]], m["prefixlen"]) for m in self.ipr.get_addr(family=socket.AF_INET)
+                if m.get_attr("IFA_LOCAL") == str(ip) and m["index"] in names]
+
     @staticmethod
     def tx_dropped(name: str) -> int:
         """What the device dropped on transmit: for a TUN, packets that found
@@ -132,8 +138,12 @@ class Kernel:
         link = self.link(name)
         disable_v6 = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
         if os.path.exists(disable_v6):
-            with open(disable_v6, "w") as f:
-                f.write("1")
+            try:
+                with open(disable_v6, "w") as f:
+                    f.write("1")
+            except OSError as e:  # a container's /proc/sys is read-only
+                log.warning("IPv6 stays on %s (%s: %s): what the kernel sends into it, such as router "
+                            "solicitations, is counted as dropped (not_ipv4)", name, disable_v6, e.strerror)
         # A TUN queues 500 packets (an Ethernet device 1000): a burst that
         # arrives while the encap loop waits for a CPU is dropped beyond it.
         self.ipr.link("set", index=link.index, txqlen=TUN_TXQUEUELEN, state="up", **({"mtu": mtu} if mtu else {}))

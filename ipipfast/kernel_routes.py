@@ -181,6 +181,7 @@ class KernelRoutes:
         self.loaded = False
         # The TUN's and the underlay's flags and MTU, as the link notifications tell (0: not told yet).
         self.links: dict[int, tuple[int, int]] = {tun: (rtnl.IFF_UP, 0), underlay: (rtnl.IFF_UP, 0)}
+        self.mtus: dict[int, int] = {}  # MTUs told since the daemon last took them, by ifindex
 
     # ---- the kernel route source ---------------------------------------------------
 
@@ -279,8 +280,8 @@ class KernelRoutes:
             return False
         (old_flags, old_mtu), now = self.links[msg.index], (msg.flags if msg.new else 0, msg.mtu)
         self.links[msg.index] = now
-        if old_mtu and now[1] != old_mtu:
-            log.info("%s: MTU %d -> %d", msg.name or msg.index, old_mtu, now[1])
+        if msg.new and msg.mtu and msg.mtu != old_mtu:
+            self.mtus[msg.index] = msg.mtu
         return bool((old_flags ^ now[0]) & rtnl.IFF_UP)
 
     def _apply(self, st: _State, blocked: set[int], msg: rtnl.RouteMsg) -> None:

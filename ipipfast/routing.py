@@ -112,6 +112,12 @@ class Routing:
             self.mirror.own_changed = set()
             self._dirty |= bool(self.mirror.foreign_changed) and self.learn
 
+    def take_mtus(self) -> dict[int, int]:
+        """The TUN's and the underlay's MTUs (by ifindex) that link
+        notifications told since the last call."""
+        mtus, self.mirror.mtus = self.mirror.mtus, {}
+        return mtus
+
     def next_resync(self) -> float:
         """When the next dump is due (monotonic seconds)."""
         return self._next_resync

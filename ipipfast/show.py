@@ -28,9 +28,14 @@ def add_target_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Prints the answer; exits 1 when no daemon answers, or (but for
+    `routes` and `peers`) when it is not ready: a readiness probe."""
     try:
         path = pick(args)
-        answer = _ask(path, args.what)
+        answer, ready = _ask(path, args.what)
+    except TimeoutError:
+        print("ipipfast show: the daemon did not answer in time: starting, or stuck", file=sys.stderr)
+        return 1
     except (NoDaemon, ControlError, PermissionError, LookupError) as e:
         print(f"ipipfast show: {e}", file=sys.stderr)
         return 1
@@ -38,6 +43,9 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(answer, indent=2))
     else:
         print(_TEXT[args.what](answer), end="")
+    if not ready:
+        print(f"ipipfast show: {answer['tunnel']} is not ready", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -58,15 +66,18 @@ def pick(args: argparse.Namespace) -> Path:
     return found[0]
 
 
-def _ask(path: Path, what: str | None) -> dict:
+def _ask(path: Path, what: str | None) -> tuple[dict, bool]:
+    """The answer, and whether the daemon says it is ready (routes and
+    peers do not ask: True)."""
     if what == "routes":
-        return request(path, "routes")
+        return request(path, "routes"), True
     if what == "peers":
-        return peers(request(path, "routes"))
+        return peers(request(path, "routes")), True
     status = request(path, "status")
     if what == "counters":
-        return {"tunnel": status["tunnel"], "generation": status["generation"], "counters": status["counters"]}
-    return {**status, "routes": request(path, "routes")["routes"]}
+        return {"tunnel": status["tunnel"], "generation": status["generation"], "ready": status["ready"],
+                "counters": status["counters"]}, status["ready"]
+    return {**status, "routes": request(path, "routes")["routes"]}, status["ready"]
 
 
 def peers(routes: dict) -> dict:
@@ -95,6 +106,12 @@ def hop_text(r: dict) -> str:
 
 def mtu_text(r: dict) -> str:
     return str(r["path_mtu"]) if r["path_mtu"] else "-"
+
+
+def _mtu_text(mtu: dict) -> str:
+    """The TUN's (inner) and the underlay's MTU, and the outer limit where it is lower."""
+    out = f"{mtu['tun']} inner (the TUN's), {mtu['underlay']} underlay"
+    return out + (f", outer packets up to {mtu['outer']} (until a restart)" if mtu["outer"] < mtu["underlay"] else "")
 
 
 def _routes_text(answer: dict) -> str:
@@ -135,7 +152,8 @@ def _status_text(answer: dict) -> str:
     r = answer["reloads"]
     head = (f"tunnel {answer['tunnel']}: pid {answer['pid']}, {'ready' if answer['ready'] else 'starting'}, "
             f"mode {answer['mode']}, table generation {answer['generation']}, "
-            f"reloads: {r['applied']} applied, {r['refused']} refused\n\n")
+            f"reloads: {r['applied']} applied, {r['refused']} refused\n"
+            f"mtu: {_mtu_text(answer['mtu'])}\n\n")
     routes = {"tunnel": answer["tunnel"], "generation": answer["generation"], "routes": answer["routes"]}
     return head + _routes_text(routes) + "\n" + _counters_text(answer)
 

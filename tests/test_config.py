@@ -63,8 +63,9 @@ GOOD = [
             routes=routes(("198.19.1.0/24", "198.18.0.11"), ("198.19.2.0/26", "198.18.1.12")),
         ),
     ),
-    ("bare-ip-is-/32", "node: {ip: 198.18.0.10, interface: eth0}\n",
-     Config(node=NodeConfig(IPv4Interface("198.18.0.10/32"), "eth0"))),
+    ("bare-ip-is-/32-until-found", "node: {ip: 198.18.0.10, interface: eth0}\n",
+     Config(node=NodeConfig(IPv4Interface("198.18.0.10/32"), "eth0", prefixlen_given=False))),
+    ("interface-optional", "node: {ip: 198.18.0.10/24}\n", Config(node=NodeConfig(IPv4Interface("198.18.0.10/24")))),
     ("empty-sections", NODE + "tunnel:\nstats:\nroutes:\n", Config(node=DEFAULT_NODE)),
     ("fixed-ttl-forces-pmtudisc", NODE + "tunnel: {ttl: 64}\n",
      Config(node=DEFAULT_NODE, tunnel=TunnelConfig(ttl=64, pmtudisc=True))),
@@ -124,7 +125,7 @@ BAD = [
     ("non-string-key", NODE + "tunnel:\n  1: 2\n", 5, "keys must be strings, got int 1"),
     ("duplicate-key", NODE + "tunnel:\n  mtu: 1400\n  mtu: 1300\n", 6, "duplicate key 'mtu' in tunnel (first on line 5)"),
     ("missing-node", "# comment\n\ntunnel:\n  mode: Always\n", 3, "missing required key 'node' at the top level"),
-    ("missing-interface", "tunnel: {}\nnode:\n  ip: 198.18.0.10\n", 3, "missing required key 'interface' in node"),
+    ("missing-ip", "tunnel: {}\nnode:\n  interface: eth0\n", 3, "missing required key 'ip' in node"),
     ("missing-via", NODE + "routes:\n  - cidr: 198.19.1.0/24\n", 5, "missing required key 'via' in routes[0]"),
     ("node-null", "node:\n", 1, "node: expected a mapping, got null"),
     ("tunnel-scalar", NODE + "tunnel: fast\n", 4, "tunnel: expected a mapping, got string 'fast'"),
@@ -240,7 +241,7 @@ def test_empty_config_has_no_line() -> None:
     with pytest.raises(ConfigError) as e:
         parse_config("# only a comment\n", "c.yaml")
     assert e.value.line is None
-    assert str(e.value) == "c.yaml: the config is empty; it needs at least node.ip and node.interface"
+    assert str(e.value) == "c.yaml: the config is empty; it needs at least node.ip"
 
 
 def test_etcd_tls(tmp_path: Path) -> None:
@@ -259,19 +260,27 @@ def test_config_error_is_a_value_error() -> None:
 
 
 @pytest.mark.parametrize(
-    "text, warned",
+    "file, node_ip, expected",
     [
-        ("node: {ip: 198.18.0.10, interface: eth0}\ntunnel: {mode: CrossSubnet}\n", True),
-        ("node: {ip: 198.18.0.10/32, interface: eth0}\ntunnel: {mode: CrossSubnet}\n", False),
-        ("node: {ip: 198.18.0.10, interface: eth0}\ntunnel: {mode: Always}\n", False),
+        ("node: {interface: eth0}\n", "198.18.0.10", NodeConfig(IPv4Interface("198.18.0.10"), "eth0",
+                                                                prefixlen_given=False)),
+        ("tunnel: {name: tunl0}\n", "198.18.0.10/24", NodeConfig(IPv4Interface("198.18.0.10/24"))),
+        ("# all defaults\n", "198.18.0.10/24", NodeConfig(IPv4Interface("198.18.0.10/24"))),
+        ("node: {ip: 198.18.0.99/24, interface: eth0}\n", "198.18.0.10", NodeConfig(IPv4Interface("198.18.0.10"),
+                                                                                    "eth0", prefixlen_given=False)),
     ],
-    ids=["cross-subnet-bare-ip", "cross-subnet-explicit-32", "always-bare-ip"],
+    ids=["ip-from-the-command-line", "no-node-section", "empty-file", "over-the-file"],
 )
-def test_warns_when_cross_subnet_node_has_no_prefix(text: str, warned: bool) -> None:
-    warnings = parse_config(text, "c.yaml").warnings
-    assert bool(warnings) == warned
-    if warned:
-        assert warnings[0].startswith("c.yaml:1: node.ip 198.18.0.10 has no prefix length")
+def test_node_ip_from_the_command_line(file: str, node_ip: str, expected: NodeConfig) -> None:
+    assert parse_config(file, "c.yaml", node_ip=node_ip).node == expected
+
+
+def test_a_bad_node_ip_names_the_option() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config("node: {interface: eth0}\n", "c.yaml", node_ip="198.18.0.300")
+    assert str(e.value).startswith("c.yaml with --node-ip: node.ip: invalid IPv4 address '198.18.0.300'")
+    with pytest.raises(ConfigError, match="loopback"):
+        parse_config("", "c.yaml", node_ip="127.0.0.1")
 
 
 def test_load_config(tmp_path: Path) -> None:
@@ -317,7 +326,7 @@ def test_config_from_dict_matches_yaml() -> None:
     "d, reason",
     [
         ({"node": {"ip": "198.18.0.10", "interface": "eth0"}, "tunnel": {"mtu": "1400"}}, "tunnel.mtu: expected an integer"),
-        ({"node": {"ip": "198.18.0.10"}}, "missing required key 'interface' in node"),
+        ({"node": {"interface": "eth0"}}, "missing required key 'ip' in node"),
         ({"node": {"ip": object(), "interface": "eth0"}}, "cannot represent an object"),
         (
             {"node": {"ip": "198.18.0.10", "interface": "eth0"},
@@ -417,7 +426,7 @@ def test_route_lines_read_what_yaml_reads(section: str, taken: bool) -> None:
     for text in (NODE + section, section + NODE.replace("\r", "")):
         assert (cut(text) is not None) == taken, text
         try:
-            want = config_module._parse(text, "c.yaml", None, None)
+            want = config_module._parse(text, "c.yaml", config_module._Overrides({}, None), None)
         except ConfigError as e:
             with pytest.raises(ConfigError) as got:
                 parse_config(text, "c.yaml")

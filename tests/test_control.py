@@ -113,6 +113,25 @@ def test_show_without_a_daemon_says_so_in_one_line(tmp_path: Path) -> None:
         assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("ipipfast show: no "), (args, r.stderr)
 
 
+def test_show_fails_unless_the_daemon_is_ready(tmp_path: Path) -> None:
+    """As a readiness probe: a daemon that says it is not ready (stopping),
+    or has its socket but does not answer yet (starting), fails the show."""
+    state = {"tunnel": "t0", "generation": 1, "ready": False, "counters": {}}
+    srv = ControlServer(tmp_path / "t0.sock", {"status": lambda: state})
+    try:
+        r = ipipfast("show", "counters", "--json", "--run-dir", str(tmp_path))
+        assert (r.returncode, r.stdout) == (1, "") and "did not answer in time" in r.stderr, r.stderr
+        srv.serve()
+        r = ipipfast("show", "counters", "--json", "--run-dir", str(tmp_path))
+        assert r.returncode == 1 and r.stderr == "ipipfast show: t0 is not ready\n", r.stderr
+        assert json.loads(r.stdout)["ready"] is False
+        state["ready"] = True
+        r = ipipfast("show", "counters", "--json", "--run-dir", str(tmp_path))
+        assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    finally:
+        srv.close()
+
+
 def test_show_asks_for_a_tunnel_when_several_run(tmp_path: Path) -> None:
     servers = [ControlServer(tmp_path / f"{name}.sock", {}) for name in ("t0", "t1")]
     try:
@@ -177,6 +196,7 @@ class TestLive:
         assert r.returncode == 0, r.stderr
         first = r.stdout.splitlines()[0]
         assert first.startswith(f"tunnel {tb.prefix}t0: pid {ta.proc.pid}, ready, mode Always, table generation ")
+        assert r.stdout.splitlines()[1] == "mtu: 1480 inner (the TUN's), 1500 underlay"
         route = next(ln.split() for ln in r.stdout.splitlines() if ln.strip().startswith(n1.pod_cidr))
         assert route[1:3] == [n1.ip, "encapsulated"] and route[-1] == "file"
         assert any(ln.strip().startswith("tx: ") for ln in r.stdout.splitlines())

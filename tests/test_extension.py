@@ -18,6 +18,6 @@ def test_the_node_extension_holds_no_test_entry_point():
 def test_the_datapath_api_is_what_the_daemon_uses():
     def public(cls: type) -> set[str]:
         return {n for n in dir(cls) if not n.startswith("_")}
-    assert public(_datapath.Datapath) == {"add_workers", "send_icmp_error", "set_peer_pmtu", "set_table",
+    assert public(_datapath.Datapath) == {"add_workers", "send_icmp_error", "set_mtu", "set_peer_pmtu", "set_table",
                                          "sink_fileno", "snapshot", "stop"}
     assert public(_datapath.Worker) == {"ring_frames", "run_decap", "run_encap"}

@@ -109,6 +109,24 @@ cdef class Datapath:
             ipf_table_free(old)
             return self.generation
 
+    def set_mtu(self, int mtu):
+        """Sets the underlay's MTU, the largest outer packet, while the
+        loops run (each reads it per packet). A raise stops at what every
+        worker's ring slots hold, which were sized for the MTU at start.
+        Returns the MTU now in force."""
+        cdef Worker w
+        cdef uint32_t applied
+        if not 68 <= mtu <= 65535:
+            raise ValueError(f"mtu {mtu} out of range 68..65535")
+        applied = mtu
+        with self.lock:
+            for w in self.workers:
+                applied = min(applied, w.mtu_room)
+            self.tn.mtu = applied
+            for w in self.workers:
+                ipf_store_u32(&w.tx.tn.mtu, applied)
+            return applied
+
     def set_peer_pmtu(self, str peer, uint32_t mtu):
         """Sets a peer's path MTU, learned from fragmentation-needed (0:
         forget it), in the running table; False when the peer is unknown."""
@@ -201,6 +219,11 @@ cdef class Worker:
         self.rx.coalesce_us = dp.coalesce_us
         open_tx(self.tx, dp.ifindex, dp.mtu, dp.mark)
         open_rx(self.rx, dp.ifindex, dp.mtu, dp.ring_frames, dp.fanout_id | (fanout_mode << 16))
+        # Slots and buffer are sized for the MTU at start, rounded up: the
+        # outer MTU may be raised up to what they hold (set_mtu).
+        self.mtu_room = min(tx_slot_mtu(self.tx), rx_slot_mtu(self.rx))
+        if not dp.vnet:  # an inner packet is read whole into the buffer
+            self.mtu_room = min(self.mtu_room, self.tx.buf_size - HEADROOM + IPF_IP_HLEN)
 
     def __dealloc__(self):
         if self.tx != NULL:

@@ -5,6 +5,9 @@
 cdef enum:
     # Frame space before the MAC header in a TPACKET_V2 ring slot.
     RING_MAC_ROOM = 128
+    # An Ethernet header and a VLAN tag: what a slot holds beyond the
+    # outer packet (as tpacket_snd allows beyond the device's MTU).
+    ETH_VLAN_HLEN = 18
     RING_BLOCK = 1 << 16
     # Frames in a worker's TX ring: a kick sends all that are queued, and
     # on veth they are free again before it returns. 1 MB of slots stays in
@@ -103,12 +106,17 @@ cdef int open_tx(ipf_tx *tx, int ifindex, int mtu, uint32_t mark) except -1:
     check(c.setsockopt(tx.fd, c.SOL_PACKET, c.PACKET_LOSS, &one, sizeof(one)), "PACKET_LOSS")
     tx.data_off = c.TPACKET2_HDRLEN - sizeof(c.sockaddr_ll)
     map_ring(&tx.ring, tx.fd, c.PACKET_TX_RING, "PACKET_TX_RING",
-             pow2_at_least(tx.data_off + IPF_VNET_HLEN + 18 + mtu), TX_FRAMES)
+             pow2_at_least(tx.data_off + IPF_VNET_HLEN + ETH_VLAN_HLEN + mtu), TX_FRAMES)
     memset(&sll, 0, sizeof(sll))
     sll.sll_family = c.AF_PACKET
     sll.sll_ifindex = ifindex
     check(c.bind(tx.fd, <c.sockaddr *>&sll, sizeof(sll)), "bind tx socket")
     return 0
+
+
+cdef uint32_t tx_slot_mtu(const ipf_tx *tx) noexcept nogil:
+    """The largest outer packet a slot of tx's ring holds."""
+    return tx.ring.frame_size - tx.data_off - IPF_VNET_HLEN - ETH_VLAN_HLEN
 
 
 cdef int open_rx(ipf_rx *rx, int ifindex, int mtu, int ring_frames, int fanout) except -1:
@@ -138,7 +146,7 @@ cdef int open_rx(ipf_rx *rx, int ifindex, int mtu, int ring_frames, int fanout) 
     # as ours with csum_offload, over veth), or verified by the NIC.
     v = 1
     rx.ring_vnet = c.setsockopt(rx.fd, c.SOL_PACKET, c.PACKET_VNET_HDR, &v, sizeof(v)) == 0
-    map_ring(&rx.ring, rx.fd, c.PACKET_RX_RING, "PACKET_RX_RING", pow2_at_least(RING_MAC_ROOM + mtu + 18),
+    map_ring(&rx.ring, rx.fd, c.PACKET_RX_RING, "PACKET_RX_RING", pow2_at_least(RING_MAC_ROOM + mtu + ETH_VLAN_HLEN),
              ring_frames)
     # An open train keeps its slots from the kernel, which drops a frame
     # when the slot at its head is still ours: only a ring many trains
@@ -167,6 +175,11 @@ cdef int open_rx(ipf_rx *rx, int ifindex, int mtu, int ring_frames, int fanout) 
         r = c.setsockopt(rx.fd, c.SOL_PACKET, c.PACKET_FANOUT, &v, sizeof(v))
     check(r, "PACKET_FANOUT")
     return 0
+
+
+cdef uint32_t rx_slot_mtu(const ipf_rx *rx) noexcept nogil:
+    """The largest outer packet a slot of rx's ring holds whole."""
+    return rx.ring.frame_size - RING_MAC_ROOM - ETH_VLAN_HLEN
 
 
 cdef int open_sink() except -1:

@@ -22,14 +22,21 @@ typedef struct {
     uint8_t tos_inherit;
     uint8_t df_fixed;      /* pmtudisc: DF always set */
     uint8_t df_inherit;    /* !ignore_df: DF copied from the inner */
-    uint32_t mtu;          /* largest outer IPv4 packet the underlay carries */
+    uint32_t mtu;          /* largest outer IPv4 packet the underlay carries: the
+                              control thread changes it while the loops run */
 } ipf_tunnel;
+
+/* The largest outer packet the underlay carries now. */
+static inline uint32_t ipf_link_mtu(const ipf_tunnel *tn)
+{
+    return __atomic_load_n(&tn->mtu, __ATOMIC_RELAXED);
+}
 
 /* The largest outer packet toward peer: its path MTU when one was learned. */
 static inline uint32_t ipf_peer_mtu(const ipf_tunnel *tn, const ipf_peer *p)
 {
-    uint32_t pmtu = __atomic_load_n(&p->pmtu, __ATOMIC_RELAXED);
-    return pmtu && pmtu < tn->mtu ? pmtu : tn->mtu;
+    uint32_t pmtu = __atomic_load_n(&p->pmtu, __ATOMIC_RELAXED), link = ipf_link_mtu(tn);
+    return pmtu && pmtu < link ? pmtu : link;
 }
 
 /* Checks an inner packet read from the TUN and finds its peer. On success
@@ -57,7 +64,7 @@ static inline int ipf_encap_classify(const ipf_table *t, const ipf_tunnel *tn, c
     if (!p->has_mac)
         return IPF_TX_NO_NEIGH;
     if (!gso && tot + IPF_IP_HLEN > ipf_peer_mtu(tn, p) &&
-        (tot + IPF_IP_HLEN > tn->mtu || (ipf_get16(pkt + 6) & IPF_IP_DF)))
+        (tot + IPF_IP_HLEN > ipf_link_mtu(tn) || (ipf_get16(pkt + 6) & IPF_IP_DF)))
         return IPF_TX_TOO_BIG;
     return IPF_TX_OK;
 }

@@ -11,6 +11,7 @@ cdef extern from "encap.h" nogil:
         uint8_t df_fixed
         uint8_t df_inherit
         uint32_t mtu
+    uint32_t ipf_link_mtu(const ipf_tunnel *tn)
     uint32_t ipf_peer_mtu(const ipf_tunnel *tn, const ipf_peer *p)
     int ipf_encap_classify(const ipf_table *t, const ipf_tunnel *tn, const uint8_t *pkt,
                            uint32_t n, int gso, uint32_t *len, const ipf_peer **peer)
