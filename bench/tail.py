@@ -1,12 +1,13 @@
 """Where a ping-pong's round trips spend their time, from the scheduler's own trace.
 
     python -m bench.tail [--mode ipipfast|plain] [--pings 10000] [--load-kpps 0]
-                         [--profile wire] [--tunnel KEY=VALUE ...] [--keep DIR]
+                         [--profile wire] [--tunnel KEY=VALUE ...] [--cwd DIR] [--keep DIR]
 
 One fresh 2-node testbed; pod a pings pod b's UDP echo (traffic.py udp-send
 --times, each round trip's start and length on CLOCK_MONOTONIC) while `perf
 record -k monotonic` takes every sched_switch and sched_waking of the machine,
-on the same clock. With --load-kpps, a paced 64-byte flood runs a -> b too.
+on the same clock. With --load-kpps, a paced 64-byte flood runs a -> b too;
+--cwd runs the daemons from another checkout's build (as bench.mac_change's).
 
 Each round trip is followed along its path, the threads that must run one
 after the other: for ipipfast pod a, encap a, decap b, pod b, encap b, decap
@@ -237,7 +238,7 @@ def report(rts: list[tuple[float, Counter[str], dict[str, float]]], title: str) 
 def record(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Runs the ping-pong under perf on a fresh testbed; returns what the analysis needs."""
     with Testbed(profile=args.profile, pod_mtu=1480) as tb:
-        tunnels = start_tunnels(tb, **dict(args.tunnel)) if args.mode == "ipipfast" else []
+        tunnels = start_tunnels(tb, cwd=args.cwd, **dict(args.tunnel)) if args.mode == "ipipfast" else []
         if args.mode == "plain":
             tb.add_plain_routes()
         try:
@@ -306,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", choices=("wire", "veth"), default="wire")
     p.add_argument("--tunnel", type=ab.tunnel_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a tunnel option for the daemons, e.g. coalesce_us=0; repeatable")
+    p.add_argument("--cwd", type=Path, help="run the daemons from this checkout's build (a worktree built in place)")
     p.add_argument("--keep", type=Path, help="keep the trace and the round trips here (perf.data, meta.json)")
     p.add_argument("--analyse", type=Path, metavar="DIR", help="only analyse what --keep kept in DIR")
     args = p.parse_args(argv)
