@@ -1,7 +1,7 @@
 """Where a ping-pong's round trips spend their time, from the scheduler's own trace.
 
     python -m bench.tail [--mode ipipfast|plain] [--pings 10000] [--load-kpps 0]
-                         [--profile wire] [--tunnel KEY=VALUE ...] [--cwd DIR] [--keep DIR]
+                         [--profile wire] [--tunnel KEY=VALUE ...] [--one-cpu] [--cwd DIR] [--keep DIR]
 
 One fresh 2-node testbed; pod a pings pod b's UDP echo (traffic.py udp-send
 --times, each round trip's start and length on CLOCK_MONOTONIC) while `perf
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import json
 import os
 import re
@@ -168,12 +169,16 @@ def attribute(tr: Trace, path: list[tuple[str, int]], kind: dict[int, str],
         cost: Counter[str] = Counter()
         hops: dict[str, float] = {}
 
-        def stretch(tid: int, since: float, until: float) -> None:
-            """tid's time from running to waking the next: its own, or its preempters'."""
-            ran = tr.on_cpu(tid, since, until)
+        def stretch(tid: int, since: float, until: float, last: bool = False) -> None:
+            """tid's time from running to waking the next: its own, or its
+            preempters'; last: the sender never slept, and its own time in
+            the stretch (back from its send, then the echo) is the path's too."""
+            ran = tr.on_cpu(tid, since, until) + (tr.on_cpu(sender, since, until) if last else 0.0)
             cost[RUNNING] += ran
             cpu = tr.cpu_at(tid, since)
             pre = tr.ran_on(cpu, since, until, skip=tid) if cpu is not None else Counter()
+            if last:
+                pre = Counter({k: v for k, v in pre.items() if k[0] != sender})
             total, off = sum(pre.values()), until - since - ran
             if off <= 0.5:
                 return
@@ -190,9 +195,10 @@ def attribute(tr: Trace, path: list[tuple[str, int]], kind: dict[int, str],
             if woken is None and tid != sender:
                 continue  # it never slept: its work is in its waker's stretch
             until = woken[0] if woken else t1
-            stretch(worker, since, until)
+            stretch(worker, since, until, last=woken is None and worker != sender)
             hops[f"{names[worker]} until it wakes {name}"] = until - since
             if woken is None:
+                since = t1
                 break  # the echo came back before the sender slept
             t_in = min(woken[1], t1)
             for (wtid, wcomm), v in tr.ran_on(woken[2], until, t_in).items():
@@ -235,6 +241,33 @@ def report(rts: list[tuple[float, Counter[str], dict[str, float]]], title: str) 
     return "\n".join(lines)
 
 
+def ping_pong(tb: Testbed, a: Any, b: Any, args: argparse.Namespace) -> tuple[int, str]:
+    """The traced ping-pong (with its flood, if any): the echo's pid, and
+    udp-send's JSON with its own pid added."""
+    echo = e2e.traffic.serve(tb, b, "udp-echo", "--port", e2e.ECHO_PORT)
+    flood = sink = None
+    try:
+        if args.load_kpps:
+            binary = e2e.flood_binary()
+            sink = tb.popen(b, [str(binary), "sink", str(e2e.FLOOD_PORT), "600", "0.5"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            flood = tb.popen(a, [str(binary), "send", b.ip, str(e2e.FLOOD_PORT), str(e2e.SMALL), "600",
+                                 str(args.load_kpps * 1e3)], stdout=subprocess.DEVNULL)
+        e2e.traffic.tool(tb, a, "udp-send", "--dst", b.ip, "--port", e2e.ECHO_PORT, "--count", 20,
+                         "--size", e2e.SMALL)  # perf is up by the time this returns
+        send = tb.popen(a, e2e.traffic._argv(("udp-send", "--dst", b.ip, "--port", e2e.ECHO_PORT,
+                                              "--count", args.pings, "--size", e2e.SMALL, "--times")),
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        result = e2e.traffic._result(*send.communicate(timeout=args.pings + 60), send.returncode, "udp-send")
+    finally:
+        for p in (flood, sink):
+            if p is not None:
+                e2e._stop(p)
+        echo.terminate()
+        e2e.traffic.collect(echo)
+    return echo.pid, json.dumps({**result, "pid": send.pid})
+
+
 def record(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Runs the ping-pong under perf on a fresh testbed; returns what the analysis needs."""
     with Testbed(profile=args.profile, pod_mtu=1480) as tb:
@@ -253,41 +286,24 @@ def record(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                         tids[f"{comm[4:9]} {node}"] = int(task.name)
                     else:
                         python[int(task.name)] = "the daemons' Python threads"
-            echo = e2e.traffic.serve(tb, b, "udp-echo", "--port", e2e.ECHO_PORT)
-            flood = sink = None
+            perf = subprocess.Popen(["perf", "record", "-q", "-a", "-k", "monotonic", "-e", "sched:sched_switch",
+                                     "-e", "sched:sched_waking", "-o", str(out / "perf.data")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
-                if args.load_kpps:
-                    binary = e2e.flood_binary()
-                    sink = tb.popen(b, [str(binary), "sink", str(e2e.FLOOD_PORT), "600", "0.5"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    flood = tb.popen(a, [str(binary), "send", b.ip, str(e2e.FLOOD_PORT), str(e2e.SMALL), "600",
-                                         str(args.load_kpps * 1e3)], stdout=subprocess.DEVNULL)
-                perf = subprocess.Popen(["perf", "record", "-q", "-a", "-k", "monotonic", "-e", "sched:sched_switch",
-                                         "-e", "sched:sched_waking", "-o", str(out / "perf.data")],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                try:
-                    e2e.traffic.tool(tb, a, "udp-send", "--dst", b.ip, "--port", e2e.ECHO_PORT, "--count", 20,
-                                     "--size", e2e.SMALL)  # perf is up by the time this returns
-                    send = tb.popen(a, e2e.traffic._argv(("udp-send", "--dst", b.ip, "--port", e2e.ECHO_PORT,
-                                                          "--count", args.pings, "--size", e2e.SMALL, "--times")),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                    result = e2e.traffic._result(*send.communicate(timeout=args.pings + 60), send.returncode,
-                                                 "udp-send")
-                finally:
-                    perf.send_signal(signal.SIGINT)
-                    perf.communicate(timeout=120)
+                # With --one-cpu, the pods' tools (started by this thread) and the daemons share one CPU.
+                with e2e.one_cpu([t.proc.pid for t in tunnels]) if args.one_cpu else contextlib.nullcontext():
+                    echo, send = ping_pong(tb, a, b, args)
+                result = json.loads(send)
             finally:
-                for p in (flood, sink):
-                    if p is not None:
-                        e2e._stop(p)
-                echo.terminate()
-                e2e.traffic.collect(echo)
-            tids["pod b"], tids["pod a"] = echo.pid, send.pid
+                perf.send_signal(signal.SIGINT)
+                perf.communicate(timeout=120)
+            tids["pod b"], tids["pod a"] = echo, result["pid"]
         finally:
             for t in tunnels:
                 t.stop()
     return {"mode": args.mode, "tids": tids, "python": python, "sent_at": result["sent_at"],
-            "rtts_us": result["rtts_us"], "rtt_us": result["rtt_us"], "load": os.getloadavg()[0]}
+            "rtts_us": result["rtts_us"], "rtt_us": result["rtt_us"], "load": os.getloadavg()[0],
+            "one_cpu": args.one_cpu}
 
 
 def analyse(meta: dict[str, Any], script: Iterable[str]) -> str:
@@ -295,7 +311,8 @@ def analyse(meta: dict[str, Any], script: Iterable[str]) -> str:
     tr = parse(script, {tid for _, tid in path})
     rts = attribute(tr, path, {int(k): v for k, v in meta["python"].items()},
                     zip(meta["sent_at"], meta["rtts_us"]))
-    return report(rts, f"`python -m bench.tail --mode {meta['mode']}`, 1-min load average {meta['load']:.1f}; "
+    return report(rts, f"`python -m bench.tail --mode {meta['mode']}{' --one-cpu' * meta.get('one_cpu', False)}`, "
+                       f"1-min load average {meta['load']:.1f}; "
                        f"the ping-pong's own figures: {meta['rtt_us']}")
 
 
@@ -307,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", choices=("wire", "veth"), default="wire")
     p.add_argument("--tunnel", type=ab.tunnel_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a tunnel option for the daemons, e.g. coalesce_us=0; repeatable")
+    p.add_argument("--one-cpu", action="store_true",
+                   help="the pods' tools and every thread of the daemons on one CPU (bench.e2e's RTT on 1 CPU)")
     p.add_argument("--cwd", type=Path, help="run the daemons from this checkout's build (a worktree built in place)")
     p.add_argument("--keep", type=Path, help="keep the trace and the round trips here (perf.data, meta.json)")
     p.add_argument("--analyse", type=Path, metavar="DIR", help="only analyse what --keep kept in DIR")

@@ -58,3 +58,15 @@ def test_a_wake_up_that_finds_its_thread_still_running_costs_nothing() -> None:
     assert hops["wake pod a"] == 0
     assert round(cost[IDLE], 3) == 2  # only pod b's wake-up on the idle cpu 1
     assert round(cost[RUNNING], 3) == 10 + 18 + 10
+
+
+def test_a_sender_that_never_slept_is_counted_once() -> None:
+    # pod b preempts pod a at its wake-up and echoes before pod a reaches its wait
+    trace = [switch(0, -10, IDLE0, "R", A), waking(0, 10, A, B), switch(0, 11, A, "R", B),
+             switch(0, 30, B, "S", A), switch(0, 45, A, "S", IDLE0)]
+    tr = parse(trace, {POD_A, POD_B})
+    [(_, cost, hops)] = attribute(tr, [("pod b", POD_B), ("pod a", POD_A)], {}, [(1000.0, 40.0)])
+    assert "wake pod a" not in hops
+    assert {k: round(v, 3) for k, v in cost.items() if v} == {
+        RUNNING: 10 + 19 + 10,                # pod a to its send, pod b, pod a back to its echo
+        "behind the path's own threads": 1}   # pod a, before pod b got the CPU
