@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Runs in the child, in this checkout; argv[1] is the measured build's checkout.
 MEASURE = """
-import json, sys
+import json, sys, time
 from pathlib import Path
 from bench import e2e
 from ipipfast_lab.testbed import Testbed
@@ -52,7 +52,10 @@ with Testbed(profile=o["profile"], pod_mtu=1480) as tb:
         a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
         out = e2e.iperf(tb, a, b, o["streams"], o["duration"], [t.proc.pid for t in tunnels] + e2e._ksoftirqd())
         if o["rtt"]:
+            pids, t0 = [t.proc.pid for t in tunnels], time.monotonic()
+            before = e2e.process_cpu(pids)
             out.update(e2e.rtt(tb, a, b, o["pings"]))
+            out["rtt_cpu_pct"] = 100 * (e2e.process_cpu(pids) - before) / (time.monotonic() - t0)
         if o["loaded"]:
             out.update(e2e.loaded_rtt(tb, a, b, o["pings"], Path(o["binary"]), o["load_kpps"]))
         if o["flood"]:
@@ -63,7 +66,7 @@ with Testbed(profile=o["profile"], pod_mtu=1480) as tb:
             t.stop()
 """
 FIGURES = (("gbit_s", "TCP Gbit/s"), ("cpu_s_per_gb", "CPU s/GB"), ("retransmits", "retransmits"),
-           ("rtt_p50_us", "RTT p50 µs"), ("rtt_p99_us", "RTT p99 µs"), ("rtt_p999_us", "RTT p99.9 µs"),
+           ("rtt_p50_us", "RTT p50 µs"), ("rtt_cpu_pct", "daemons' CPU % in the ping-pong"), ("rtt_p99_us", "RTT p99 µs"), ("rtt_p999_us", "RTT p99.9 µs"),
            ("loaded_p50_us", "loaded RTT p50 µs"), ("loaded_p99_us", "loaded RTT p99 µs"),
            ("loaded_p999_us", "loaded RTT p99.9 µs"), ("udp64_kpps", "64 B UDP kpps"))
 HIGHER_IS_BETTER = {"gbit_s", "udp64_kpps"}

@@ -213,16 +213,22 @@ def _ksoftirqd() -> list[int]:
     return pids
 
 
-def _cpu(pids: list[int]) -> tuple[float, float]:
-    """Cumulative (CPU seconds of the processes involved, non-idle CPU seconds of the machine)."""
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = kids.ru_utime + kids.ru_stime
+def process_cpu(pids: list[int]) -> float:
+    """Cumulative CPU seconds (user and system) of these processes, all their threads."""
+    total = 0.0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
         except OSError:
             pass  # exited
+    return total
+
+
+def _cpu(pids: list[int]) -> tuple[float, float]:
+    """Cumulative (CPU seconds of the processes involved, non-idle CPU seconds of the machine)."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = kids.ru_utime + kids.ru_stime + process_cpu(pids)
     user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
     if _irq_time_accounting():
         total += (irq + softirq) / _TICK

@@ -153,6 +153,7 @@ class Daemon:
             pmtudisc=cfg.tunnel.pmtudisc, ignore_df=cfg.tunnel.ignore_df, batch=cfg.tunnel.batch,
             vnet_hdr=cfg.tunnel.offload, csum_offload=self.csum_offload, udp_gso=tun.uso,
             coalesce_us=cfg.tunnel.coalesce_us, busy_poll_us=cfg.tunnel.busy_poll,
+            busy_poll_budget=cfg.tunnel.busy_poll_budget,
             ring_frames=cfg.tunnel.ring_frames, mark=tc_drops.MARK)
         workers = self.datapath.add_workers(self.tun_fds)
         self.ring_frames = workers[0].ring_frames
