@@ -1,20 +1,25 @@
 """End-to-end benchmark: every tunnel mode side by side, pod to pod, on the shared testbed.
 
     python -m bench.e2e [--profiles wire,veth] [--modes plain,...] [--rounds 3] [--duration 5] [--quick]
+                        [--load-kpps 25]
 
 Rounds are interleaved: in each round, for each profile, every mode (in an order
 rotated per round) gets a fresh 2-node testbed at its own pod MTU, is set up,
 checked and measured, then torn down:
   verify  50 UDP echoes pod to pod while node 1's underlay is captured: the a->b
           frames must carry the mode's encapsulation, and (tunnels) none plain
-  rtt     UDP ping-pong pod to pod (traffic.py udp-send), p50 and p99
+  rtt     UDP ping-pong pod to pod (traffic.py udp-send), p50, p99 and p99.9
   rtt1    the same with the whole path on one CPU: the path's own work, without
           the wake-ups of idle CPUs (see one_cpu)
+  loaded  the ping-pong again while a paced 64-byte flood (--load-kpps) runs the
+          same way: the tail that small packets see under load
   tcp1/4  iperf3 -J, 1 and 4 streams, the receiver's rate
   cpu     CPU seconds per GB moved during tcp1 (see CPU_METHOD)
   udp64   64-byte UDP payloads from udpflood.c (sendmmsg), the rate the sink saw
 Every remote pod CIDR also has the testbed's blackhole at metric 4000, so a
 broken tunnel drops traffic instead of falling back to plain routing.
+Each cell is the median over rounds with its [min–max]; a second table gives
+each figure's spread over rounds (max/min).
 Results: bench/results/e2e-<time>.json, .md (the README table) and .png.
 """
 from __future__ import annotations
@@ -51,6 +56,10 @@ HERE = Path(__file__).resolve().parent
 HARNESS_REQUIRES = {"iperf3": "iperf3", "gcc": "gcc"}
 IPERF_PORT, ECHO_PORT, FLOOD_PORT = 5201, 7002, 7009
 SMALL = 64  # UDP payload bytes of the small-packet and latency figures
+# The flood under the loaded RTT: a rate that every mode but the per-packet
+# Python ones carries with a core to spare, so the figure is the tail that a
+# pod's small packets see on a busy path, not the queue of an overloaded one.
+LOAD_KPPS = 25.0
 VERIFY_ECHOES = 50
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -77,7 +86,11 @@ FIGURES = (
     Figure("udp64_kpps", "64 B UDP kpps", True),
     Figure("rtt_p50_us", "RTT p50 µs", False),
     Figure("rtt_p99_us", "RTT p99 µs", False),
+    Figure("rtt_p999_us", "RTT p99.9 µs", False),
     Figure("rtt1_p50_us", "RTT p50 on 1 CPU µs", False),
+    Figure("loaded_p50_us", "loaded RTT p50 µs", False),
+    Figure("loaded_p99_us", "loaded RTT p99 µs", False),
+    Figure("loaded_p999_us", "loaded RTT p99.9 µs", False),
     Figure("cpu_s_per_gb", "CPU s/GB", False),
 )
 PROFILE_TEXT = {"wire": "real-wire profile: TSO/GSO/GRO off on the underlay, every underlay frame ≤ MTU",
@@ -135,6 +148,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all modes (default 3)")
     p.add_argument("--duration", type=int, default=5, help="seconds per throughput figure (default 5)")
     p.add_argument("--quick", action="store_true", help="1 round of 2 s: a smoke test")
+    p.add_argument("--load-kpps", type=float, default=LOAD_KPPS,
+                   help=f"the 64-byte flood under the loaded RTT, kpps (default {LOAD_KPPS:g}; 0: flat out)")
     p.add_argument("--out", type=Path, default=HERE / "results", help="results directory (default bench/results)")
     p.add_argument("--no-install", action="store_true",
                    help="do not apt-get install missing tools: their modes are reported as skipped")
@@ -198,16 +213,22 @@ def _ksoftirqd() -> list[int]:
     return pids
 
 
-def _cpu(pids: list[int]) -> tuple[float, float]:
-    """Cumulative (CPU seconds of the processes involved, non-idle CPU seconds of the machine)."""
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = kids.ru_utime + kids.ru_stime
+def process_cpu(pids: list[int]) -> float:
+    """Cumulative CPU seconds (user and system) of these processes, all their threads."""
+    total = 0.0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
         except OSError:
             pass  # exited
+    return total
+
+
+def _cpu(pids: list[int]) -> tuple[float, float]:
+    """Cumulative (CPU seconds of the processes involved, non-idle CPU seconds of the machine)."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = kids.ru_utime + kids.ru_stime + process_cpu(pids)
     user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
     if _irq_time_accounting():
         total += (irq + softirq) / _TICK
@@ -286,7 +307,31 @@ def rtt(tb: Testbed, a: Pod, b: Pod, count: int) -> dict[str, Any]:
     r = traffic.udp_roundtrip(tb, a, b, count=count, size=SMALL, port=ECHO_PORT)
     if not r["rtt_us"]:
         raise RuntimeError("no echo came back")
-    return {"rtt_p50_us": r["rtt_us"]["p50"], "rtt_p99_us": r["rtt_us"]["p99"], "lost": count - r["received"]}
+    return {"rtt_p50_us": r["rtt_us"]["p50"], "rtt_p99_us": r["rtt_us"]["p99"],
+            "rtt_p999_us": r["rtt_us"]["p999"], "lost": count - r["received"]}
+
+
+def loaded_rtt(tb: Testbed, a: Pod, b: Pod, count: int, binary: Path, kpps: float) -> dict[str, Any]:
+    """The ping-pong while a 64-byte flood at kpps (0: flat out) runs from a
+    to b; with the rate the sink saw, so a mode that could not carry it shows."""
+    sink = tb.popen(b, [str(binary), "sink", str(FLOOD_PORT), "600", "0.5"],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sender = None
+    try:
+        _await_line(sink, b"listening")
+        sender = tb.popen(a, [str(binary), "send", b.ip, str(FLOOD_PORT), str(SMALL), "600", str(kpps * 1e3)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        r = rtt(tb, a, b, count)
+        sender.terminate()
+        sender.communicate(timeout=10)
+        out, _ = sink.communicate(timeout=15)  # it ends 0.5 s after the last datagram
+    finally:
+        if sender is not None:
+            _stop(sender)
+        _stop(sink)
+    got = json.loads(out.splitlines()[-1])
+    return {"loaded_p50_us": r["rtt_p50_us"], "loaded_p99_us": r["rtt_p99_us"], "loaded_p999_us": r["rtt_p999_us"],
+            "lost": r["lost"], "load_kpps": got["pps"] / 1e3}
 
 
 @contextmanager
@@ -391,10 +436,14 @@ def measure(mode: str, profile: str, args: argparse.Namespace, binary: Path, tag
                 rec["verified"] = rec["details"].get("verify", {}).get("verified", False)
                 if rec["details"].get("verify", {}).get("echoes"):
                     step("rtt", lambda: rtt(tb, a, b, args.pings),
-                         {"rtt_p50_us": "rtt_p50_us", "rtt_p99_us": "rtt_p99_us"},
-                         "p50 {rtt_p50_us:.0f} µs, p99 {rtt_p99_us:.0f} µs")
+                         {k: k for k in ("rtt_p50_us", "rtt_p99_us", "rtt_p999_us")},
+                         "p50 {rtt_p50_us:.0f} µs, p99 {rtt_p99_us:.0f} µs, p99.9 {rtt_p999_us:.0f} µs")
                     step("rtt1", lambda: rtt_one_cpu(tb, a, b, args.pings, running.pids),
                          {"rtt1_p50_us": "rtt_p50_us"}, "on 1 CPU: p50 {rtt_p50_us:.0f} µs")
+                    step("loaded", lambda: loaded_rtt(tb, a, b, args.pings, binary, args.load_kpps),
+                         {k: k for k in ("loaded_p50_us", "loaded_p99_us", "loaded_p999_us")},
+                         "under {load_kpps:.0f} kpps: p50 {loaded_p50_us:.0f} µs, p99 {loaded_p99_us:.0f} µs, "
+                         "p99.9 {loaded_p999_us:.0f} µs")
                     step("tcp1", lambda: iperf(tb, a, b, 1, args.duration, pids),
                          {"tcp1_gbit_s": "gbit_s", "cpu_s_per_gb": "cpu_s_per_gb"},
                          "{gbit_s:.2f} Gbit/s, {cpu_s_per_gb:.2f} CPU s/GB")
@@ -426,6 +475,7 @@ def summarize(runs: list[dict[str, Any]], profiles: list[str], modes: list[str])
             for f in FIGURES:
                 if vals := [r["figures"][f.key] for r in rs if f.key in r["figures"]]:
                     figures[f.key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
+                                      "spread": max(vals) / min(vals) if min(vals) > 0 else None,
                                       "n": len(vals)}
             floods = [r["details"]["udp64"] for r in rs if "udp64" in r["details"]]
             rows[mode] = {"figures": figures, "verified": bool(rs) and all(r["verified"] for r in rs),
@@ -446,6 +496,10 @@ def _num(v: float) -> str:
     return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
 
+def _load(kpps: float) -> str:
+    return f"at {kpps:g} kpps" if kpps else "flat out"
+
+
 def _label(mode: str) -> str:
     return f"kernel-ipip ({kernel_ipip.impl()})" if mode == "kernel-ipip" else mode
 
@@ -458,7 +512,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"{meta['rounds']} interleaved round(s), {meta['duration']} s per throughput figure. "
              "Cells: median [min–max] over rounds, ×ratio to plain routing (pod MTU 1500) in the same run. "
              f"64 B UDP: {SMALL}-byte payloads from a sendmmsg generator, rate seen by the sink. "
-             "CPU s/GB: during the 1-stream run, iperf3 + tunnel processes + ksoftirqd."]
+             "CPU s/GB: during the 1-stream run, iperf3 + tunnel processes + ksoftirqd. "
+             f"Loaded RTT: the ping-pong while a 64-byte flood runs the same way, {_load(meta['load_kpps'])}."]
     header = ["mode", "pod MTU", *(f.title for f in FIGURES), "verified"]
     for profile in meta["profiles"]:
         lines += ["", f"**{profile}** ({PROFILE_TEXT[profile]})", "",
@@ -487,6 +542,14 @@ def markdown(result: dict[str, Any]) -> str:
             if row["errors"]:
                 status += f" (failed: {row['errors'][0][:80]})"
             lines.append("| " + " | ".join(cells + [status]) + " |")
+        if meta["rounds"] > 1:
+            lines += ["", f"Spread over rounds, {profile}: max/min of each figure.", "",
+                      "| " + " | ".join(header[:1] + header[2:-1]) + " |", "|" + "---|" * (len(header) - 2)]
+            for mode in meta["modes"]:
+                figs = result["summary"][profile].get(mode, {}).get("figures", {})
+                cells = [_label(mode)] + [f"×{g['spread']:.2f}" if (g := figs.get(f.key)) and g["spread"] else "—"
+                                          for f in FIGURES]
+                lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "† the sink received ≥ 90% of what the generator sent: an in-kernel path runs inside the "
               "sender's sendmmsg() calls, so this is what one sending core carries through it, not a rate "
               "the generator outran."]
@@ -533,7 +596,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     stopping.install()
     if args.quick:
         args.rounds, args.duration = 1, 2
-    args.pings = 200 if args.quick else 1000
+    args.pings = 500 if args.quick else 5000  # p99.9 is then the 5th-slowest round trip, not the slowest
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     skipped = _provision(args.modes, not args.no_install)
     for mode, why in skipped.items():
@@ -552,6 +615,7 @@ def run(args: argparse.Namespace, command: str) -> int:
                  "kernel": platform.release(), "cpus": os.cpu_count(), "rounds": args.rounds,
                  "duration": args.duration, "profiles": args.profiles, "modes": args.modes,
                  "kernel_ipip": kernel_ipip.impl(), "small_udp_payload": SMALL, "pings": args.pings,
+                 "load_kpps": args.load_kpps,
                  "cpu_method": CPU_METHOD},
         "skipped": skipped,
         "summary": summarize(runs, args.profiles, modes),

@@ -1,6 +1,8 @@
 /* udpflood: the small-packet load for bench/e2e.py, compiled there at run time.
  *
- *   udpflood send DST PORT SIZE SECONDS   sendmmsg() flood of SIZE-byte UDP payloads
+ *   udpflood send DST PORT SIZE SECONDS [PPS]
+ *                                         sendmmsg() flood of SIZE-byte UDP payloads, as
+ *                                         fast as it goes or paced at PPS datagrams a second
  *   udpflood sink PORT SECONDS IDLE       recvmmsg() counter; stops IDLE s after the
  *                                         last datagram, or after SECONDS
  *
@@ -13,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -40,7 +43,17 @@ static void setup_msgs(int size, int distinct)
 	}
 }
 
-static int send_flood(const char *dst, int port, int size, double seconds)
+/* Sleeps until t (CLOCK_MONOTONIC seconds). */
+static void sleep_until(double t)
+{
+	struct timespec ts = {.tv_sec = (time_t)t, .tv_nsec = (long)((t - (time_t)t) * 1e9)};
+	clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+}
+
+/* pps 0: flat out; otherwise each datagram leaves at its time, in batches
+ * only as large as the sender fell behind (a wake-up here takes tens of
+ * microseconds), so the load is as even as the scheduler lets it be. */
+static int send_flood(const char *dst, int port, int size, double seconds, double pps)
 {
 	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
 	int fd = socket(AF_INET, SOCK_DGRAM, 0);
@@ -49,10 +62,20 @@ static int send_flood(const char *dst, int port, int size, double seconds)
 		return 1;
 	}
 	setup_msgs(size, 0);
+	prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0); /* paced sleeps end on time, not 50 µs late */
 	unsigned long long sent = 0, errors = 0;
 	double t0 = now(), t = t0;
 	while ((t = now()) < t0 + seconds) {
-		int n = sendmmsg(fd, msgs, BATCH, 0);
+		unsigned int want = BATCH;
+		if (pps > 0) {
+			double due = (t - t0) * pps - sent;
+			if (due < 1) {
+				sleep_until(t0 + (sent + 1) / pps);
+				continue;
+			}
+			want = due < BATCH ? (unsigned int)due : BATCH;
+		}
+		int n = sendmmsg(fd, msgs, want, 0);
 		if (n > 0)
 			sent += n;
 		else
@@ -99,10 +122,10 @@ static int sink(int port, double seconds, double idle)
 
 int main(int argc, char **argv)
 {
-	if (argc == 6 && !strcmp(argv[1], "send") && atoi(argv[4]) > 0 && atoi(argv[4]) <= MAX_SIZE)
-		return send_flood(argv[2], atoi(argv[3]), atoi(argv[4]), atof(argv[5]));
+	if ((argc == 6 || argc == 7) && !strcmp(argv[1], "send") && atoi(argv[4]) > 0 && atoi(argv[4]) <= MAX_SIZE)
+		return send_flood(argv[2], atoi(argv[3]), atoi(argv[4]), atof(argv[5]), argc == 7 ? atof(argv[6]) : 0);
 	if (argc == 5 && !strcmp(argv[1], "sink"))
 		return sink(atoi(argv[2]), atof(argv[3]), atof(argv[4]));
-	fprintf(stderr, "usage: udpflood send DST PORT SIZE SECONDS | udpflood sink PORT SECONDS IDLE\n");
+	fprintf(stderr, "usage: udpflood send DST PORT SIZE SECONDS [PPS] | udpflood sink PORT SECONDS IDLE\n");
 	return 2;
 }

@@ -31,6 +31,7 @@ cdef class Datapath:
         int sink_fd
         int ifindex, mtu, batch, ring_frames, fanout_id
         uint64_t busy_poll_ns
+        unsigned int busy_poll_budget
         unsigned int coalesce_us
         uint32_t mark               # SO_MARK of the send sockets
         bint vnet, tx_partial, udp_gro

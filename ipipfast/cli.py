@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     opts.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                       help="TUN GSO and checksum offloads (default on)")
     opts.add_argument("--busy-poll", type=int, metavar="US", help="spin this long for work before sleeping")
+    opts.add_argument("--busy-poll-budget", type=int, metavar="PCT",
+                      help="percent of one CPU each loop may spend spinning (default 100)")
     opts.add_argument("--coalesce-us", type=int, metavar="US",
                       help="under load, nap this long between batches instead of being woken (0: off)")
     opts.add_argument("--ring-frames", type=int, metavar="N",
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         from .config import ConfigError
         from .daemon import StartError, run
         overrides = {k: v for k in ("ttl", "tos", "pmtudisc", "ignore_df", "workers", "offload", "busy_poll",
-                                    "coalesce_us", "ring_frames") if (v := getattr(args, k)) is not None}
+                                    "busy_poll_budget", "coalesce_us", "ring_frames") if (v := getattr(args, k)) is not None}
         for k in ("ttl", "tos"):  # numbers stay numbers in the config's eyes
             if k in overrides and overrides[k].isdigit():
                 overrides[k] = int(overrides[k])

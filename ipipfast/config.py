@@ -44,6 +44,7 @@ _TUNNEL_INTS: dict[str, tuple[int, int, object]] = {
     "workers": (1, 64, _UNSET),
     "batch": (1, 1024, _UNSET),
     "busy_poll": (0, 100_000, _UNSET),
+    "busy_poll_budget": (1, 100, _UNSET),
     "coalesce_us": (0, 10_000, _UNSET),
     "ring_frames": (64, 65_536, _UNSET),
 }
@@ -86,6 +87,7 @@ class TunnelConfig:
     batch: int = 64
     offload: bool = True  # TUN GSO/checksum offloads: segment and coalesce in userspace
     busy_poll: int = 0  # microseconds a loop spins for work before it sleeps: latency for CPU
+    busy_poll_budget: int = 100  # percent of one CPU that each loop may spend spinning
     # Microseconds the decap loop naps under load before it looks at its ring again, instead
     # of sleeping until woken (as a NIC's rx-usecs): fewer wake-ups under load; 0: off.
     coalesce_us: int = 100

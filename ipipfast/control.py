@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from .wake_pipe import WakePipe
+
 log = logging.getLogger(__name__)
 
 RUN_DIR = Path("/run/ipipfast")
@@ -92,17 +94,26 @@ class ControlServer:
             raise
         self._inode = path.stat().st_ino
         self._thread: threading.Thread | None = None
+        self._stop: WakePipe | None = None  # made and closed with the thread
 
     def serve(self) -> None:
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.2,),
-                                        name="ipipfast-control", daemon=True)
+        self._stop = WakePipe()
+        self._thread = threading.Thread(target=self._serve, args=(self._stop,), name="ipipfast-control", daemon=True)
         self._thread.start()
+
+    def _serve(self, stop: WakePipe) -> None:
+        # Asleep until a client connects or close(): serve_forever() would
+        # wake every poll_interval to look for a shutdown.
+        while stop.wait_for(self._server.fileno()):
+            self._server._handle_request_noblock()  # what serve_forever() calls for a ready socket
 
     def close(self) -> None:
         if self._thread is not None:
-            self._server.shutdown()
+            assert self._stop is not None
+            self._stop.set()
             self._thread.join()
             self._thread = None
+            self._stop.close()
         self._server.server_close()
         try:
             if self.path.stat().st_ino == self._inode:  # not a successor's socket

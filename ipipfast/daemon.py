@@ -90,6 +90,7 @@ class Daemon:
         self.kernel = Kernel()
         self.stopping = threading.Event()
         self.wake = WakePipe()  # the main thread's: a source changed, a signal came
+        self.stop_wake = WakePipe()  # the reader threads': set at stop
         self.reload_requested = self.stop_requested = False  # set by signal handlers: no lock (see WakePipe)
         self.routing: Routing | None = None
         self.watcher: ConfigWatcher | None = None
@@ -157,6 +158,7 @@ class Daemon:
             pmtudisc=cfg.tunnel.pmtudisc, ignore_df=cfg.tunnel.ignore_df, batch=cfg.tunnel.batch,
             vnet_hdr=cfg.tunnel.offload, csum_offload=self.csum_offload, udp_gso=tun.uso,
             coalesce_us=cfg.tunnel.coalesce_us, busy_poll_us=cfg.tunnel.busy_poll,
+            busy_poll_budget=cfg.tunnel.busy_poll_budget,
             ring_frames=cfg.tunnel.ring_frames, mark=tc_drops.MARK)
         workers = self.datapath.add_workers(self.tun_fds)
         self.ring_frames = workers[0].ring_frames
@@ -181,8 +183,9 @@ class Daemon:
             loops += [(f"encap{i}", partial(w.run_encap, f"ipf-encap{i}")),
                       (f"decap{i}", partial(w.run_decap, f"ipf-decap{i}"))]
         loops += [("neighbours", self._neighbour_loop), ("neighbour-events", self._neighbour_event_loop),
-                  ("status", self._status_loop), ("icmp", lambda: self.icmp.run(self.stopping)),
-                  ("routes", self.routing.monitor.run)]
+                  ("icmp", lambda: self.icmp.run(self.stop_wake)), ("routes", self.routing.monitor.run)]
+        if self.status_file:
+            loops.append(("status", self._status_loop))
         if self.config_path:
             self.watcher = ConfigWatcher(self.config_path, self._config_changed)
             loops.append(("config", self.watcher.run))
@@ -229,6 +232,7 @@ class Daemon:
 
     def stop(self) -> None:
         self.stopping.set()
+        self.stop_wake.set()
         self.ready = False
         self.service.stopping()
         if self.datapath is not None:
@@ -267,6 +271,7 @@ class Daemon:
             if self.watcher is not None:
                 self.watcher.close()
             self.wake.close()
+            self.stop_wake.close()
 
     def run_forever(self) -> int:
         """Runs until SIGINT/SIGTERM; SIGHUP (or an edit of the file) reloads
@@ -448,8 +453,9 @@ class Daemon:
         """Reads every next hop's MAC; asks the kernel to resolve the missing
         ones; pushes a new table when any changed."""
         macs: dict[IPv4Address, bytes | None] = {}
+        tables = {i: self.kernel.neighbour_macs(i) for i in {hop.ifindex for hop in self.nexthops.values()}}
         for peer, hop in self.nexthops.items():
-            mac = self.kernel.neighbour_mac(hop.ip, hop.ifindex)
+            mac = tables[hop.ifindex].get(hop.ip)
             if mac is None:
                 self.kernel.solicit(hop.ip, hop.ifindex)
             macs[peer] = mac
@@ -502,7 +508,7 @@ class Daemon:
             with NeighbourEvents() as events:
                 while not self.stopping.is_set():
                     try:
-                        learned = {(n.ip, n.ifindex): n.mac for n in events.read(timeout=0.2) if n.mac}
+                        learned = {(n.ip, n.ifindex): n.mac for n in events.read(stop=self.stop_wake) if n.mac}
                     except EventsLost:
                         with self.lock:
                             self._refresh_macs()

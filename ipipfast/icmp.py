@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from .logs import Limited
+from .wake_pipe import WakePipe
 
 log = logging.getLogger(__name__)
 events = Limited(log)  # ICMP errors arrive at the rate the path sends them
@@ -106,16 +107,28 @@ class IcmpErrors:
             self.datapath.set_peer_pmtu(str(p), 0)
             events.log(logging.INFO, "pmtu-expiry", "path MTU toward %s expired", p)
 
-    def run(self, stopping: threading.Event) -> None:
+    def run(self, stop: WakePipe) -> None:
+        """Handles the errors as they come, and each path MTU as it expires,
+        until stop is set; asleep in between."""
         poller = select.poll()
         poller.register(self.sock, select.POLLERR)
+        poller.register(stop, select.POLLIN)
         try:
-            while not stopping.is_set():
-                if poller.poll(500):
+            while True:
+                ready = {fd for fd, _ in poller.poll(self._next_expiry())}
+                if stop.fileno() in ready:
+                    return
+                if ready:
                     self._drain()
                 self._expire()
         finally:
             self.sock.close()
+
+    def _next_expiry(self) -> int | None:
+        """Milliseconds until the first learned path MTU expires; None: none is learned."""
+        with self.lock:
+            first = min((expires for _, expires in self._pmtu.values()), default=None)
+        return None if first is None else max(0, int((first - time.monotonic()) * 1000) + 1)
 
     def _drain(self) -> None:
         while True:

@@ -16,9 +16,11 @@ from ipaddress import IPv4Address
 
 from pyroute2 import IPRoute
 from pyroute2.ethtool import Ethtool
-from pyroute2.netlink import NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_GETLINK
+
+from .rtnl import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
+from .wake_pipe import WakePipe
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ TUN_TXQUEUELEN = 1000
 NTF_USE = 0x01      # neighbour flag: ask the kernel to resolve it now
 NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE PERMANENT NOARP
 RTMGRP_NEIGH = 0x4  # the multicast group of neighbour changes
-RTM_NEWNEIGH = 28
+RTM_NEWNEIGH, RTM_GETNEIGH = 28, 30
 NDA_DST, NDA_LLADDR = 1, 2
 EVENTS_RCVBUF = 1 << 20  # a burst of neighbour changes (a whole subnet's ARP) fits
 # A single get (not a dump) goes without NLM_F_ACK. pyroute2 0.9 asks for the
@@ -158,13 +160,21 @@ class Kernel:
         msg = self.ipr.link(_GET_LINK, index=self.link(name).index)[0]
         return bool(msg.get_attr("IFLA_CARRIER"))
 
-    def neighbour_mac(self, ip: IPv4Address, ifindex: int) -> bytes | None:
-        """The resolved MAC of ip on ifindex, or None."""
-        for msg in self.ipr.get_neighbours(ifindex=ifindex, dst=str(ip)):
-            mac = msg.get_attr("NDA_LLADDR")
-            if mac and msg["state"] & NUD_VALID:
-                return bytes.fromhex(mac.replace(":", ""))
-        return None
+    @staticmethod
+    def neighbour_macs(ifindex: int) -> dict[IPv4Address, bytes]:
+        """The resolved MAC of every IPv4 neighbour on ifindex: one dump of
+        the table on a plain netlink socket, for all next hops at once.
+        pyroute2 (0.9) took 1.2 ms of the GIL per next hop, every second."""
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as s:
+            # nlmsghdr, then an ndmsg (family, pad, ifindex, state, flags, type)
+            s.send(struct.pack("=IHHII", 28, RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+                   + struct.pack("=B3xiHBB", socket.AF_INET, ifindex, 0, 0, 0))
+            found: dict[IPv4Address, bytes] = {}
+            while True:
+                data = s.recv(65536)
+                found.update((n.ip, n.mac) for n in _neighbours(data) if n.mac and n.ifindex == ifindex)
+                if _done(data):
+                    return found
 
     def solicit(self, ip: IPv4Address, ifindex: int) -> None:
         """Makes the kernel resolve (or re-confirm) ip's MAC, as a packet to
@@ -206,10 +216,11 @@ class NeighbourEvents:
     def __exit__(self, *exc: object) -> None:
         self.sock.close()
 
-    def read(self, timeout: float) -> list[Neighbour]:
-        """The IPv4 neighbours announced within timeout seconds (none if
-        nothing came); EventsLost if the kernel dropped some."""
-        if not select.select([self.sock], [], [], timeout)[0]:
+    def read(self, timeout: float | None = None, stop: WakePipe | None = None) -> list[Neighbour]:
+        """The IPv4 neighbours announced within timeout seconds (None: until
+        some are), or until stop is set: none if nothing came; EventsLost if
+        the kernel dropped some."""
+        if self.sock not in select.select([self.sock, *([stop] if stop else [])], [], [], timeout)[0]:
             return []
         out: list[Neighbour] = []
         while True:
@@ -241,6 +252,19 @@ def _neighbours(data: bytes) -> list[Neighbour]:
                                      mac if mac and state & NUD_VALID else None))
         at += (length + 3) & ~3
     return out
+
+
+def _done(data: bytes) -> bool:
+    """Whether a netlink datagram ends a dump (NLMSG_DONE, or an error)."""
+    at = 0
+    while at + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, at)
+        if kind in (NLMSG_DONE, NLMSG_ERROR):
+            return True
+        if length < 16:
+            break
+        at += (length + 3) & ~3
+    return False
 
 
 def _attrs(data: bytes) -> dict[int, bytes]:

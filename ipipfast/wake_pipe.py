@@ -1,6 +1,8 @@
 """A pipe that wakes a thread asleep in poll(): the daemon's main thread
 (woken by the route and config threads, and by signal handlers) and the
-reader threads (stopped by the main thread).
+reader threads (stopped by the main thread). A thread that woke on a timer
+instead, only to see whether to stop, would take a CPU from the packet
+loops several times a second for nothing.
 
 A signal handler must not take a lock: it runs in the main thread, between
 two of its bytecodes, and the lock can be one that thread holds - as a
@@ -41,6 +43,10 @@ class WakePipe:
         poll.register(fd, select.POLLIN)
         poll.register(self._r, select.POLLIN)
         return self._r not in {ready for ready, _ in poll.poll()}
+
+    def fileno(self) -> int:
+        """The end to poll (POLLIN), readable once set, with a thread's other descriptors."""
+        return self._r
 
     def close(self) -> None:
         os.close(self._r)

@@ -113,7 +113,10 @@ class TunnelProcess(NodeProcess):
         env: its whole environment (default: ours)."""
         self.dir = Path(tempfile.mkdtemp(prefix=f"{tb.prefix}-n{node.index}-"))
         self.config_path = self.dir / "node.yaml"
-        self.status_path = self.dir / "status.json"
+        # Apart from the config, as /run is from /etc: every status write in the
+        # config's directory would wake the daemon's config watcher.
+        self.status_path = self.dir / "run" / "status.json"
+        self.status_path.parent.mkdir()
         # Where the test process reaches the socket the daemon makes in its /run/ipipfast.
         tunnel = config.get("tunnel", {}).get("name", TunnelConfig.name)
         self.socket_path = control.socket_path(tunnel, tb.run_dir(node))

@@ -20,7 +20,8 @@ from ipipfast.includes.encap cimport *
 from ipipfast.includes.decap cimport ipf_decap
 from ipipfast.includes.icmp cimport ipf_icmp_error, IPF_ICMP_MAX
 from ipipfast.includes.offload cimport *
-from ipipfast.includes.worker cimport ipf_tx, ipf_ring_slot, ipf_tx_free, ipf_tx_put, ipf_tx_sent
+from ipipfast.includes.worker cimport ipf_tx, ipf_ring_slot, ipf_tx_free, ipf_tx_put, ipf_tx_sent, ipf_spin, \
+    ipf_spin_window, ipf_spin_done
 
 from ipipfast._datapath import RX_REASONS, TX_REASONS
 
@@ -460,6 +461,24 @@ cdef class TxRing:
     def counters(self):
         """(packets, bytes, send_failed) as the loop counts them."""
         return self.tx.stats.packets, self.tx.stats.bytes, self.tx.stats.drops[IPF_TX_SEND_FAILED]
+
+
+cdef class BusyPoll:
+    """A loop's busy-polling policy (ipf_spin, worker.h) on a clock the
+    caller keeps, in nanoseconds: how long it would spin now that it is
+    idle, and what it learns when work comes."""
+
+    cdef ipf_spin spin
+
+    def __init__(self, uint64_t max_ns, uint32_t budget_pct):
+        memset(&self.spin, 0, sizeof(self.spin))
+        self.spin.max_ns, self.spin.budget_pct = max_ns, budget_pct
+
+    def window(self, uint64_t now):
+        return ipf_spin_window(&self.spin, now)
+
+    def done(self, uint64_t idle_since, uint64_t spun, uint64_t now):
+        ipf_spin_done(&self.spin, idle_since, spun, now)
 
 
 cdef class Lpm:

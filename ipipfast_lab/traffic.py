@@ -46,7 +46,7 @@ def emit(result: dict[str, Any]) -> None:
 
 
 def summary(samples: list[float]) -> dict[str, float] | None:
-    """min/p50/p99/max/avg of latency samples (µs), None when there are none."""
+    """min/p50/p99/p99.9 (p999)/max/avg of latency samples (µs), None when there are none."""
     if not samples:
         return None
     s = sorted(samples)
@@ -54,7 +54,7 @@ def summary(samples: list[float]) -> dict[str, float] | None:
     def at(q: float) -> float:
         return s[min(len(s) - 1, int(q * len(s)))]
 
-    stats = {"min": s[0], "p50": at(0.5), "p99": at(0.99), "max": s[-1], "avg": sum(s) / len(s)}
+    stats = {"min": s[0], "p50": at(0.5), "p99": at(0.99), "p999": at(0.999), "max": s[-1], "avg": sum(s) / len(s)}
     return {k: round(v, 1) for k, v in stats.items()}
 
 
@@ -212,6 +212,7 @@ def cmd_udp_send(a: argparse.Namespace) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.connect((a.dst, a.port))
     rtts: list[float] = []
+    sent_at: list[float] = []  # CLOCK_MONOTONIC, as perf record -k monotonic stamps its events
     corrupt = 0
     errors: Counter[str] = Counter()
     for seq in range(a.count):
@@ -224,12 +225,14 @@ def cmd_udp_send(a: argparse.Namespace) -> None:
                 data = sock.recv(65535)
                 if data[:8] == msg[:8]:  # replies to earlier, timed-out datagrams are skipped
                     rtts.append((time.monotonic() - t0) * 1e6)
+                    sent_at.append(t0)
                     corrupt += data != msg
                     break
         except OSError as e:  # e.g. ECONNREFUSED after an ICMP port unreachable
             errors[errno.errorcode.get(e.errno, str(e.errno))] += 1
     emit({"dst": a.dst, "size": a.size, "sent": a.count, "received": len(rtts), "corrupt": corrupt,
-          "errors": dict(errors), "rtt_us": summary(rtts)})
+          "errors": dict(errors), "rtt_us": summary(rtts),
+          **({"sent_at": sent_at, "rtts_us": rtts} if a.times else {})})
 
 
 # -- capture -------------------------------------------------------------------
@@ -313,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--size", type=int, default=512, help="UDP payload bytes")
     p.add_argument("--timeout", type=float, default=1.0, help="wait per datagram")
+    p.add_argument("--times", action="store_true", help="also report when each datagram left and its RTT")
     p.set_defaults(fn=cmd_udp_send)
     p = sub.add_parser("capture", help="write every frame on an interface to a pcap file")
     p.add_argument("--iface", required=True)

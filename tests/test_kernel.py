@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.netns,
 # pytest, first touches of inherited pages would count as growth.
 PERIODIC_GETS = """
 import json, sys, threading
+from ipaddress import IPv4Address
 from ipipfast.kernel import Kernel
 
 def rss_kb():
@@ -30,12 +31,12 @@ out = {"ifindex": index}
 
 def loop():
     for _ in range(calls // 2):  # the allocator and pyroute2 reach their working size
-        kernel.neighbour_mac(peer, index)
+        kernel.neighbour_macs(index)
         kernel.solicit(peer, index)
         kernel.tx_dropped(interface)
     before = rss_kb()
     for _ in range(calls):
-        mac = kernel.neighbour_mac(peer, index)
+        mac = kernel.neighbour_macs(index)
         kernel.solicit(peer, index)
         kernel.tx_dropped(interface)
     out.update(grown_kb=rss_kb() - before, resolved=mac is not None)
@@ -95,3 +96,38 @@ def test_neighbour_events_announce_each_change():
     assert ("198.18.0.99", index, "02:00:5e:00:00:02") in seen
     assert seen[-1] == ("198.18.0.99", index, None)
     assert None not in json.loads(out)  # every read in time: none timed out
+
+
+NEIGHBOUR_DUMP = """
+import json, subprocess, sys
+from ipipfast.kernel import Kernel
+interface, index = sys.argv[1], int(sys.argv[2])
+def neigh(*args):
+    subprocess.run(["ip", "neigh", "replace", *args, "dev", interface], check=True)
+neigh("198.18.0.97", "lladdr", "02:00:5e:00:00:07", "nud", "reachable")
+neigh("198.18.0.98", "lladdr", "02:00:5e:00:00:08", "nud", "stale")
+neigh("198.18.0.99", "nud", "failed")
+for i in range(300):  # a table that takes more than one datagram
+    neigh(f"198.18.1.{i % 250}" if i < 250 else f"198.18.2.{i - 250}", "lladdr", f"02:00:5e:00:{i >> 8:02x}:{i & 255:02x}",
+          "nud", "permanent")
+macs = Kernel.neighbour_macs(index)
+print(json.dumps({"macs": {str(ip): mac.hex(":") for ip, mac in macs.items()}, "other": Kernel.neighbour_macs(index + 1000)}))
+"""
+
+
+def test_the_neighbour_dump_finds_every_usable_mac_of_the_interface():
+    """The next hops' MACs, as `ip neigh` set them: usable entries of any
+    state with a MAC (reachable, stale, permanent), a failed one without,
+    on the asked interface only, in a table longer than one netlink datagram."""
+    with Testbed(nodes=2, pods_per_node=1) as tb:
+        node = tb.nodes[0]
+        index = tb.ipr(node).link_lookup(ifname=node.interface)[0]
+        out = json.loads(tb.run(node, [sys.executable, "-c", NEIGHBOUR_DUMP, node.interface, str(index)],
+                                timeout=120).stdout)
+        shown = tb.run(node, ["ip", "-4", "neigh", "show", "dev", node.interface]).stdout
+    oracle = {f.split()[0]: f.split()[2] for f in shown.splitlines() if " lladdr " in f and "FAILED" not in f}
+    assert out["macs"]["198.18.0.97"] == "02:00:5e:00:00:07"
+    assert out["macs"]["198.18.0.98"] == "02:00:5e:00:00:08"
+    assert "198.18.0.99" not in out["macs"]
+    assert out["macs"] == oracle and len(oracle) >= 302
+    assert out["other"] == {}

@@ -27,7 +27,7 @@ cdef class Datapath:
     def __init__(self, int ifindex, str local_ip, bytes local_mac, *, int mtu=1500, ttl=None, tos=0,
                  bint pmtudisc=False, bint ignore_df=False, int batch=64, int ring_frames=4096,
                  bint vnet_hdr=False, bint csum_offload=False, bint udp_gso=False, int coalesce_us=0,
-                 int busy_poll_us=0, uint32_t mark=0):
+                 int busy_poll_us=0, int busy_poll_budget=100, uint32_t mark=0):
         """ifindex, local_ip, local_mac: the underlay interface; mtu: its
         MTU (the largest outer packet); vnet_hdr: the TUN queues carry a
         virtio_net_hdr with offloads (tun.py); csum_offload: the underlay
@@ -37,8 +37,11 @@ cdef class Datapath:
         GSO packets too (USO), so UDP datagrams of a flow are coalesced as
         TCP segments are; coalesce_us: how long the decap loop naps under
         load before it looks at its ring again, instead of sleeping until
-        the next frame wakes it; busy_poll_us: how long an
-        idle loop keeps looking for work before it sleeps in poll(); mark:
+        the next frame wakes it; busy_poll_us: how long at most an
+        idle loop keeps looking for work before it sleeps in poll(), while
+        its idle gaps average at most twice that (ipf_spin, worker.h);
+        busy_poll_budget: the percentage of one CPU that each loop may
+        spend doing so; mark:
         the skb mark of every frame the workers send (SO_MARK), by which the
         tc egress drop knows the tunnel's own IPIP from a pod's."""
         if not 1 <= batch <= 1024:
@@ -49,7 +52,10 @@ cdef class Datapath:
         self.ifindex, self.mtu, self.batch, self.ring_frames, self.vnet = ifindex, mtu, batch, ring_frames, vnet_hdr
         self.tx_partial = vnet_hdr and csum_offload
         self.udp_gro = vnet_hdr and udp_gso
+        if not 1 <= busy_poll_budget <= 100:
+            raise ValueError(f"busy_poll_budget {busy_poll_budget} out of range 1..100")
         self.busy_poll_ns = <uint64_t>busy_poll_us * 1000
+        self.busy_poll_budget = busy_poll_budget
         self.coalesce_us = coalesce_us
         self.mark = mark
         # The group that spreads received frames over the workers' rings by
@@ -199,7 +205,8 @@ cdef class Worker:
         self.tx.shared = self.rx.shared = dp.shared
         self.tx.tun_fd = self.rx.tun_fd = tun_fd
         self.tx.ifindex = self.rx.ifindex = dp.ifindex
-        self.tx.busy_poll_ns = self.rx.busy_poll_ns = dp.busy_poll_ns
+        self.tx.spin.max_ns = self.rx.spin.max_ns = dp.busy_poll_ns
+        self.tx.spin.budget_pct = self.rx.spin.budget_pct = dp.busy_poll_budget
         self.tx.batch = self.rx.batch = dp.batch
         self.tx.vnet = self.rx.vnet = dp.vnet
 

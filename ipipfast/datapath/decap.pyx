@@ -144,4 +144,4 @@ cdef bint rx_idle(ipf_rx *rx, uint32_t got) noexcept nogil:
         return not stopping(rx.shared)
     rx.loaded = False
     gro_write_all(rx)
-    return wait_readable(rx.fd, rx.shared, rx.busy_poll_ns, rx.ifindex, &rx.err)
+    return wait_readable(rx.fd, rx.shared, &rx.spin, rx.ifindex, &rx.err)

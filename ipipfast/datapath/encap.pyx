@@ -46,7 +46,7 @@ cdef void encap_loop(ipf_tx *tx) noexcept nogil:
         tx_kick(tx)
         if drained:
             ipf_qsbr_leave(q)
-            if not wait_readable(tx.tun_fd, tx.shared, tx.busy_poll_ns, tx.ifindex, &tx.err):
+            if not wait_readable(tx.tun_fd, tx.shared, &tx.spin, tx.ifindex, &tx.err):
                 return
     ipf_qsbr_leave(q)
 

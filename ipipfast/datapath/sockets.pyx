@@ -236,28 +236,37 @@ cdef inline bint stopping(ipf_shared *shared) noexcept nogil:
     return ipf_load_u32(&shared.stopping) != 0
 
 
-cdef bint wait_readable(int fd, ipf_shared *shared, uint64_t busy_poll_ns, int ifindex,
-                        int *err) noexcept nogil:
+cdef bint wait_readable(int fd, ipf_shared *shared, ipf_spin *spin, int ifindex, int *err) noexcept nogil:
     """Blocks until fd is readable; False when stopping or on an error
-    (in err). With busy polling, first asks without sleeping until it
-    expires: a wake-up from poll() costs tens of microseconds of latency."""
+    (in err). With busy polling, first asks without sleeping for as long
+    as the spin policy allows (ipf_spin_window): a wake-up from poll()
+    costs tens of microseconds of latency, more on a halted vCPU."""
     cdef c.pollfd fds[2]
     cdef int timeout = -1, r
-    cdef uint64_t deadline = 0
+    cdef uint64_t idle_since = 0, deadline = 0, spun = 0, t
+    cdef bint learning = spin.max_ns != 0
     fds[0].fd = fd
     fds[0].events = c.POLLIN
     fds[1].fd = shared.stop_fd
     fds[1].events = c.POLLIN
-    if busy_poll_ns:
-        deadline = now_ns() + busy_poll_ns
-        timeout = 0
+    if learning:
+        idle_since = now_ns()
+        deadline = idle_since + ipf_spin_window(spin, idle_since)
+        timeout = 0 if deadline > idle_since else -1
     while not stopping(shared):
-        if timeout == 0 and now_ns() >= deadline:
-            timeout = -1
+        if timeout == 0:
+            t = now_ns()
+            if t >= deadline:
+                timeout = -1
+                spun = t - idle_since
         r = c.poll(fds, 2, timeout)
         if r == 0:
             c.sched_yield()  # spinning must not starve what would bring the work
             continue
+        if r > 0 and learning:
+            t = now_ns()
+            ipf_spin_done(spin, idle_since, t - idle_since if timeout == 0 else spun, t)
+            learning = False
         if r > 0:
             if fds[0].revents & c.POLLERR:
                 if link_down(fd, ifindex):

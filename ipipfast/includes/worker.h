@@ -32,6 +32,45 @@ static inline struct tpacket2_hdr *ipf_ring_slot(const ipf_ring *r, uint32_t i)
     return (struct tpacket2_hdr *)(r->base + (size_t)i * r->frame_size);
 }
 
+/* Busy polling (busy_poll): how long an idle loop may spin for work before
+ * it sleeps, from what it has learned. A spin pays only when work comes
+ * before it ends, so a loop spins only while its idle gaps (from the end of
+ * its work to the next) average at most twice the longest spin: a gap it
+ * slept through includes its wake-up, and the round trip it slowed, so a
+ * tighter bound would stop a ping-pong's spinning for good once a stall had
+ * pushed the average up. And it spins no longer than its budget allows, a
+ * share of one CPU that it earns by the clock. Free of system calls: the
+ * loop passes the time in. */
+typedef struct {
+    uint64_t max_ns;       /* the longest spin; 0: never spin */
+    uint32_t budget_pct;   /* the share of one CPU it may spend spinning */
+    uint64_t tokens_ns;    /* spinning time earned and not spent */
+    uint64_t earned_ns;    /* when tokens were last earned */
+    uint64_t gap_ns;       /* the idle gaps' average (an EWMA of 1/8) */
+} ipf_spin;
+
+/* How long to spin now that the loop is idle (0: sleep at once). */
+static inline uint64_t ipf_spin_window(ipf_spin *s, uint64_t now)
+{
+    if (!s->max_ns)
+        return 0;
+    s->tokens_ns += (now - s->earned_ns) * s->budget_pct / 100;
+    if (s->tokens_ns > 2 * s->max_ns)
+        s->tokens_ns = 2 * s->max_ns;  /* a burst of two spins at most */
+    s->earned_ns = now;
+    if (s->gap_ns > 2 * s->max_ns)
+        return 0;  /* work comes later than a spin would last */
+    return s->tokens_ns < s->max_ns ? s->tokens_ns : s->max_ns;
+}
+
+/* Work came (or the loop gave up and slept until it did) at now, after an
+ * idle gap that began at idle_since, of which it spent spun_ns spinning. */
+static inline void ipf_spin_done(ipf_spin *s, uint64_t idle_since, uint64_t spun_ns, uint64_t now)
+{
+    s->tokens_ns -= spun_ns < s->tokens_ns ? spun_ns : s->tokens_ns;
+    s->gap_ns += ((int64_t)(now - idle_since) - (int64_t)s->gap_ns) / 8;
+}
+
 typedef struct {
     ipf_table *table;      /* swapped by the control thread (table.h) */
     uint32_t stopping;
@@ -55,7 +94,7 @@ typedef struct {
     uint8_t vnet;          /* TUN reads start with a virtio_net_hdr */
     uint8_t partial;       /* inner checksums are left to the underlay device */
     int ifindex;
-    uint64_t busy_poll_ns;
+    ipf_spin spin;
     uint8_t *buf;          /* the TUN read buffer */
     uint32_t buf_size;
     uint32_t ip_id, ip_id_end;
@@ -81,7 +120,7 @@ typedef struct {
     uint32_t nap_min;      /* frames in a batch that start the naps */
     uint32_t coalesce_us;
     int ifindex;
-    uint64_t busy_poll_ns;
+    ipf_spin spin;
     int err;               /* the errno that ended the loop, or 0 */
     ipf_gro_set gro;
     uint32_t gro_slots[IPF_GRO_FLOWS][IPF_GRO_MAX_SEGS];  /* each train's ring slots */

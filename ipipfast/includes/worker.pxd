@@ -7,6 +7,15 @@ from .icmp cimport ipf_icmp_budget, ipf_icmp_sender
 from .offload cimport ipf_gro_set, IPF_GRO_FLOWS, IPF_GRO_MAX_SEGS, IPF_SEG_SLOT
 
 cdef extern from "worker.h" nogil:
+    ctypedef struct ipf_spin:
+        uint64_t max_ns
+        uint32_t budget_pct
+        uint64_t tokens_ns
+        uint64_t earned_ns
+        uint64_t gap_ns
+    uint64_t ipf_spin_window(ipf_spin *s, uint64_t now)
+    void ipf_spin_done(ipf_spin *s, uint64_t idle_since, uint64_t spun_ns, uint64_t now)
+
     ctypedef struct ipf_ring:
         uint8_t *base
         size_t bytes
@@ -37,7 +46,7 @@ cdef extern from "worker.h" nogil:
         uint8_t vnet
         uint8_t partial
         int ifindex
-        uint64_t busy_poll_ns
+        ipf_spin spin
         uint8_t *buf
         uint32_t buf_size
         uint32_t ip_id, ip_id_end
@@ -62,7 +71,7 @@ cdef extern from "worker.h" nogil:
         uint32_t nap_min
         uint32_t coalesce_us
         int ifindex
-        uint64_t busy_poll_ns
+        ipf_spin spin
         int err
         ipf_gro_set gro
         uint32_t gro_slots[IPF_GRO_FLOWS][IPF_GRO_MAX_SEGS]
