@@ -33,7 +33,7 @@ cdef class Datapath:
         uint64_t busy_poll_ns
         unsigned int coalesce_us
         uint32_t mark               # SO_MARK of the send sockets
-        bint vnet, tx_partial, udp_gro
+        bint vnet, tx_partial, udp_gro, check_source_mac
         ipf_icmp_sender relay       # the control thread's ICMP errors (relayed); owns the raw socket
         ipf_icmp_stats relayed
         uint64_t pmtu_updates

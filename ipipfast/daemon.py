@@ -139,7 +139,7 @@ class Daemon:
             pmtudisc=cfg.tunnel.pmtudisc, ignore_df=cfg.tunnel.ignore_df, batch=cfg.tunnel.batch,
             vnet_hdr=cfg.tunnel.offload, csum_offload=self.csum_offload, udp_gso=tun.uso,
             coalesce_us=cfg.tunnel.coalesce_us, busy_poll_us=cfg.tunnel.busy_poll,
-            ring_frames=cfg.tunnel.ring_frames, mark=tc_drops.MARK)
+            ring_frames=cfg.tunnel.ring_frames, mark=tc_drops.MARK, check_source_mac=cfg.tunnel.check_source_mac)
         workers = self.datapath.add_workers(self.tun_fds)
         self.ring_frames = workers[0].ring_frames
         self.icmp = IcmpErrors(self.datapath, cfg.node.ip.ip)
@@ -312,8 +312,10 @@ class Daemon:
     # ---- next hops ------------------------------------------------------------
 
     def _resolve_nexthops(self, plan: Plan) -> None:
+        # Every peer's, those we only take IPIP from too: decap checks a
+        # frame's source MAC against it.
         self.nexthops = {}
-        for peer in plan.encapsulated.peers:
+        for peer in plan.datapath_peers():
             hop = self.kernel.nexthop(peer)
             if hop.ifindex != self.underlay.index:
                 log.warning("peer %s is reached through ifindex %d, not the underlay %s: "

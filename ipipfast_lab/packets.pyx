@@ -72,15 +72,18 @@ cdef class Tunnel:
 
     cdef ipf_tunnel tn
     cdef ipf_table *table
+    cdef bint check_mac
 
     def __cinit__(self):
         self.table = NULL
 
     def __init__(self, str local_ip, bytes local_mac=b"\x02\x00\x00\x00\x00\x01", *, int mtu=1500,
-                 ttl=None, tos=0, bint pmtudisc=False, bint ignore_df=False, routes=(), peers=()):
-        """routes and peers as for Datapath.set_table."""
+                 ttl=None, tos=0, bint pmtudisc=False, bint ignore_df=False, routes=(), peers=(),
+                 bint check_source_mac=True):
+        """routes and peers as for Datapath.set_table; check_source_mac as for Datapath."""
         set_tunnel(&self.tn, local_ip, local_mac, mtu, ttl, tos, pmtudisc, ignore_df)
         self.table = build_table(routes, peers, 1)
+        self.check_mac = check_source_mac
 
     def __dealloc__(self):
         ipf_table_free(self.table)
@@ -114,7 +117,7 @@ cdef class Tunnel:
             raise MemoryError()
         try:
             memcpy(buf, <const char *>frame, n)
-            reason = ipf_decap(self.table, self.tn.src, buf, n, &inner, &inner_len)
+            reason = ipf_decap(self.table, self.tn.src, self.check_mac, buf, n, &inner, &inner_len)
             if reason != IPF_RX_OK:
                 raise Dropped(RX_REASONS[reason - 1])
             return PyBytes_FromStringAndSize(<char *>inner, inner_len)
@@ -242,7 +245,8 @@ cdef class Tunnel:
             with nogil:
                 for r in range(rounds):
                     for i in range(count):
-                        reason = ipf_decap(self.table, self.tn.src, bufs + i * stride, lens[i], &inner, &inner_len)
+                        reason = ipf_decap(self.table, self.tn.src, self.check_mac, bufs + i * stride, lens[i],
+                                           &inner, &inner_len)
                         if reason == IPF_RX_OK:
                             ok += 1
                         else:

@@ -69,8 +69,9 @@ def test_underlay_frames_are_ipip_and_counters_match(bed, tmp_path):
     sent = {"tx_packets": 25, "rx_packets": 25}
     da, db = ta.wait_counters(before_a, sent), tb_.wait_counters(before_b, sent)
     # 25 requests out of n0 and 25 echoes back; nothing dropped anywhere.
-    assert da == {"tx_packets": 25, "tx_bytes": 25 * 128, "rx_packets": 25, "rx_bytes": 25 * 128}
-    assert db == {"tx_packets": 25, "tx_bytes": 25 * 128, "rx_packets": 25, "rx_bytes": 25 * 128}
+    both = {"tx_packets": 25, "tx_bytes": 25 * 128, "rx_packets": 25, "rx_bytes": 25 * 128,
+            "ring_seen": 25, "ring_taken": 25}
+    assert da == both and db == both
 
     frames = cap.ipip()
     requests = [f for f in frames if f[IP].src == n0.ip]
@@ -105,7 +106,8 @@ def test_unknown_peer_is_dropped_and_counted(bed, tmp_path):
     before = ta.counters()
     with Capture(tb, n1, tmp_path) as cap:
         inject(tb, n1, [ipip_frame(tb, n1, n0, echo, src="198.18.0.99")] * 5)
-        assert ta.wait_counters(before, {"rx_drop_unknown_peer": 5}) == {"rx_drop_unknown_peer": 5}
+        d = ta.wait_counters(before, {"rx_drop_unknown_peer": 5})
+        assert d == {"rx_drop_unknown_peer": 5, "ring_seen": 5, "ring_taken": 5}
     # The echo never reached the pod: no reply came back through the tunnel.
     assert not [f for f in cap.ipip() if f[IP].src == n0.ip]
     assert not cap.icmp_errors()
@@ -132,7 +134,8 @@ def test_malformed_burst_is_dropped_by_reason_and_forwarding_goes_on(bed, tmp_pa
     d = ta.wait_counters(before, {**dict.fromkeys(cases, 10), "rx_packets": 5, "tx_packets": 5})
     for counter in cases:
         assert d.pop(counter) == 10, counter
-    assert d == {"rx_packets": 5, "rx_bytes": 5 * 84, "tx_packets": 5, "tx_bytes": 5 * 84}
+    assert d == {"rx_packets": 5, "rx_bytes": 5 * 84, "tx_packets": 5, "tx_bytes": 5 * 84,
+                 "ring_seen": 45, "ring_taken": 45}
     assert not cap.icmp_errors(), "the kernel answered IPIP frames itself"
 
 
@@ -439,6 +442,10 @@ def test_a_full_ring_drops_by_reason_and_forwarding_goes_on():
         assert d["rx_drop_ring_full"] >= 500, d
         assert 64 <= d["rx_packets"] <= 64 + 3 + 8, d  # what the ring held, the pings, stray ARP-time frames
         assert d["rx_packets"] + d["rx_drop_ring_full"] <= sent, (d, sent)
+        # Every frame the ring saw is accounted for: taken and delivered, or dropped by reason.
+        assert d["ring_seen"] == d["ring_taken"] + d["rx_drop_ring_full"], d
+        assert d["ring_taken"] == d["rx_packets"] + sum(n for k, n in d.items()
+                                                         if k.startswith("rx_drop_") and k != "rx_drop_ring_full"), d
 
 
 def test_a_train_spans_ring_batches(tmp_path):
@@ -458,8 +465,8 @@ def test_a_train_spans_ring_batches(tmp_path):
                 inject(tb, n1, [ipip_frame(tb, n1, n0, s) for s in segs])
             # and the pod's RST goes back (nothing listens on port 9)
             d = ta.wait_counters(before, {"rx_packets": 40, "tx_packets": 1})
-        assert d == {"rx_packets": 40, "rx_bytes": 40 * 1440, "rx_gro": 1,
-                                                "tx_packets": 1, "tx_bytes": 40}
+        assert d == {"rx_packets": 40, "rx_bytes": 40 * 1440, "rx_gro": 1, "ring_seen": 40, "ring_taken": 40,
+                     "tx_packets": 1, "tx_bytes": 40}
         got = [f[IP] for f in cap.frames if IP in f and TCP in f and f[IP].src == far.ip and f[TCP].sport == 40000]
         assert len(got) == 1, [len(g) for g in got]
         [one] = got

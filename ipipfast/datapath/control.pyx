@@ -27,7 +27,7 @@ cdef class Datapath:
     def __init__(self, int ifindex, str local_ip, bytes local_mac, *, int mtu=1500, ttl=None, tos=0,
                  bint pmtudisc=False, bint ignore_df=False, int batch=64, int ring_frames=4096,
                  bint vnet_hdr=False, bint csum_offload=False, bint udp_gso=False, int coalesce_us=0,
-                 int busy_poll_us=0, uint32_t mark=0):
+                 int busy_poll_us=0, uint32_t mark=0, bint check_source_mac=True):
         """ifindex, local_ip, local_mac: the underlay interface; mtu: its
         MTU (the largest outer packet); vnet_hdr: the TUN queues carry a
         virtio_net_hdr with offloads (tun.py); csum_offload: the underlay
@@ -40,7 +40,9 @@ cdef class Datapath:
         the next frame wakes it; busy_poll_us: how long an
         idle loop keeps looking for work before it sleeps in poll(); mark:
         the skb mark of every frame the workers send (SO_MARK), by which the
-        tc egress drop knows the tunnel's own IPIP from a pod's."""
+        tc egress drop knows the tunnel's own IPIP from a pod's;
+        check_source_mac: a peer's frames must come from its next hop's MAC,
+        as the table holds it (decap.h)."""
         if not 1 <= batch <= 1024:
             raise ValueError(f"batch {batch} out of range 1..1024")
         if not 0 <= coalesce_us <= 10000:
@@ -52,6 +54,7 @@ cdef class Datapath:
         self.busy_poll_ns = <uint64_t>busy_poll_us * 1000
         self.coalesce_us = coalesce_us
         self.mark = mark
+        self.check_source_mac = check_source_mac
         # The group that spreads received frames over the workers' rings by
         # flow; one per datapath in the namespace.
         self.fanout_id = hash((os.getpid(), id(self))) & 0xffff
@@ -151,7 +154,8 @@ cdef class Datapath:
             sent += tx.icmp.sent
             ratelimited += tx.icmp.ratelimited
             workers.append(counters.Worker(direction(tx.packets, tx.bytes, tx.gso, tx.drops, TX_REASONS),
-                                           direction(rx.packets, rx.bytes, rx.gro, rx.drops, RX_REASONS)))
+                                           direction(rx.packets, rx.bytes, rx.gro, rx.drops, RX_REASONS),
+                                           counters.Ring(rx.seen, rx.taken)))
         return counters.Snapshot(tuple(workers), counters.Icmp(sent, ratelimited, self.relayed.sent,
                                                                self.pmtu_updates), self.generation)
 
@@ -195,6 +199,7 @@ cdef class Worker:
         self.tx.buf = <uint8_t *>aligned_zeroed(self.tx.buf_size)
 
         self.rx.local = dp.tn.src
+        self.rx.check_mac = dp.check_source_mac
         self.rx.udp_gro = dp.udp_gro
         self.rx.nap_min = max(1, dp.batch // 4)
         self.rx.coalesce_us = dp.coalesce_us
@@ -219,12 +224,14 @@ cdef class Worker:
             c.usleep(50)
 
     cdef void read(self, ipf_tx_stats *tx, ipf_rx_stats *rx):
-        """Copies both loops' counters, the receive ring's drops added to
-        its ring_full first (PACKET_STATISTICS resets on read)."""
+        """Copies both loops' counters, the receive ring's statistics added
+        first (PACKET_STATISTICS resets on read): its drops to ring_full,
+        the frames past its filter (drops included) to seen."""
         cdef c.tpacket_stats st
         cdef c.socklen_t n = sizeof(st)
         if c.getsockopt(self.rx.fd, c.SOL_PACKET, c.PACKET_STATISTICS, &st, &n) == 0:
             self.rx.stats.drops[IPF_RX_RING_FULL] += st.tp_drops
+            self.rx.stats.seen += st.tp_packets
         tx[0] = self.tx.stats
         rx[0] = self.rx.stats
 
