@@ -7,10 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
@@ -21,7 +19,7 @@ from ipipfast import tc_drops
 from ipipfast_lab import traffic
 from ipipfast_lab.testbed import Node, Testbed
 from ipipfast_lab.daemons import TunnelProcess, delta, running_tunnels, tx_accounted, wait_until
-from netns_helpers import Capture, inject, node_mac
+from netns_helpers import Capture, inject, ipip_frame, node_mac, route_into_tun_only
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces, TUN and AF_PACKET")]
@@ -90,12 +88,6 @@ def test_underlay_frames_are_ipip_and_counters_match(bed, tmp_path):
         assert IP(raw(outer)).chksum == chk
     ids = [f[IP].id for f in requests]
     assert all((y - x) % 65536 >= 1 for x, y in zip(ids, ids[1:]))  # the ID moves on per packet
-
-
-def ipip_frame(tb: Testbed, src_node: Node, dst_node: Node, inner: bytes, *, src: str | None = None,
-               **outer) -> bytes:
-    return raw(Ether(src=node_mac(tb, src_node), dst=node_mac(tb, dst_node))
-               / IP(src=src or src_node.ip, dst=dst_node.ip, proto=4, **outer) / Raw(inner))
 
 
 def test_unknown_peer_is_dropped_and_counted(bed, tmp_path):
@@ -168,19 +160,6 @@ def test_no_icmp_protocol_unreachable_leaves_a_node(bed, tmp_path):
     assert not cap.icmp_errors()
 
 
-@contextmanager
-def route_into_tun_only(tb: Testbed, tunnel: TunnelProcess, cidr: str) -> Iterator[None]:
-    """A kernel route into the TUN that the datapath's table does not have."""
-    ipr = tb.ipr(tunnel.node)
-    tun = ipr.link_lookup(ifname=tunnel.status()["tunnel"])[0]
-    net, length = cidr.split("/")
-    ipr.route("add", dst=net, dst_len=int(length), oif=tun)
-    try:
-        yield
-    finally:
-        ipr.route("del", dst=net, dst_len=int(length), oif=tun)
-
-
 def test_no_route_sends_net_unreachable(bed):
     tb, (ta, _) = bed
     with route_into_tun_only(tb, ta, "198.19.9.0/24"):
@@ -201,56 +180,6 @@ def test_icmp_errors_are_rate_limited_per_destination(bed):
         assert r["icmp_errors"] == {"3/0": 6}, r
         d = ta.wait_counters(before, {"icmp_sent": 6, "icmp_ratelimited": 4})
         assert (d["icmp_sent"], d["icmp_ratelimited"]) == (6, 4), d
-
-
-FLOOD_SOURCES = "198.19.64.0/20"
-# Paced UDP from many sources (argv: destination, seconds, packets a second,
-# first source): every packet another flow, so both TUN queues get them.
-SOURCES_FLOOD = """
-import socket, struct, sys, time
-dst, seconds, rate = socket.inet_aton(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
-first = int.from_bytes(socket.inet_aton(sys.argv[4]), "big")
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-start, sent = time.monotonic(), 0
-while (now := time.monotonic()) < start + seconds:
-    while sent < (now - start) * rate:
-        src = (first + sent % 4096).to_bytes(4, "big")
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, src, dst)
-        s.sendto(ip + struct.pack("!HHHH", 1024 + sent % 50000, 9, 8, 0), (sys.argv[1], 0))
-        sent += 1
-    time.sleep(0.005)
-"""
-
-
-def test_icmp_budget_is_one_for_the_node(tmp_path):
-    """The node's ICMP errors share one budget, 1000 a second with a burst
-    of 50, as the kernel's icmp_global_allow keeps one per network
-    namespace: a flood of 4000 packets a second from 4096 sources (the
-    per-destination limit never holds one back) to an address the table
-    has no route for, spread over two workers' TUN queues, gets at most
-    1000 errors a second plus the burst at the sender, however many
-    workers send them."""
-    sources = IPv4Network(FLOOD_SOURCES)
-    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb, workers=2) as (ta, _):
-        n0 = tb.nodes[0]
-        pod = n0.pods[0]
-        assert len(ta.status()["counters"]["workers"]) == 2
-        # The errors to the flood's sources lead back to the pod.
-        ipr = tb.ipr(n0)
-        ipr.route("add", dst=str(sources), gateway=pod.ip, oif=ipr.link_lookup(ifname=pod.host_veth)[0])
-        with route_into_tun_only(tb, ta, "198.19.9.0/24"):
-            before = ta.counters()
-            with Capture(tb, pod, tmp_path) as cap:
-                start = time.time()  # no error can leave before the flood starts
-                tb.run(pod, [sys.executable, "-c", SOURCES_FLOOD, "198.19.9.5", "1.5", "4000",
-                             str(sources.network_address)])
-            d = delta(before, ta.counters())
-            counted = time.time()
-    errors = [f for f in cap.icmp_errors() if IPv4Address(f[IP].dst) in sources]
-    assert errors and d["icmp_ratelimited"] > 0, d  # the budget was spent
-    seconds = float(max(f.time for f in errors)) - start  # each was captured after it was sent
-    assert len(errors) <= 50 + 1000 * seconds + 1, (len(errors), seconds, d)
-    assert d["icmp_sent"] <= 50 + 1000 * (counted - start) + 1, (d, counted - start)
 
 
 def test_reload_bad_config_keeps_table_then_good_config_applies():
