@@ -72,7 +72,7 @@ import socket
 import struct
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -541,22 +541,31 @@ def ipip(src: str, dst: str, inner: bytes) -> bytes:
     return raw(IP(src=src, dst=dst, proto=4, id=0x7100) / Raw(inner))
 
 
+def _tunl0_takes_what_ipipfast_drops(lab: Lab, to_vm: Callable[[bytes], bytes], to_ipf: Callable[[bytes], None],
+                                     reason: str) -> None:
+    """An echo reply to the pod behind each node, wrapped by to_vm and sent
+    to the VM from the switch namespace, and sent to ipipfast by to_ipf:
+    tunl0 decapsulates its own and forwards the echo back through the
+    tunnel; ipipfast drops its own (rx_drop_<reason>), the pod sees nothing."""
+    id_k, id_f = unique_id(), unique_id()
+    counter = f"rx_drop_{reason}"
+    before = lab.counters()
+    with lab.tap_sniffer() as sn, lab.pod_sniffer() as ps:
+        send_ip(lab.sw, to_vm(echo(VM_OTHER, IPF_POD, ident=id_k, icmp_type=0)))
+        to_ipf(echo(VM_OTHER, IPF_POD, ident=id_f, icmp_type=0))
+        kernel = sn.wait_for(tunnelled(VM_NODE, IPF_NODE, id_k))
+        ours = ps.wait_for(plain(id_f, IPF_POD), timeout=1.0)
+    assert kernel, "tunl0 did not decapsulate (and forward) the packet"
+    assert not ours
+    assert lab.daemon.wait_counters(before, {counter: 1})[counter] == 1
+
+
 def test_ipip_from_an_unknown_node(lab: Lab) -> None:
     """Intended difference: tunl0 (remote any) decapsulates IPIP from anyone;
     ipipfast only from the nodes its routes name (rx_drop_unknown_peer)."""
     stranger = "198.18.0.99"
-    id_k, id_f = unique_id(), unique_id()
-    before = lab.counters()
-    with lab.tap_sniffer() as sn, lab.pod_sniffer() as ps:
-        send_ip(lab.sw, raw(IP(src=stranger, dst=VM_NODE, proto=4, id=0x7001)
-                            / Raw(echo(VM_OTHER, IPF_POD, ident=id_k, icmp_type=0))))
-        send_ip(lab.sw, raw(IP(src=stranger, dst=IPF_NODE, proto=4, id=0x7002)
-                            / Raw(echo(VM_OTHER, IPF_POD, ident=id_f, icmp_type=0))))
-        kernel = sn.wait_for(tunnelled(VM_NODE, IPF_NODE, id_k))
-        ours = ps.wait_for(plain(id_f, IPF_POD), timeout=1.0)
-    assert kernel, "tunl0 did not decapsulate (and forward) the stranger's packet"
-    assert not ours
-    assert lab.daemon.wait_counters(before, {"rx_drop_unknown_peer": 1})["rx_drop_unknown_peer"] == 1
+    _tunl0_takes_what_ipipfast_drops(lab, lambda p: ipip(stranger, VM_NODE, p),
+                                     lambda p: send_ip(lab.sw, ipip(stranger, IPF_NODE, p)), "unknown_peer")
 
 
 def test_a_peers_address_from_another_mac(lab: Lab) -> None:
@@ -564,34 +573,19 @@ def test_a_peers_address_from_another_mac(lab: Lab) -> None:
     whatever MAC brings it; ipipfast only from the MAC of the peer's next hop
     (here the VM's own: both are on the bridge), rx_drop_source_mac. Both
     frames come from the switch namespace's MAC."""
-    id_k, id_f = unique_id(), unique_id()
-    before = lab.counters()
-    with lab.tap_sniffer() as sn, lab.pod_sniffer() as ps:
-        send_ip(lab.sw, ipip(IPF_NODE, VM_NODE, echo(VM_OTHER, IPF_POD, ident=id_k, icmp_type=0)))
-        send_ip(lab.sw, ipip(VM_NODE, IPF_NODE, echo(VM_OTHER, IPF_POD, ident=id_f, icmp_type=0)))
-        kernel = sn.wait_for(tunnelled(VM_NODE, IPF_NODE, id_k))
-        ours = ps.wait_for(plain(id_f, IPF_POD), timeout=1.0)
-    assert kernel, "tunl0 did not decapsulate (and forward) the spoofed packet"
-    assert not ours
-    assert lab.daemon.wait_counters(before, {"rx_drop_source_mac": 1})["rx_drop_source_mac"] == 1
+    _tunl0_takes_what_ipipfast_drops(lab, lambda p: ipip(IPF_NODE, VM_NODE, p),
+                                     lambda p: send_ip(lab.sw, ipip(VM_NODE, IPF_NODE, p)), "source_mac")
 
 
 def test_ipip_in_ipip(lab: Lab) -> None:
     """Intended difference: tunl0 takes IPIP in IPIP apart twice (the inner
     IPIP to its own address is delivered to ipip_rcv again) and forwards what
-    it finds; ipipfast drops it, rx_drop_inner_ipip."""
-    id_k, id_f = unique_id(), unique_id()
-    before = lab.counters()
-    with lab.tap_sniffer() as sn, lab.pod_sniffer() as ps:
-        send_ip(lab.sw, ipip(IPF_NODE, VM_NODE, ipip(IPF_NODE, VM_NODE,
-                                                     echo(VM_OTHER, IPF_POD, ident=id_k, icmp_type=0))))
-        send_frame(lab.sw, lab.uplink, from_vm(lab, ipip(VM_NODE, IPF_NODE, ipip(
-            VM_NODE, IPF_NODE, echo(VM_OTHER, IPF_POD, ident=id_f, icmp_type=0)))))
-        kernel = sn.wait_for(tunnelled(VM_NODE, IPF_NODE, id_k))
-        ours = ps.wait_for(plain(id_f, IPF_POD), timeout=1.0)
-    assert kernel, "tunl0 did not decapsulate the nested packet twice"
-    assert not ours
-    assert lab.daemon.wait_counters(before, {"rx_drop_inner_ipip": 1})["rx_drop_inner_ipip"] == 1
+    it finds; ipipfast drops it, rx_drop_inner_ipip. Ours comes from the
+    VM's MAC, as the VM's own frames do."""
+    _tunl0_takes_what_ipipfast_drops(
+        lab, lambda p: ipip(IPF_NODE, VM_NODE, ipip(IPF_NODE, VM_NODE, p)),
+        lambda p: send_frame(lab.sw, lab.uplink, from_vm(lab, ipip(VM_NODE, IPF_NODE, ipip(VM_NODE, IPF_NODE, p)))),
+        "inner_ipip")
 
 
 def test_inner_packets_to_node_addresses(lab: Lab) -> None:
