@@ -22,7 +22,7 @@ from .config import Config, ConfigError, load_config
 from .control import RUN_DIR, ControlServer, socket_path
 from .counters import Snapshot, to_json
 from .icmp import IcmpErrors
-from .kernel import EventsLost, Kernel, Link, NeighbourEvents, NextHop, ipip_module_loaded
+from .kernel import EventsLost, Kernel, Link, LinkAddress, NeighbourEvents, NextHop, ipip_module_loaded
 from .routes import RouteTable
 from .service import Service
 from .tun import open_tun
@@ -307,7 +307,7 @@ class Daemon:
         assert self.datapath is not None
         peers = self.plan.datapath_peers()
         self.datapath.set_table(self.plan.encapsulated.datapath_entries(),
-                                [(int(p), self.macs.get(p), self.icmp.pmtu(p)) for p in peers])
+                                [(int(p), self.macs.get(p), self.icmp.pmtu(p)) for p in peers], self.underlay.mac)
 
     # ---- next hops ------------------------------------------------------------
 
@@ -325,24 +325,33 @@ class Daemon:
         self._refresh_macs(push=False)
 
     def _refresh_macs(self, push: bool = True) -> None:
-        """Reads every next hop's MAC; asks the kernel to resolve the missing
-        ones; pushes a new table when any changed."""
+        """Reads every next hop's MAC, and the underlay's own; asks the kernel
+        to resolve the missing ones; pushes a new table when any changed."""
         macs: dict[IPv4Address, bytes | None] = {}
         for peer, hop in self.nexthops.items():
             mac = self.kernel.neighbour_mac(hop.ip, hop.ifindex)
             if mac is None:
                 self.kernel.solicit(hop.ip, hop.ifindex)
             macs[peer] = mac
-        self._set_macs(macs, push)
+        self._set_macs(macs, self.kernel.link(self.underlay.name).mac, push)
 
-    def _set_macs(self, macs: dict[IPv4Address, bytes | None], push: bool = True) -> None:
+    def _set_macs(self, macs: dict[IPv4Address, bytes | None], own: bytes | None = None, push: bool = True) -> None:
+        """Takes the next hops' MACs and the underlay's own (own: None, as it
+        was): a frame's source must be the MAC the underlay has now, which a
+        peer checks its frames against."""
+        changed = False
+        if own is not None and own != self.underlay.mac:
+            log.info("%s's MAC: %s", self.underlay.name, own.hex(":"))
+            self.underlay = replace(self.underlay, mac=own)
+            changed = True
         if macs != self.macs:
             for peer, mac in macs.items():
                 if mac != self.macs.get(peer):
                     log.info("next hop of %s: %s", peer, mac.hex(":") if mac else "unresolved")
             self.macs = macs
-            if push:
-                self._push_table()
+            changed = True
+        if changed and push:
+            self._push_table()
 
     def _await_nexthops(self, timeout: float) -> None:
         """Gives the first resolutions a moment, so that "ready" means the
@@ -375,22 +384,25 @@ class Daemon:
 
     def _neighbour_event_loop(self) -> None:
         """Follows a next hop's new MAC as soon as the kernel learns it (a
-        peer that moved announces itself with a gratuitous ARP), instead of
-        at the next periodic check. Only usable MACs are taken from events:
-        an entry that fails or goes is the periodic check's to handle."""
+        peer that moved announces itself with a gratuitous ARP), and the
+        underlay's own when it takes a new one, instead of at the next
+        periodic check. Only usable MACs are taken from events: an entry
+        that fails or goes is the periodic check's to handle."""
         try:
             with NeighbourEvents() as events:
                 while not self.stopping.is_set():
                     try:
-                        learned = {(n.ip, n.ifindex): n.mac for n in events.read(timeout=0.2) if n.mac}
+                        got = events.read(timeout=0.2)
                     except EventsLost:
                         with self.lock:
                             self._refresh_macs()
                         continue
-                    if learned:
+                    own = [e.mac for e in got if isinstance(e, LinkAddress) and e.ifindex == self.underlay.index]
+                    learned = {(n.ip, n.ifindex): n.mac for n in got if not isinstance(n, LinkAddress) and n.mac}
+                    if learned or own:
                         with self.lock:
                             self._set_macs({p: learned.get((h.ip, h.ifindex), self.macs.get(p))
-                                            for p, h in self.nexthops.items()})
+                                            for p, h in self.nexthops.items()}, own[-1] if own else None)
         finally:
             self.kernel.close_thread()
 

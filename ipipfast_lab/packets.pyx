@@ -81,8 +81,8 @@ cdef class Tunnel:
                  ttl=None, tos=0, bint pmtudisc=False, bint ignore_df=False, routes=(), peers=(),
                  bint check_source_mac=True):
         """routes and peers as for Datapath.set_table; check_source_mac as for Datapath."""
-        set_tunnel(&self.tn, local_ip, local_mac, mtu, ttl, tos, pmtudisc, ignore_df)
-        self.table = build_table(routes, peers, 1)
+        set_tunnel(&self.tn, local_ip, mtu, ttl, tos, pmtudisc, ignore_df)
+        self.table = build_table(routes, peers, local_mac, 1)
         self.check_mac = check_source_mac
 
     def __dealloc__(self):
@@ -101,7 +101,7 @@ cdef class Tunnel:
             reason = ipf_encap_classify(self.table, &self.tn, buf + HEADROOM, n, 0, &length, &peer)
             if reason != IPF_TX_OK:
                 raise Dropped(TX_REASONS[reason - 1])
-            ipf_encap_write(&self.tn, peer, buf + HEADROOM, length, ip_id)
+            ipf_encap_write(&self.tn, self.table.src_mac, peer, buf + HEADROOM, length, ip_id)
             return PyBytes_FromStringAndSize(<char *>buf + HEADROOM - IPF_ENCAP_HLEN,
                                              length + IPF_ENCAP_HLEN)
         finally:
@@ -148,8 +148,8 @@ cdef class Tunnel:
             raise Dropped(TX_REASONS[reason - 1])
         frames = []
         for k in range(plan.nseg):
-            ipf_gso_segment(&self.tn, peer, <const uint8_t *><const char *>packet, length, &plan, k,
-                            <uint16_t>(ip_id + k), partial, slot, iov)
+            ipf_gso_segment(&self.tn, self.table.src_mac, peer, <const uint8_t *><const char *>packet, length,
+                            &plan, k, <uint16_t>(ip_id + k), partial, slot, iov)
             frames.append(PyBytes_FromStringAndSize(<char *>iov[0].iov_base, iov[0].iov_len)
                           + PyBytes_FromStringAndSize(<char *>iov[1].iov_base, iov[1].iov_len))
         return frames
@@ -179,8 +179,8 @@ cdef class Tunnel:
         with nogil:
             for r in range(rounds):
                 for k in range(plan.nseg):
-                    made += ipf_gso_segment(&self.tn, peer, pkt, length, &plan, k, <uint16_t>k, partial,
-                                            slots + <size_t>k * IPF_SEG_SLOT, iov) != 0
+                    made += ipf_gso_segment(&self.tn, self.table.src_mac, peer, pkt, length, &plan, k, <uint16_t>k,
+                                            partial, slots + <size_t>k * IPF_SEG_SLOT, iov) != 0
         free(slots)
         return made
 
@@ -208,7 +208,7 @@ cdef class Tunnel:
                         pkt = bufs + i * stride + HEADROOM
                         reason = ipf_encap_classify(self.table, &self.tn, pkt, lens[i], 0, &length, &peer)
                         if reason == IPF_TX_OK:
-                            ipf_encap_write(&self.tn, peer, pkt, length, <uint16_t>i)
+                            ipf_encap_write(&self.tn, self.table.src_mac, peer, pkt, length, <uint16_t>i)
                             ok += 1
                         else:
                             reasons[i] = reason

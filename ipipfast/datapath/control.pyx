@@ -47,7 +47,7 @@ cdef class Datapath:
             raise ValueError(f"batch {batch} out of range 1..1024")
         if not 0 <= coalesce_us <= 10000:
             raise ValueError(f"coalesce_us {coalesce_us} out of range 0..10000")
-        set_tunnel(&self.tn, local_ip, local_mac, mtu, ttl, tos, pmtudisc, ignore_df)
+        set_tunnel(&self.tn, local_ip, mtu, ttl, tos, pmtudisc, ignore_df)
         self.ifindex, self.mtu, self.batch, self.ring_frames, self.vnet = ifindex, mtu, batch, ring_frames, vnet_hdr
         self.tx_partial = vnet_hdr and csum_offload
         self.udp_gro = vnet_hdr and udp_gso
@@ -62,7 +62,7 @@ cdef class Datapath:
         self.workers = []
         self.shared = <ipf_shared *>aligned_zeroed(sizeof(ipf_shared))
         self.shared.stop_fd = -1
-        self.shared.table = build_table((), (), 0)
+        self.shared.table = build_table((), (), local_mac, 0)
         self.shared.stop_fd = check(c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC), "eventfd")
         self.sink_fd = open_sink()
         self.relay.fd = check(c.socket(c.AF_INET, c.SOCK_RAW | c.SOCK_CLOEXEC, c.IPPROTO_RAW), "raw socket")
@@ -94,17 +94,18 @@ cdef class Datapath:
             ipf_table_free(self.shared.table)
             free(self.shared)
 
-    def set_table(self, routes, peers):
+    def set_table(self, routes, peers, bytes local_mac not None):
         """Replaces the forwarding table while the loops run. routes:
         (prefix as host-order int, prefix length, peer index); peers: (IPv4
-        as host-order int, next-hop MAC or None until resolved[, path MTU]).
+        as host-order int, next-hop MAC or None until resolved[, path MTU]);
+        local_mac: the underlay interface's now, the source of every frame.
         Returns once no loop can still see the old table, which is then
         freed."""
         cdef ipf_table *t
         cdef ipf_table *old
         cdef Worker w
         with self.lock:
-            t = build_table(routes, peers, self.generation + 1)
+            t = build_table(routes, peers, local_mac, self.generation + 1)
             old = ipf_table_publish(&self.shared.table, t)
             self.generation = t.generation
             for w in self.workers:
