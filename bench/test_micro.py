@@ -19,13 +19,15 @@ from scapy.packet import Raw, raw
 from ipipfast_lab.packets import Lpm, Tunnel, checksum, coalesce_rounds
 
 LOCAL, PEER = "198.18.0.10", "198.18.0.11"
+MAC = b"\x02" * 6
 BATCH, ROUNDS = 64, 200
 SIZES = [64, 512, 1400, 9000]
 
 
 def tunnel(local: str = LOCAL, mtu: int = 9100) -> Tunnel:
-    return Tunnel(local, mtu=mtu, routes=[(int(IPv4Address("198.19.1.0")), 24, 0)],
-                  peers=[(int(IPv4Address(PEER if local == LOCAL else LOCAL)), b"\x02" * 6)])
+    # Both ends' MAC is the one each holds for the other: decap checks the frame's source against it.
+    return Tunnel(local, MAC, mtu=mtu, routes=[(int(IPv4Address("198.19.1.0")), 24, 0)],
+                  peers=[(int(IPv4Address(PEER if local == LOCAL else LOCAL)), MAC)])
 
 
 def inner(size: int) -> bytes:

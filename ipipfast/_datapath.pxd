@@ -18,9 +18,9 @@ cdef enum:
 
 cdef uint32_t ip4(str addr) except? 0
 cdef ipf_lpm_route *lpm_routes(object entries, uint64_t values) except NULL
-cdef int set_tunnel(ipf_tunnel *tn, str local_ip, bytes local_mac, int mtu, object ttl,
-                    object tos, bint pmtudisc, bint ignore_df) except -1
-cdef ipf_table *build_table(object routes, object peers, uint64_t generation) except NULL
+cdef int set_tunnel(ipf_tunnel *tn, str local_ip, int mtu, object ttl, object tos, bint pmtudisc,
+                    bint ignore_df) except -1
+cdef ipf_table *build_table(object routes, object peers, bytes local_mac, uint64_t generation) except NULL
 
 
 cdef class Datapath:
@@ -34,7 +34,7 @@ cdef class Datapath:
         unsigned int busy_poll_budget
         unsigned int coalesce_us
         uint32_t mark               # SO_MARK of the send sockets
-        bint vnet, tx_partial, udp_gro
+        bint vnet, tx_partial, udp_gro, check_source_mac
         ipf_icmp_sender relay       # the control thread's ICMP errors (relayed); owns the raw socket
         ipf_icmp_stats relayed
         uint64_t pmtu_updates

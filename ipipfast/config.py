@@ -94,6 +94,11 @@ class TunnelConfig:
     # Frames in each worker's receive ring (a NIC's rx ring size, ethtool -G), rounded up to a
     # power of two: room for bursts while the decap loop waits for a CPU.
     ring_frames: int = 4096
+    # A peer's IPIP must come from the MAC of its next hop (the peer on-link, its gateway when
+    # routed): an L2 reverse-path check against its address spoofed from another link. Off for
+    # underlays where a routed peer's frames come back through another router than the one we
+    # send through (ECMP, a VRRP pair forwarding from their own MACs).
+    check_source_mac: bool = True
 
 
 @dataclass(frozen=True)
@@ -469,7 +474,7 @@ class _Reader:
         for key, (lo, hi, none_if) in _TUNNEL_INTS.items():
             if key in m:
                 kw[key] = self.integer(m[key], p + key, lo, hi, none_if)
-        for key in ("pmtudisc", "ignore_df", "offload"):
+        for key in ("pmtudisc", "ignore_df", "offload", "check_source_mac"):
             if key in m:
                 kw[key] = self.boolean(m[key], p + key)
         if kw.get("ttl") is not None:

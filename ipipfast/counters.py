@@ -29,9 +29,24 @@ class Direction:
 
 
 @dataclass(frozen=True)
+class Ring:
+    """The frames of a receive ring, or of all of them: seen by the kernel
+    (PACKET_STATISTICS tp_packets: every frame past the socket filter, those
+    it dropped for want of a slot, ring_full, included) and taken by the
+    decap loop. At rest, seen == taken + rx ring_full, and taken == rx
+    packets + every other rx drop: each frame the ring saw is accounted for."""
+    seen: int = 0
+    taken: int = 0
+
+    def __add__(self, other: Ring) -> Ring:
+        return Ring(self.seen + other.seen, self.taken + other.taken)
+
+
+@dataclass(frozen=True)
 class Worker:
     tx: Direction
     rx: Direction
+    ring: Ring = Ring()
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,10 @@ class Snapshot:
     def rx(self) -> Direction:
         return _sum(w.rx for w in self.workers)
 
+    @property
+    def ring(self) -> Ring:
+        return sum((w.ring for w in self.workers), Ring())
+
 
 def _sum(directions: Iterable[Direction]) -> Direction:
     total: Direction | None = None
@@ -78,6 +97,7 @@ def to_json(snapshot: Snapshot) -> dict:
     totals per direction (workers summed), ICMP, and each worker."""
     def direction(d: Direction) -> dict:
         return {"packets": d.packets, "bytes": d.bytes, "offloaded": d.offloaded, "drops": dict(d.drops)}
-    return {"tx": direction(snapshot.tx), "rx": direction(snapshot.rx), "icmp": asdict(snapshot.icmp),
-            "foreign_ipip": snapshot.foreign_ipip,
-            "workers": [{"tx": direction(w.tx), "rx": direction(w.rx)} for w in snapshot.workers]}
+    return {"tx": direction(snapshot.tx), "rx": direction(snapshot.rx), "ring": asdict(snapshot.ring),
+            "icmp": asdict(snapshot.icmp), "foreign_ipip": snapshot.foreign_ipip,
+            "workers": [{"tx": direction(w.tx), "rx": direction(w.rx), "ring": asdict(w.ring)}
+                        for w in snapshot.workers]}

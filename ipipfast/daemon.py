@@ -26,7 +26,7 @@ from .control import RUN_DIR, ControlServer, socket_path
 from .counters import Snapshot, to_json
 from .icmp import IcmpErrors
 from .inotify import ConfigWatcher
-from .kernel import EventsLost, Kernel, Link, NeighbourEvents, NextHop, ipip_module_loaded
+from .kernel import EventsLost, Kernel, Link, LinkAddress, NeighbourEvents, NextHop, ipip_module_loaded
 from .kernel_routes import remove_own_routes
 from .peer_hops import NO_HOP
 from .routes import DatapathEntries, Kind, Table
@@ -158,8 +158,8 @@ class Daemon:
             pmtudisc=cfg.tunnel.pmtudisc, ignore_df=cfg.tunnel.ignore_df, batch=cfg.tunnel.batch,
             vnet_hdr=cfg.tunnel.offload, csum_offload=self.csum_offload, udp_gso=tun.uso,
             coalesce_us=cfg.tunnel.coalesce_us, busy_poll_us=cfg.tunnel.busy_poll,
-            busy_poll_budget=cfg.tunnel.busy_poll_budget,
-            ring_frames=cfg.tunnel.ring_frames, mark=tc_drops.MARK)
+            busy_poll_budget=cfg.tunnel.busy_poll_budget, ring_frames=cfg.tunnel.ring_frames,
+            mark=tc_drops.MARK, check_source_mac=cfg.tunnel.check_source_mac)
         workers = self.datapath.add_workers(self.tun_fds)
         self.ring_frames = workers[0].ring_frames
         self.icmp = IcmpErrors(self.datapath, cfg.node.ip.ip)
@@ -377,7 +377,7 @@ class Daemon:
         self._follow_mtus(self.routing.take_mtus())
         table = self.routing.build()
         moved = self.routing.resolve()
-        if table is not None or any(int(p) in moved for p in self.plan.encapsulated):
+        if table is not None or any(int(p) in moved for p in self.plan.peers):
             with self.lock:
                 if table is not None:
                     self.plan = Plan.of(table)
@@ -431,18 +431,19 @@ class Daemon:
         plan = self.plan
         peers = [(int(p), self.macs.get(p), self.icmp.pmtu(p)) for p in plan.peers]
         entries = plan.entries()
-        self.generation = self.datapath.set_table(entries, peers)
+        self.generation = self.datapath.set_table(entries, peers, self.underlay.mac)
         self.published.append((self.generation, time.monotonic_ns(), len(entries)))
 
     # ---- next hops ------------------------------------------------------------
 
     def _resolve_nexthops(self, plan: Plan) -> None:
-        """The underlay next hop of each encapsulated peer, as routing has
-        it from the kernel's route to the peer; a peer the underlay does not
-        reach has none, and its packets drop (no_neigh)."""
+        """The underlay next hop of every peer, as routing has it from the
+        kernel's route to the peer: of those we only take IPIP from too,
+        since decap checks a frame's source MAC against it. A peer the
+        underlay does not reach has none: its packets drop (no_neigh)."""
         assert self.routing is not None
         nexthops = {}
-        for peer in plan.encapsulated:
+        for peer in plan.peers:
             hop = self.routing.next_hop(int(peer))
             if hop != NO_HOP:
                 nexthops[peer] = NextHop(peer, IPv4Address(hop), self.underlay.index)
@@ -450,8 +451,8 @@ class Daemon:
         self._refresh_macs(push=False)
 
     def _refresh_macs(self, push: bool = True) -> None:
-        """Reads every next hop's MAC; asks the kernel to resolve the missing
-        ones; pushes a new table when any changed."""
+        """Reads every next hop's MAC, and the underlay's own; asks the kernel
+        to resolve the missing ones; pushes a new table when any changed."""
         macs: dict[IPv4Address, bytes | None] = {}
         tables = {i: self.kernel.neighbour_macs(i) for i in {hop.ifindex for hop in self.nexthops.values()}}
         for peer, hop in self.nexthops.items():
@@ -459,16 +460,25 @@ class Daemon:
             if mac is None:
                 self.kernel.solicit(hop.ip, hop.ifindex)
             macs[peer] = mac
-        self._set_macs(macs, push)
+        self._set_macs(macs, self.kernel.link(self.underlay.name).mac, push)
 
-    def _set_macs(self, macs: dict[IPv4Address, bytes | None], push: bool = True) -> None:
+    def _set_macs(self, macs: dict[IPv4Address, bytes | None], own: bytes | None = None, push: bool = True) -> None:
+        """Takes the next hops' MACs and the underlay's own (own: None, as it
+        was): a frame's source must be the MAC the underlay has now, which a
+        peer checks its frames against."""
+        changed = False
+        if own is not None and own != self.underlay.mac:
+            log.info("%s's MAC: %s", self.underlay.name, own.hex(":"))
+            self.underlay = replace(self.underlay, mac=own)
+            changed = True
         if macs != self.macs:
             for peer, mac in macs.items():
                 if mac != self.macs.get(peer):
                     log.info("next hop of %s: %s", peer, mac.hex(":") if mac else "unresolved")
             self.macs = macs
-            if push:
-                self._push_table()
+            changed = True
+        if changed and push:
+            self._push_table()
 
     def _await_nexthops(self, timeout: float) -> None:
         """Gives the first resolutions a moment, so that "ready" means the
@@ -501,22 +511,25 @@ class Daemon:
 
     def _neighbour_event_loop(self) -> None:
         """Follows a next hop's new MAC as soon as the kernel learns it (a
-        peer that moved announces itself with a gratuitous ARP), instead of
-        at the next periodic check. Only usable MACs are taken from events:
-        an entry that fails or goes is the periodic check's to handle."""
+        peer that moved announces itself with a gratuitous ARP), and the
+        underlay's own when it takes a new one, instead of at the next
+        periodic check. Only usable MACs are taken from events: an entry
+        that fails or goes is the periodic check's to handle."""
         try:
             with NeighbourEvents() as events:
                 while not self.stopping.is_set():
                     try:
-                        learned = {(n.ip, n.ifindex): n.mac for n in events.read(stop=self.stop_wake) if n.mac}
+                        got = events.read(stop=self.stop_wake)
                     except EventsLost:
                         with self.lock:
                             self._refresh_macs()
                         continue
-                    if learned:
+                    own = [e.mac for e in got if isinstance(e, LinkAddress) and e.ifindex == self.underlay.index]
+                    learned = {(n.ip, n.ifindex): n.mac for n in got if not isinstance(n, LinkAddress) and n.mac}
+                    if learned or own:
                         with self.lock:
                             self._set_macs({p: learned.get((h.ip, h.ifindex), self.macs.get(p))
-                                            for p, h in self.nexthops.items()})
+                                            for p, h in self.nexthops.items()}, own[-1] if own else None)
         finally:
             self.kernel.close_thread()
 

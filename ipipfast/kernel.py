@@ -1,7 +1,7 @@
 """The kernel's side of the tunnel, through netlink (pyroute2): links,
-the next hops' MACs for the AF_PACKET socket, and the neighbour changes
-that move them. (Routes, by the hundred thousand, and the lookups of the
-next hops themselves go through rtnl.py.)"""
+the next hops' MACs for the AF_PACKET socket, and the neighbour and link
+changes that move them. (Routes, by the hundred thousand, and the lookups
+of the next hops themselves go through rtnl.py.)"""
 from __future__ import annotations
 
 import errno
@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 TUN_TXQUEUELEN = 1000
 NTF_USE = 0x01      # neighbour flag: ask the kernel to resolve it now
 NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE PERMANENT NOARP
-RTMGRP_NEIGH = 0x4  # the multicast group of neighbour changes
-RTM_NEWNEIGH, RTM_GETNEIGH = 28, 30
+RTMGRP_LINK, RTMGRP_NEIGH = 0x1, 0x4  # the multicast groups of link and neighbour changes
+RTM_NEWLINK, RTM_NEWNEIGH, RTM_GETNEIGH = 16, 28, 30
 NDA_DST, NDA_LLADDR = 1, 2
+IFLA_ADDRESS = 1
 EVENTS_RCVBUF = 1 << 20  # a burst of neighbour changes (a whole subnet's ARP) fits
 # A single get (not a dump) goes without NLM_F_ACK. pyroute2 0.9 asks for the
 # ACK, returns at the reply and leaves the ACK behind in a queue that nobody
@@ -172,7 +173,8 @@ class Kernel:
             found: dict[IPv4Address, bytes] = {}
             while True:
                 data = s.recv(65536)
-                found.update((n.ip, n.mac) for n in _neighbours(data) if n.mac and n.ifindex == ifindex)
+                found.update((n.ip, n.mac) for n in _events(data)
+                             if isinstance(n, Neighbour) and n.mac and n.ifindex == ifindex)
                 if _done(data):
                     return found
 
@@ -194,21 +196,28 @@ class Neighbour:
     mac: bytes | None  # None unless the entry holds a usable one (NUD_VALID)
 
 
+@dataclass(frozen=True)
+class LinkAddress:
+    """A link's MAC as a change announced it (RTM_NEWLINK)."""
+    ifindex: int
+    mac: bytes
+
+
 class EventsLost(Exception):
     """The kernel dropped notifications we were too slow to read: read the
-    neighbour table again."""
+    neighbour table (and our link) again."""
 
 
 class NeighbourEvents:
-    """The kernel's RTM_NEWNEIGH notifications, on a netlink socket of its
-    own (a plain one: pyroute2 would keep memory per message): a neighbour
-    learned, re-confirmed, or changed, as a peer's gratuitous ARP after it
-    moved changes it."""
+    """The kernel's RTM_NEWNEIGH and RTM_NEWLINK notifications, on a netlink
+    socket of its own (a plain one: pyroute2 would keep memory per message):
+    a neighbour learned, re-confirmed, or changed, as a peer's gratuitous ARP
+    after it moved changes it; and a link's MAC, as ours when it moves."""
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, EVENTS_RCVBUF)
-        self.sock.bind((0, RTMGRP_NEIGH))
+        self.sock.bind((0, RTMGRP_NEIGH | RTMGRP_LINK))
 
     def __enter__(self) -> NeighbourEvents:
         return self
@@ -216,13 +225,13 @@ class NeighbourEvents:
     def __exit__(self, *exc: object) -> None:
         self.sock.close()
 
-    def read(self, timeout: float | None = None, stop: WakePipe | None = None) -> list[Neighbour]:
-        """The IPv4 neighbours announced within timeout seconds (None: until
-        some are), or until stop is set: none if nothing came; EventsLost if
-        the kernel dropped some."""
+    def read(self, timeout: float | None = None, stop: WakePipe | None = None) -> list[Neighbour | LinkAddress]:
+        """The IPv4 neighbours and link MACs announced within timeout seconds
+        (None: until some are), or until stop is set: none if nothing came;
+        EventsLost if the kernel dropped some."""
         if self.sock not in select.select([self.sock, *([stop] if stop else [])], [], [], timeout)[0]:
             return []
-        out: list[Neighbour] = []
+        out: list[Neighbour | LinkAddress] = []
         while True:
             try:
                 data = self.sock.recv(65536, socket.MSG_DONTWAIT)
@@ -232,18 +241,24 @@ class NeighbourEvents:
                 if e.errno == errno.ENOBUFS:
                     raise EventsLost() from None
                 raise
-            out += _neighbours(data)
+            out += _events(data)
 
 
-def _neighbours(data: bytes) -> list[Neighbour]:
-    """The RTM_NEWNEIGH messages (AF_INET) of one netlink datagram."""
-    out = []
+def _events(data: bytes) -> list[Neighbour | LinkAddress]:
+    """The RTM_NEWNEIGH (AF_INET) and RTM_NEWLINK (with a MAC) messages of
+    one netlink datagram."""
+    out: list[Neighbour | LinkAddress] = []
     at = 0
     while at + 16 <= len(data):
         length, kind = struct.unpack_from("=IH", data, at)
         if length < 16:
             break
-        if kind == RTM_NEWNEIGH and length >= 28:
+        if kind == RTM_NEWLINK and length >= 32:
+            ifindex = struct.unpack_from("=4xi", data, at + 16)[0]  # struct ifinfomsg: 16 bytes
+            mac = _attrs(data[at + 32:at + length]).get(IFLA_ADDRESS)
+            if mac and len(mac) == 6:
+                out.append(LinkAddress(ifindex, mac))
+        elif kind == RTM_NEWNEIGH and length >= 28:
             family, ifindex, state = struct.unpack_from("=B3xiH", data, at + 16)
             attrs = _attrs(data[at + 28:at + length])
             if family == socket.AF_INET and len(attrs.get(NDA_DST, b"")) == 4:

@@ -48,6 +48,10 @@ class NodeCollector(Collector):
                        ("direction",), {(d,): c.bytes for d, c in directions})
         yield _counter("dropped_packets", "Packets dropped, by direction and reason.", ("direction", "reason"),
                        {(d, reason): n for d, c in directions for reason, n in c.drops.items()})
+        yield _counter("rx_ring_frames", "Frames of the receive rings: seen by the kernel past the socket filter "
+                       "(those it dropped for want of a slot, rx ring_full, included) and taken by the decap "
+                       "loops. At rest seen = taken + ring_full, and taken = rx packets + the other rx drops.",
+                       ("stage",), {("seen",): s.ring.seen, ("taken",): s.ring.taken})
         yield _counter("gso_packets", "GSO super-packets read from the TUN and segmented for the underlay.",
                        samples={(): tx.offloaded})
         yield _counter("gro_packets", "Coalesced packets (more than one segment) written to the TUN.",

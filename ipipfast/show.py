@@ -138,6 +138,8 @@ def _counters_text(answer: dict) -> str:
         drops = ", ".join(f"{r} {n}" for r, n in x["drops"].items() if n) or "none"
         lines.append(f"  {d}: {x['packets']} packets, {x['bytes']} bytes, {x['offloaded']} {offload}; "
                      f"dropped: {drops}")
+    ring = c["ring"]
+    lines.append(f"  rx rings: {ring['seen']} frames seen past the filter, {ring['taken']} taken by the decap loop")
     i = c["icmp"]
     lines.append(f"  icmp errors: {i['sent']} sent, {i['ratelimited']} rate-limited, {i['relayed']} relayed; "
                  f"{i['pmtu_updates']} path MTU updates")

@@ -50,12 +50,13 @@ def tx_accounted(d: Counters) -> int:
 
 def flat_counters(c: Mapping[str, Any]) -> Counters:
     """A status's counters under the names of the README's Counters section
-    (tx_packets, tx_drop_no_route, tx_gso, rx_gro, icmp_relayed, ...)."""
+    (tx_packets, tx_drop_no_route, tx_gso, rx_gro, ring_seen, icmp_relayed, ...)."""
     out: Counters = {}
     for d in ("tx", "rx"):
         out[f"{d}_packets"], out[f"{d}_bytes"] = c[d]["packets"], c[d]["bytes"]
         out.update({f"{d}_drop_{reason}": n for reason, n in c[d]["drops"].items()})
     out["tx_gso"], out["rx_gro"] = c["tx"]["offloaded"], c["rx"]["offloaded"]
+    out["ring_seen"], out["ring_taken"] = c["ring"]["seen"], c["ring"]["taken"]
     i = c["icmp"]
     out.update(icmp_sent=i["sent"], icmp_ratelimited=i["ratelimited"], icmp_relayed=i["relayed"],
                pmtu_updates=i["pmtu_updates"], foreign_ipip=c["foreign_ipip"])

@@ -73,15 +73,18 @@ cdef class Tunnel:
 
     cdef ipf_tunnel tn
     cdef ipf_table *table
+    cdef bint check_mac
 
     def __cinit__(self):
         self.table = NULL
 
     def __init__(self, str local_ip, bytes local_mac=b"\x02\x00\x00\x00\x00\x01", *, int mtu=1500,
-                 ttl=None, tos=0, bint pmtudisc=False, bint ignore_df=False, routes=(), peers=()):
-        """routes and peers as for Datapath.set_table."""
-        set_tunnel(&self.tn, local_ip, local_mac, mtu, ttl, tos, pmtudisc, ignore_df)
-        self.table = build_table(routes, peers, 1)
+                 ttl=None, tos=0, bint pmtudisc=False, bint ignore_df=False, routes=(), peers=(),
+                 bint check_source_mac=True):
+        """routes and peers as for Datapath.set_table; check_source_mac as for Datapath."""
+        set_tunnel(&self.tn, local_ip, mtu, ttl, tos, pmtudisc, ignore_df)
+        self.table = build_table(routes, peers, local_mac, 1)
+        self.check_mac = check_source_mac
 
     def __dealloc__(self):
         ipf_table_free(self.table)
@@ -99,7 +102,7 @@ cdef class Tunnel:
             reason = ipf_encap_classify(self.table, &self.tn, buf + HEADROOM, n, 0, &length, &peer)
             if reason != IPF_TX_OK:
                 raise Dropped(TX_REASONS[reason - 1])
-            ipf_encap_write(&self.tn, peer, buf + HEADROOM, length, ip_id)
+            ipf_encap_write(&self.tn, self.table.src_mac, peer, buf + HEADROOM, length, ip_id)
             return PyBytes_FromStringAndSize(<char *>buf + HEADROOM - IPF_ENCAP_HLEN,
                                              length + IPF_ENCAP_HLEN)
         finally:
@@ -115,7 +118,7 @@ cdef class Tunnel:
             raise MemoryError()
         try:
             memcpy(buf, <const char *>frame, n)
-            reason = ipf_decap(self.table, self.tn.src, buf, n, &inner, &inner_len)
+            reason = ipf_decap(self.table, self.tn.src, self.check_mac, buf, n, &inner, &inner_len)
             if reason != IPF_RX_OK:
                 raise Dropped(RX_REASONS[reason - 1])
             return PyBytes_FromStringAndSize(<char *>inner, inner_len)
@@ -146,8 +149,8 @@ cdef class Tunnel:
             raise Dropped(TX_REASONS[reason - 1])
         frames = []
         for k in range(plan.nseg):
-            ipf_gso_segment(&self.tn, peer, <const uint8_t *><const char *>packet, length, &plan, k,
-                            <uint16_t>(ip_id + k), partial, slot, iov)
+            ipf_gso_segment(&self.tn, self.table.src_mac, peer, <const uint8_t *><const char *>packet, length,
+                            &plan, k, <uint16_t>(ip_id + k), partial, slot, iov)
             frames.append(PyBytes_FromStringAndSize(<char *>iov[0].iov_base, iov[0].iov_len)
                           + PyBytes_FromStringAndSize(<char *>iov[1].iov_base, iov[1].iov_len))
         return frames
@@ -177,8 +180,8 @@ cdef class Tunnel:
         with nogil:
             for r in range(rounds):
                 for k in range(plan.nseg):
-                    made += ipf_gso_segment(&self.tn, peer, pkt, length, &plan, k, <uint16_t>k, partial,
-                                            slots + <size_t>k * IPF_SEG_SLOT, iov) != 0
+                    made += ipf_gso_segment(&self.tn, self.table.src_mac, peer, pkt, length, &plan, k, <uint16_t>k,
+                                            partial, slots + <size_t>k * IPF_SEG_SLOT, iov) != 0
         free(slots)
         return made
 
@@ -206,7 +209,7 @@ cdef class Tunnel:
                         pkt = bufs + i * stride + HEADROOM
                         reason = ipf_encap_classify(self.table, &self.tn, pkt, lens[i], 0, &length, &peer)
                         if reason == IPF_TX_OK:
-                            ipf_encap_write(&self.tn, peer, pkt, length, <uint16_t>i)
+                            ipf_encap_write(&self.tn, self.table.src_mac, peer, pkt, length, <uint16_t>i)
                             ok += 1
                         else:
                             reasons[i] = reason
@@ -243,7 +246,8 @@ cdef class Tunnel:
             with nogil:
                 for r in range(rounds):
                     for i in range(count):
-                        reason = ipf_decap(self.table, self.tn.src, bufs + i * stride, lens[i], &inner, &inner_len)
+                        reason = ipf_decap(self.table, self.tn.src, self.check_mac, bufs + i * stride, lens[i],
+                                           &inner, &inner_len)
                         if reason == IPF_RX_OK:
                             ok += 1
                         else:

@@ -64,11 +64,12 @@ class Frame:
 class Capture:
     """Frames on a node's underlay interface, or a pod's eth0, while the block
     runs: every frame the interface had passed when the block ends (the
-    capture writes out what its socket holds before it exits)."""
+    capture writes out what its socket holds before it exits). iface:
+    another interface of the namespace (a TUN's frames start with IP)."""
 
-    def __init__(self, tb: Testbed, where: Node | Pod, directory: Path) -> None:
-        self.tb, self.where, self.path = tb, where, directory / f"{where.name}.pcap"
-        self.iface = where.interface if isinstance(where, Node) else "eth0"  # a pod's only link
+    def __init__(self, tb: Testbed, where: Node | Pod, directory: Path, iface: str | None = None) -> None:
+        self.iface = iface or (where.interface if isinstance(where, Node) else "eth0")  # a pod's only link
+        self.tb, self.where, self.path = tb, where, directory / f"{where.name}-{self.iface}.pcap"
 
     def __enter__(self) -> Capture:
         self.proc = traffic.serve(self.tb, self.where, "capture", "--iface", self.iface, "--out", self.path)

@@ -217,6 +217,17 @@ def send_ip(ns: str, packet: bytes) -> None:
         s.close()
 
 
+def send_frame(ns: str, ifname: str, frame: bytes) -> None:
+    """Send an Ethernet frame as built out of ifname in namespace ns (a
+    bridge port: to the one device behind it, whatever its MACs say)."""
+    s = kernelvm.netns_socket(ns, socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        s.bind((ifname, 0))
+        s.send(frame)
+    finally:
+        s.close()
+
+
 def icmp_socket(ns: str) -> socket.socket:
     """A raw ICMP socket in ns (sees every ICMP message the namespace receives)."""
     s = kernelvm.netns_socket(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)

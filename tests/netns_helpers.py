@@ -1,18 +1,45 @@
-"""Helpers of the netns tests: frames on the underlay, injection."""
+"""Helpers of the netns tests: frames on the underlay, injection, captures, a
+route into the TUN that the datapath has not."""
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import Ether
+from scapy.packet import Packet, Raw, raw
 
 from ipipfast import tc_drops
 from ipipfast_lab import wire
-from ipipfast_lab.testbed import Node, Testbed
+from ipipfast_lab.daemons import TunnelProcess
+from ipipfast_lab.testbed import Node, Pod, Testbed
+
+
+@contextmanager
+def route_into_tun_only(tb: Testbed, tunnel: TunnelProcess, cidr: str) -> Iterator[None]:
+    """A kernel route into the TUN that the datapath's table does not have."""
+    ipr = tb.ipr(tunnel.node)
+    tun = ipr.link_lookup(ifname=tunnel.status()["tunnel"])[0]
+    net, length = cidr.split("/")
+    ipr.route("add", dst=net, dst_len=int(length), oif=tun)
+    try:
+        yield
+    finally:
+        ipr.route("del", dst=net, dst_len=int(length), oif=tun)
 
 
 def node_mac(tb: Testbed, node: Node) -> bytes:
     return bytes.fromhex(tb.mac(node).replace(":", ""))
+
+
+def ipip_frame(tb: Testbed, src_node: Node, dst_node: Node, inner: bytes, *, src: str | None = None,
+               **outer) -> bytes:
+    """An IPIP frame from src_node to dst_node on their link (its source
+    address src_node's, or src), carrying inner."""
+    return raw(Ether(src=node_mac(tb, src_node), dst=node_mac(tb, dst_node))
+               / IP(src=src or src_node.ip, dst=dst_node.ip, proto=4, **outer) / Raw(inner))
 
 
 def inject(tb: Testbed, node: Node, frames: list[bytes]) -> None:
@@ -28,13 +55,18 @@ def inject(tb: Testbed, node: Node, frames: list[bytes]) -> None:
 
 
 class Capture(wire.Capture):
-    """The lab's capture, its frames parsed by scapy."""
+    """The lab's capture, its frames parsed by scapy as layer (IP on a TUN)."""
+
+    def __init__(self, tb: Testbed, where: Node | Pod, tmp: Path, iface: str | None = None,
+                 layer: type[Packet] = Ether) -> None:
+        super().__init__(tb, where, tmp, iface)
+        self.layer = layer
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
         self.frames = []
         for record in self.records:
-            f = Ether(record.data)
+            f = self.layer(record.data)
             f.time = record.time  # when the capture read it, so after it was sent
             self.frames.append(f)
 

@@ -11,18 +11,22 @@ from scapy.packet import Raw, raw
 from ipipfast_lab.packets import Dropped, Tunnel
 
 LOCAL, PEER, STRANGER = "198.18.0.11", "198.18.0.10", "198.18.0.99"
+OTHER_PEER = "198.18.5.10"  # a routed peer: its next hop is the gateway
+PEER_MAC, GATEWAY_MAC = "02:00:00:00:00:0a", "02:00:00:00:00:01"
 
 
-def tunnel() -> Tunnel:
-    return Tunnel(LOCAL, routes=[], peers=[(int(IPv4Address(PEER)), None)])
+def tunnel(**kw) -> Tunnel:
+    peers = [(int(IPv4Address(PEER)), bytes.fromhex(PEER_MAC.replace(":", ""))),
+             (int(IPv4Address(OTHER_PEER)), bytes.fromhex(GATEWAY_MAC.replace(":", "")))]
+    return Tunnel(LOCAL, routes=[], peers=peers, **kw)
 
 
-def inner(tos=0, size=8) -> bytes:
-    return raw(IP(src="198.19.0.2", dst="198.19.1.2", tos=tos) / UDP(sport=1, dport=2) / Raw(b"y" * size))
+def inner(tos=0, size=8, dst="198.19.1.2") -> bytes:
+    return raw(IP(src="198.19.0.2", dst=dst, tos=tos) / UDP(sport=1, dport=2) / Raw(b"y" * size))
 
 
 def frame(payload: bytes, *, src=PEER, dst=LOCAL, tos=0, flags=0, frag=0, proto=4, ihl=None,
-          options=b"", chksum=None, length=None) -> bytes:
+          options=b"", chksum=None, length=None, mac=PEER_MAC) -> bytes:
     ip = IP(src=src, dst=dst, proto=proto, tos=tos, flags=flags, frag=frag, options=options)
     if ihl is not None:
         ip.ihl = ihl
@@ -30,7 +34,7 @@ def frame(payload: bytes, *, src=PEER, dst=LOCAL, tos=0, flags=0, frag=0, proto=
         ip.chksum = chksum
     if length is not None:
         ip.len = length
-    return raw(Ether(src="02:00:00:00:00:0a", dst="02:00:00:00:00:0b") / ip / Raw(payload))
+    return raw(Ether(src=mac, dst="02:00:00:00:00:0b") / ip / Raw(payload))
 
 
 def test_valid():
@@ -71,6 +75,12 @@ DROPS = [
     ("more fragments", frame(inner(), flags="MF"), "fragment"),
     ("fragment offset", frame(inner(), frag=10), "fragment"),
     ("unknown peer", frame(inner(), src=STRANGER), "unknown_peer"),
+    ("on-link peer from another MAC", frame(inner(), mac=GATEWAY_MAC), "source_mac"),
+    ("routed peer from a MAC not its gateway's", frame(inner(), src=OTHER_PEER), "source_mac"),
+    ("ipip in ipip", frame(raw(IP(src="198.19.0.2", dst=LOCAL, proto=4) / Raw(inner()))), "inner_ipip"),
+    ("inner to this node's underlay address", frame(inner(dst=LOCAL)), "inner_to_local"),
+    ("inner to the sender's underlay address", frame(inner(dst=PEER)), "inner_to_peer"),
+    ("inner to another peer's underlay address", frame(inner(dst=OTHER_PEER)), "inner_to_peer"),
     ("inner shorter than a header", frame(inner()[:19]), "truncated"),
     ("inner not ipv4", frame(b"\x60" + inner()[1:]), "inner_bad"),
     ("inner ihl 4", frame(b"\x44" + inner()[1:]), "inner_bad"),
@@ -84,6 +94,26 @@ def test_drops(name, data, reason):
     with pytest.raises(Dropped) as e:
         tunnel().decapsulate(data)
     assert e.value.reason == reason
+
+
+def test_routed_peer_from_its_gateway():
+    pkt = inner()
+    assert tunnel().decapsulate(frame(pkt, src=OTHER_PEER, mac=GATEWAY_MAC)) == pkt
+
+
+def test_peer_without_a_resolved_mac_is_dropped():
+    t = Tunnel(LOCAL, routes=[], peers=[(int(IPv4Address(PEER)), None)])
+    with pytest.raises(Dropped, match="no_neigh"):
+        t.decapsulate(frame(inner()))
+
+
+def test_source_mac_check_off():
+    """check_source_mac off (tunnel.check_source_mac: false): any MAC, and a
+    peer without one, as tunl0 takes them."""
+    pkt = inner()
+    assert tunnel(check_source_mac=False).decapsulate(frame(pkt, mac=GATEWAY_MAC)) == pkt
+    t = Tunnel(LOCAL, routes=[], peers=[(int(IPv4Address(PEER)), None)], check_source_mac=False)
+    assert t.decapsulate(frame(pkt)) == pkt
 
 
 NOT_ECT, ECT1, ECT0, CE = 0, 1, 2, 3

@@ -22,7 +22,7 @@ NEW_MAC = "02:00:5e:10:00:01"  # locally administered
 
 
 def test_traffic_follows_a_peers_new_mac(tmp_path: Path) -> None:
-    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb) as (t0, _):
+    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb) as (t0, t1):
         n0, n1 = tb.nodes
         a, b = n0.pods[0], n1.pods[0]
         assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
@@ -39,6 +39,10 @@ def test_traffic_follows_a_peers_new_mac(tmp_path: Path) -> None:
         frames = [f for f in cap.ipip() if f[IP].src == n0.ip]
         assert len(frames) >= 5 and {f[Ether].dst for f in frames} == {NEW_MAC}
         assert f"next hop of {n1.ip}: {NEW_MAC}" in t0.log()
+        # ...and the peer's own frames leave from its new MAC, which n0 checks them against.
+        replies = [f for f in cap.ipip() if f[IP].src == n1.ip]
+        assert len(replies) >= 5 and {f[Ether].src for f in replies} == {NEW_MAC}
+        assert f"{n1.interface}'s MAC: {NEW_MAC}" in t1.log()
 
 
 FLOOD = """
@@ -68,7 +72,7 @@ def test_sigterm_sends_the_in_flight_batch(tmp_path: Path, underlay: str) -> Non
     """A SIGTERM under a flood: every packet the daemon read from the TUN (the
     TUN's own count) is on the wire (captured at the peer) or counted as a
     drop, and none was dropped for the shutdown (send_failed)."""
-    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb) as (t0, _):
+    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb) as (t0, t1):
         n0, n1 = tb.nodes
         a, b = n0.pods[0], n1.pods[0]
         if underlay == "slower than the ring":  # 4 Mbit/s, 4,000 frames a second: the ring stays full

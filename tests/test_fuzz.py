@@ -17,12 +17,13 @@ from ipipfast_lab.packets import GRO_FLOWS, Dropped, Tunnel, coalesce
 from ipipfast_lab.traffic import inet_checksum
 
 LOCAL, PEER = "198.18.0.11", "198.18.0.10"
+PEER_MAC = bytes.fromhex("02000000000a")
 GSO_TCPV4, GSO_UDP_L4 = 1, 5
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def receiver() -> Tunnel:
-    return Tunnel(LOCAL, routes=[], peers=[(int(IPv4Address(PEER)), None)])
+    return Tunnel(LOCAL, routes=[], peers=[(int(IPv4Address(PEER)), PEER_MAC)])
 
 
 def sender(mtu: int = 1500) -> Tunnel:
@@ -51,6 +52,7 @@ def check_decap(frame: bytes) -> None:
     except Dropped as d:
         assert d.reason in RX_REASONS
         return
+    assert frame[6:12] == PEER_MAC
     outer = frame[14:]
     ihl = (outer[0] & 0x0F) * 4
     assert outer[0] >> 4 == 4 and outer[9] == 4 and inet_checksum(outer[:ihl]) == 0
@@ -58,6 +60,7 @@ def check_decap(frame: bytes) -> None:
     assert int.from_bytes(outer[6:8], "big") & 0x3FFF == 0  # not a fragment
     assert inner[0] >> 4 == 4 and int.from_bytes(inner[2:4], "big") == len(inner)
     assert inet_checksum(inner[:(inner[0] & 0x0F) * 4]) == 0
+    assert inner[9] != 4 and inner[16:20] not in (outer[12:16], outer[16:20])  # no tunnel, no node
     sent = outer[ihl:ihl + len(inner)]
     # Only ECN (RFC 6040: CE from the outer) and the header checksum may differ.
     assert inner[:1] + inner[2:10] + inner[12:] == sent[:1] + sent[2:10] + sent[12:]

@@ -56,6 +56,12 @@ Differences, each asserted:
 | DF-clear inner over the learnt PMTU, nopmtudisc | outer fragmented locally to the PMTU (1300 + 140) | sent whole (1420, DF clear): the path fragments | yes (encap.h ipf_encap_classify) | test_df_clear_inner_over_the_learnt_path_mtu |
 | DF-clear inner over the learnt PMTU, pmtudisc | dropped before the wire (Ip FragFails) | sent with DF (1420): the bottleneck drops it | equivalent loss | test_df_clear_inner_over_the_learnt_path_mtu |
 | IPIP from a node not in the routes | decapsulated (remote any) | dropped, rx_drop_unknown_peer | yes | test_ipip_from_an_unknown_node |
+| IPIP from a peer's address, from a MAC not its next hop's | decapsulated | dropped, rx_drop_source_mac | yes | test_a_peers_address_from_another_mac |
+| IPIP in IPIP | decapsulated twice, forwarded | dropped, rx_drop_inner_ipip | yes | test_ipip_in_ipip |
+| inner packet to the node's own underlay address | delivered to the node's stack (answered) | dropped, rx_drop_inner_to_local | yes | test_inner_packets_to_node_addresses |
+| inner packet to another node's underlay address | forwarded onto the underlay | dropped, rx_drop_inner_to_peer | yes | test_inner_packets_to_node_addresses |
+| IPIP to the node's address, another host's MAC | dropped in ip_rcv (PACKET_OTHERHOST) | dropped, rx_drop_other_host | same | test_frames_to_another_mac |
+| ... under the broadcast MAC | decapsulated (drop_unicast_in_l2_multicast 0) | dropped, rx_drop_other_host | yes | test_frames_to_another_mac |
 """
 
 from __future__ import annotations
@@ -66,13 +72,14 @@ import socket
 import struct
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
 from scapy.layers.inet import ICMP, IP
+from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
 import kernelvm
@@ -100,6 +107,7 @@ from interop_helpers import (
     open_lab,
     parse_ipip,
     recv_icmp,
+    send_frame,
     send_ip,
     unique_id,
     vm_dev_stats,
@@ -316,7 +324,7 @@ def test_ecn_decap_table_matches_the_kernel(lab: Lab, outer: int, inner: int) ->
         k_before, f_before = vm_dev_stats(lab.vm, "tunl0"), lab.counters()
     with lab.tap_sniffer() as sn, lab.pod_sniffer() as ps:
         send_ip(lab.sw, to_vm)
-        send_ip(lab.sw, to_ipf)
+        send_frame(lab.sw, lab.uplink, from_vm(lab, to_ipf))  # a frame from the VM's MAC, as its own would be
         timeout = 1.0 if dropped else 5.0
         kernel = sn.wait_for(tunnelled(VM_NODE, IPF_NODE, id_k), timeout=timeout)
         ours = ps.wait_for(plain(id_f, IPF_POD), timeout=timeout)
@@ -524,22 +532,115 @@ def test_df_clear_inner_over_the_learnt_path_mtu(lab: Lab, pmtudisc: bool) -> No
         lab.vm_tunnel()
 
 
+def from_vm(lab: Lab, packet: bytes, dst_mac: str | None = None) -> bytes:
+    """packet in an Ethernet frame from the VM's NIC to n0 (or to dst_mac)."""
+    return raw(Ether(src=lab.vm.mac, dst=dst_mac or lab.node_mac, type=0x0800) / Raw(packet))
+
+
+def ipip(src: str, dst: str, inner: bytes) -> bytes:
+    return raw(IP(src=src, dst=dst, proto=4, id=0x7100) / Raw(inner))
+
+
+def _tunl0_takes_what_ipipfast_drops(lab: Lab, to_vm: Callable[[bytes], bytes], to_ipf: Callable[[bytes], None],
+                                     reason: str) -> None:
+    """An echo reply to the pod behind each node, wrapped by to_vm and sent
+    to the VM from the switch namespace, and sent to ipipfast by to_ipf:
+    tunl0 decapsulates its own and forwards the echo back through the
+    tunnel; ipipfast drops its own (rx_drop_<reason>), the pod sees nothing."""
+    id_k, id_f = unique_id(), unique_id()
+    counter = f"rx_drop_{reason}"
+    before = lab.counters()
+    with lab.tap_sniffer() as sn, lab.pod_sniffer() as ps:
+        send_ip(lab.sw, to_vm(echo(VM_OTHER, IPF_POD, ident=id_k, icmp_type=0)))
+        to_ipf(echo(VM_OTHER, IPF_POD, ident=id_f, icmp_type=0))
+        kernel = sn.wait_for(tunnelled(VM_NODE, IPF_NODE, id_k))
+        ours = ps.wait_for(plain(id_f, IPF_POD), timeout=1.0)
+    assert kernel, "tunl0 did not decapsulate (and forward) the packet"
+    assert not ours
+    assert lab.daemon.wait_counters(before, {counter: 1})[counter] == 1
+
+
 def test_ipip_from_an_unknown_node(lab: Lab) -> None:
     """Intended difference: tunl0 (remote any) decapsulates IPIP from anyone;
     ipipfast only from the nodes its routes name (rx_drop_unknown_peer)."""
     stranger = "198.18.0.99"
-    id_k, id_f = unique_id(), unique_id()
+    _tunl0_takes_what_ipipfast_drops(lab, lambda p: ipip(stranger, VM_NODE, p),
+                                     lambda p: send_ip(lab.sw, ipip(stranger, IPF_NODE, p)), "unknown_peer")
+
+
+def test_a_peers_address_from_another_mac(lab: Lab) -> None:
+    """Intended difference: tunl0 decapsulates IPIP from a peer's address
+    whatever MAC brings it; ipipfast only from the MAC of the peer's next hop
+    (here the VM's own: both are on the bridge), rx_drop_source_mac. Both
+    frames come from the switch namespace's MAC."""
+    _tunl0_takes_what_ipipfast_drops(lab, lambda p: ipip(IPF_NODE, VM_NODE, p),
+                                     lambda p: send_ip(lab.sw, ipip(VM_NODE, IPF_NODE, p)), "source_mac")
+
+
+def test_ipip_in_ipip(lab: Lab) -> None:
+    """Intended difference: tunl0 takes IPIP in IPIP apart twice (the inner
+    IPIP to its own address is delivered to ipip_rcv again) and forwards what
+    it finds; ipipfast drops it, rx_drop_inner_ipip. Ours comes from the
+    VM's MAC, as the VM's own frames do."""
+    _tunl0_takes_what_ipipfast_drops(
+        lab, lambda p: ipip(IPF_NODE, VM_NODE, ipip(IPF_NODE, VM_NODE, p)),
+        lambda p: send_frame(lab.sw, lab.uplink, from_vm(lab, ipip(VM_NODE, IPF_NODE, ipip(VM_NODE, IPF_NODE, p)))),
+        "inner_ipip")
+
+
+def test_inner_packets_to_node_addresses(lab: Lab) -> None:
+    """Intended difference: tunl0 delivers an inner packet to its node's own
+    underlay address to the node's stack (the VM answers the echo, through
+    the tunnel), and forwards one to another node's address onto the
+    underlay, as if the node sent it; ipipfast drops both,
+    rx_drop_inner_to_local and rx_drop_inner_to_peer (its only peer, the VM,
+    is the other node here), and n0 neither answers nor forwards."""
+    to_node_k, to_peer_k, to_node_f, to_peer_f = (unique_id() for _ in range(4))
     before = lab.counters()
-    with lab.tap_sniffer() as sn, lab.pod_sniffer() as ps:
-        send_ip(lab.sw, raw(IP(src=stranger, dst=VM_NODE, proto=4, id=0x7001)
-                            / Raw(echo(VM_OTHER, IPF_POD, ident=id_k, icmp_type=0))))
-        send_ip(lab.sw, raw(IP(src=stranger, dst=IPF_NODE, proto=4, id=0x7002)
-                            / Raw(echo(VM_OTHER, IPF_POD, ident=id_f, icmp_type=0))))
-        kernel = sn.wait_for(tunnelled(VM_NODE, IPF_NODE, id_k))
-        ours = ps.wait_for(plain(id_f, IPF_POD), timeout=1.0)
-    assert kernel, "tunl0 did not decapsulate (and forward) the stranger's packet"
+    with lab.tap_sniffer() as sn, lab.uplink_sniffer() as up:
+        send_ip(lab.sw, ipip(IPF_NODE, VM_NODE, echo(IPF_POD, VM_NODE, ident=to_node_k)))
+        send_ip(lab.sw, ipip(IPF_NODE, VM_NODE, echo(IPF_POD, IPF_NODE, ident=to_peer_k, icmp_type=0)))
+        send_frame(lab.sw, lab.uplink, from_vm(lab, ipip(VM_NODE, IPF_NODE, echo(VM_POD, IPF_NODE, ident=to_node_f))))
+        send_frame(lab.sw, lab.uplink, from_vm(lab, ipip(VM_NODE, IPF_NODE,
+                                                         echo(VM_POD, VM_NODE, ident=to_peer_f, icmp_type=0))))
+        answered = sn.wait_for(tunnelled(VM_NODE, IPF_NODE, to_node_k))
+        forwarded = sn.wait_for(plain(to_peer_k, IPF_NODE))
+        ours = up.wait_for(lambda f: tunnelled(IPF_NODE, VM_NODE, to_node_f)(f) or plain(to_peer_f, VM_NODE)(f),
+                           timeout=1.0)
+    assert answered and IP(parse_ipip(answered[0]).inner)[ICMP].type == 0, "the VM did not answer the echo to it"
+    assert forwarded, "the VM did not forward the packet to the other node's address"
+    assert not ours, describe(ours)
+    d = lab.daemon.wait_counters(before, {"rx_drop_inner_to_local": 1, "rx_drop_inner_to_peer": 1})
+    assert (d["rx_drop_inner_to_local"], d["rx_drop_inner_to_peer"]) == (1, 1), d
+
+
+def test_frames_to_another_mac(lab: Lab) -> None:
+    """A frame to the node's address under another host's MAC: the kernel
+    drops it in ip_rcv (PACKET_OTHERHOST; the VM's NIC promiscuous, so that
+    it reaches the kernel at all), as ipipfast does, rx_drop_other_host.
+    Under the broadcast MAC the kernel takes it (RFC 1122's SHOULD discard
+    is off by default: drop_unicast_in_l2_multicast 0); ipipfast drops it
+    too, an intended difference: no peer sends IPIP to a broadcast."""
+    other, bcast = "02:00:5e:00:53:07", "ff:ff:ff:ff:ff:ff"
+    ids = {mac: (unique_id(), unique_id()) for mac in (other, bcast)}
+    vm_run(lab.vm, "ip link set eth0 promisc on")
+    before = lab.counters()
+    try:
+        with lab.tap_sniffer() as sn, lab.pod_sniffer() as ps:
+            for mac, (id_k, id_f) in ids.items():
+                send_frame(lab.sw, lab.tap, raw(Ether(src=lab.node_mac, dst=mac, type=0x0800) / Raw(
+                    ipip(IPF_NODE, VM_NODE, echo(VM_OTHER, IPF_POD, ident=id_k, icmp_type=0)))))
+                send_frame(lab.sw, lab.uplink, from_vm(lab, ipip(VM_NODE, IPF_NODE, echo(
+                    VM_OTHER, IPF_POD, ident=id_f, icmp_type=0)), dst_mac=mac))
+            kernel = {mac: sn.wait_for(tunnelled(VM_NODE, IPF_NODE, id_k), timeout=1.0)
+                      for mac, (id_k, _) in ids.items()}
+            ours = [f for _, id_f in ids.values() for f in ps.all(plain(id_f, IPF_POD))]
+    finally:
+        vm_run(lab.vm, "ip link set eth0 promisc off")
+    assert not kernel[other], "the kernel took a frame to another host's MAC"
+    assert kernel[bcast], "the kernel did not take IPIP to its address under the broadcast MAC"
     assert not ours
-    assert lab.daemon.wait_counters(before, {"rx_drop_unknown_peer": 1})["rx_drop_unknown_peer"] == 1
+    assert lab.daemon.wait_counters(before, {"rx_drop_other_host": 2})["rx_drop_other_host"] == 2
 
 
 def _outer_error(lab: Lab, sender_ns: str, src: str, dst: str, node: str, peer: str,

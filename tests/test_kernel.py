@@ -69,33 +69,44 @@ def test_the_daemons_periodic_gets_hold_no_memory():
 
 NEIGHBOUR_EVENTS = """
 import json, subprocess, sys
-from ipipfast.kernel import NeighbourEvents
+from ipipfast.kernel import LinkAddress, Neighbour, NeighbourEvents
 interface, ip = sys.argv[1], sys.argv[2]
-seen = []
+seen, links = [], []
 with NeighbourEvents() as events:
+    def read():
+        got = events.read(timeout=5) or [None]
+        seen.extend(n for n in got if not isinstance(n, LinkAddress))
+        links.extend(e for e in got if isinstance(e, LinkAddress))
     for mac in ("02:00:5e:00:00:01", "02:00:5e:00:00:02"):
         subprocess.run(["ip", "neigh", "replace", ip, "lladdr", mac, "dev", interface, "nud", "stale"], check=True)
-        while not any(n.mac == bytes.fromhex(mac.replace(":", "")) for n in seen):
-            seen += events.read(timeout=5) or [None]
+        while not any(n.mac == bytes.fromhex(mac.replace(":", "")) for n in seen if n):
+            read()
     subprocess.run(["ip", "neigh", "replace", ip, "dev", interface, "nud", "failed"], check=True)
     while seen[-1] is None or seen[-1].mac is not None:
-        seen += events.read(timeout=5) or [None]
-print(json.dumps([n and [str(n.ip), n.ifindex, n.mac.hex(":") if n.mac else None] for n in seen]))
+        read()
+    subprocess.run(["ip", "link", "set", interface, "address", "02:00:5e:00:00:03"], check=True)
+    while not links:
+        read()
+print(json.dumps({"neighbours": [n and [str(n.ip), n.ifindex, n.mac.hex(":") if n.mac else None] for n in seen],
+                  "links": [[e.ifindex, e.mac.hex(":")] for e in links]}))
 """
 
 
 def test_neighbour_events_announce_each_change():
     """What the daemon follows between its periodic checks: a neighbour's new
-    MAC as the kernel announces it, and an entry that failed, without one."""
+    MAC as the kernel announces it, an entry that failed, without one, and
+    the node's own link taking a new MAC."""
     with Testbed(nodes=2, pods_per_node=1) as tb:
         node = tb.nodes[0]
         index = tb.ipr(node).link_lookup(ifname=node.interface)[0]
-        out = tb.run(node, [sys.executable, "-c", NEIGHBOUR_EVENTS, node.interface, "198.18.0.99"], timeout=60).stdout
-    seen = [tuple(n) for n in json.loads(out) if n and n[0] == "198.18.0.99"]
+        out = json.loads(tb.run(node, [sys.executable, "-c", NEIGHBOUR_EVENTS, node.interface, "198.18.0.99"],
+                                timeout=60).stdout)
+    seen = [tuple(n) for n in out["neighbours"] if n and n[0] == "198.18.0.99"]
     assert ("198.18.0.99", index, "02:00:5e:00:00:01") in seen
     assert ("198.18.0.99", index, "02:00:5e:00:00:02") in seen
     assert seen[-1] == ("198.18.0.99", index, None)
-    assert None not in json.loads(out)  # every read in time: none timed out
+    assert None not in out["neighbours"]  # every read in time: none timed out
+    assert [index, "02:00:5e:00:00:03"] in out["links"]
 
 
 NEIGHBOUR_DUMP = """

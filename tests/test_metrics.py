@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ipipfast.counters import Direction, Icmp, Snapshot, Worker
+from ipipfast.counters import Direction, Icmp, Ring, Snapshot, Worker
 from ipipfast.metrics import Reading, registry
 from ipipfast_lab import traffic
 from ipipfast_lab.daemons import TunnelProcess, wait_until
@@ -51,8 +51,10 @@ def direction(packets: int, nbytes: int, offloaded: int, reasons: tuple[str, ...
 
 
 TWO_WORKERS = Snapshot(
-    workers=(Worker(tx=direction(10, 1500, 2, TX_REASONS, 3, 0), rx=direction(7, 900, 1, RX_REASONS, 0, 4)),
-             Worker(tx=direction(5, 500, 0, TX_REASONS, 1, 2), rx=direction(1, 100, 0, RX_REASONS, 6, 0))),
+    workers=(Worker(tx=direction(10, 1500, 2, TX_REASONS, 3, 0), rx=direction(7, 900, 1, RX_REASONS, 0, 4),
+                    ring=Ring(seen=11, taken=7)),
+             Worker(tx=direction(5, 500, 0, TX_REASONS, 1, 2), rx=direction(1, 100, 0, RX_REASONS, 6, 0),
+                    ring=Ring(seen=7, taken=7))),
     icmp=Icmp(sent=4, ratelimited=1, relayed=2, pmtu_updates=3),
     generation=7,
     queue_full=9,
@@ -77,6 +79,8 @@ def test_every_family_from_one_snapshot_summed_over_workers() -> None:
         S("ipipfast_dropped_packets_total", direction="tx", reason="queue_full"): 9,
         S("ipipfast_dropped_packets_total", direction="rx", reason="unknown_peer"): 6,
         S("ipipfast_dropped_packets_total", direction="rx", reason="ring_full"): 4,
+        S("ipipfast_rx_ring_frames_total", stage="seen"): 18,
+        S("ipipfast_rx_ring_frames_total", stage="taken"): 14,
         S("ipipfast_gso_packets_total"): 2,
         S("ipipfast_gro_packets_total"): 1,
         S("ipipfast_icmp_errors_sent_total"): 4,

@@ -7,10 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
@@ -21,7 +19,7 @@ from ipipfast import tc_drops
 from ipipfast_lab import traffic
 from ipipfast_lab.testbed import Node, Testbed
 from ipipfast_lab.daemons import TunnelProcess, delta, running_tunnels, tx_accounted, wait_until
-from netns_helpers import Capture, inject, node_mac
+from netns_helpers import Capture, inject, ipip_frame, node_mac, route_into_tun_only
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces, TUN and AF_PACKET")]
@@ -69,8 +67,9 @@ def test_underlay_frames_are_ipip_and_counters_match(bed, tmp_path):
     sent = {"tx_packets": 25, "rx_packets": 25}
     da, db = ta.wait_counters(before_a, sent), tb_.wait_counters(before_b, sent)
     # 25 requests out of n0 and 25 echoes back; nothing dropped anywhere.
-    assert da == {"tx_packets": 25, "tx_bytes": 25 * 128, "rx_packets": 25, "rx_bytes": 25 * 128}
-    assert db == {"tx_packets": 25, "tx_bytes": 25 * 128, "rx_packets": 25, "rx_bytes": 25 * 128}
+    both = {"tx_packets": 25, "tx_bytes": 25 * 128, "rx_packets": 25, "rx_bytes": 25 * 128,
+            "ring_seen": 25, "ring_taken": 25}
+    assert da == both and db == both
 
     frames = cap.ipip()
     requests = [f for f in frames if f[IP].src == n0.ip]
@@ -91,12 +90,6 @@ def test_underlay_frames_are_ipip_and_counters_match(bed, tmp_path):
     assert all((y - x) % 65536 >= 1 for x, y in zip(ids, ids[1:]))  # the ID moves on per packet
 
 
-def ipip_frame(tb: Testbed, src_node: Node, dst_node: Node, inner: bytes, *, src: str | None = None,
-               **outer) -> bytes:
-    return raw(Ether(src=node_mac(tb, src_node), dst=node_mac(tb, dst_node))
-               / IP(src=src or src_node.ip, dst=dst_node.ip, proto=4, **outer) / Raw(inner))
-
-
 def test_unknown_peer_is_dropped_and_counted(bed, tmp_path):
     tb, (ta, _) = bed
     n0, n1 = tb.nodes
@@ -105,7 +98,8 @@ def test_unknown_peer_is_dropped_and_counted(bed, tmp_path):
     before = ta.counters()
     with Capture(tb, n1, tmp_path) as cap:
         inject(tb, n1, [ipip_frame(tb, n1, n0, echo, src="198.18.0.99")] * 5)
-        assert ta.wait_counters(before, {"rx_drop_unknown_peer": 5}) == {"rx_drop_unknown_peer": 5}
+        d = ta.wait_counters(before, {"rx_drop_unknown_peer": 5})
+        assert d == {"rx_drop_unknown_peer": 5, "ring_seen": 5, "ring_taken": 5}
     # The echo never reached the pod: no reply came back through the tunnel.
     assert not [f for f in cap.ipip() if f[IP].src == n0.ip]
     assert not cap.icmp_errors()
@@ -132,7 +126,8 @@ def test_malformed_burst_is_dropped_by_reason_and_forwarding_goes_on(bed, tmp_pa
     d = ta.wait_counters(before, {**dict.fromkeys(cases, 10), "rx_packets": 5, "tx_packets": 5})
     for counter in cases:
         assert d.pop(counter) == 10, counter
-    assert d == {"rx_packets": 5, "rx_bytes": 5 * 84, "tx_packets": 5, "tx_bytes": 5 * 84}
+    assert d == {"rx_packets": 5, "rx_bytes": 5 * 84, "tx_packets": 5, "tx_bytes": 5 * 84,
+                 "ring_seen": 45, "ring_taken": 45}
     assert not cap.icmp_errors(), "the kernel answered IPIP frames itself"
 
 
@@ -165,19 +160,6 @@ def test_no_icmp_protocol_unreachable_leaves_a_node(bed, tmp_path):
     assert not cap.icmp_errors()
 
 
-@contextmanager
-def route_into_tun_only(tb: Testbed, tunnel: TunnelProcess, cidr: str) -> Iterator[None]:
-    """A kernel route into the TUN that the datapath's table does not have."""
-    ipr = tb.ipr(tunnel.node)
-    tun = ipr.link_lookup(ifname=tunnel.status()["tunnel"])[0]
-    net, length = cidr.split("/")
-    ipr.route("add", dst=net, dst_len=int(length), oif=tun)
-    try:
-        yield
-    finally:
-        ipr.route("del", dst=net, dst_len=int(length), oif=tun)
-
-
 def test_no_route_sends_net_unreachable(bed):
     tb, (ta, _) = bed
     with route_into_tun_only(tb, ta, "198.19.9.0/24"):
@@ -198,56 +180,6 @@ def test_icmp_errors_are_rate_limited_per_destination(bed):
         assert r["icmp_errors"] == {"3/0": 6}, r
         d = ta.wait_counters(before, {"icmp_sent": 6, "icmp_ratelimited": 4})
         assert (d["icmp_sent"], d["icmp_ratelimited"]) == (6, 4), d
-
-
-FLOOD_SOURCES = "198.19.64.0/20"
-# Paced UDP from many sources (argv: destination, seconds, packets a second,
-# first source): every packet another flow, so both TUN queues get them.
-SOURCES_FLOOD = """
-import socket, struct, sys, time
-dst, seconds, rate = socket.inet_aton(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
-first = int.from_bytes(socket.inet_aton(sys.argv[4]), "big")
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-start, sent = time.monotonic(), 0
-while (now := time.monotonic()) < start + seconds:
-    while sent < (now - start) * rate:
-        src = (first + sent % 4096).to_bytes(4, "big")
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, src, dst)
-        s.sendto(ip + struct.pack("!HHHH", 1024 + sent % 50000, 9, 8, 0), (sys.argv[1], 0))
-        sent += 1
-    time.sleep(0.005)
-"""
-
-
-def test_icmp_budget_is_one_for_the_node(tmp_path):
-    """The node's ICMP errors share one budget, 1000 a second with a burst
-    of 50, as the kernel's icmp_global_allow keeps one per network
-    namespace: a flood of 4000 packets a second from 4096 sources (the
-    per-destination limit never holds one back) to an address the table
-    has no route for, spread over two workers' TUN queues, gets at most
-    1000 errors a second plus the burst at the sender, however many
-    workers send them."""
-    sources = IPv4Network(FLOOD_SOURCES)
-    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb, workers=2) as (ta, _):
-        n0 = tb.nodes[0]
-        pod = n0.pods[0]
-        assert len(ta.status()["counters"]["workers"]) == 2
-        # The errors to the flood's sources lead back to the pod.
-        ipr = tb.ipr(n0)
-        ipr.route("add", dst=str(sources), gateway=pod.ip, oif=ipr.link_lookup(ifname=pod.host_veth)[0])
-        with route_into_tun_only(tb, ta, "198.19.9.0/24"):
-            before = ta.counters()
-            with Capture(tb, pod, tmp_path) as cap:
-                start = time.time()  # no error can leave before the flood starts
-                tb.run(pod, [sys.executable, "-c", SOURCES_FLOOD, "198.19.9.5", "1.5", "4000",
-                             str(sources.network_address)])
-            d = delta(before, ta.counters())
-            counted = time.time()
-    errors = [f for f in cap.icmp_errors() if IPv4Address(f[IP].dst) in sources]
-    assert errors and d["icmp_ratelimited"] > 0, d  # the budget was spent
-    seconds = float(max(f.time for f in errors)) - start  # each was captured after it was sent
-    assert len(errors) <= 50 + 1000 * seconds + 1, (len(errors), seconds, d)
-    assert d["icmp_sent"] <= 50 + 1000 * (counted - start) + 1, (d, counted - start)
 
 
 def test_reload_bad_config_keeps_table_then_good_config_applies():
@@ -440,6 +372,10 @@ def test_a_full_ring_drops_by_reason_and_forwarding_goes_on():
         assert d["rx_drop_ring_full"] >= 500, d
         assert 64 <= d["rx_packets"] <= 64 + 3 + 8, d  # what the ring held, the pings, stray ARP-time frames
         assert d["rx_packets"] + d["rx_drop_ring_full"] <= sent, (d, sent)
+        # Every frame the ring saw is accounted for: taken and delivered, or dropped by reason.
+        assert d["ring_seen"] == d["ring_taken"] + d["rx_drop_ring_full"], d
+        assert d["ring_taken"] == d["rx_packets"] + sum(n for k, n in d.items()
+                                                         if k.startswith("rx_drop_") and k != "rx_drop_ring_full"), d
 
 
 def test_a_train_spans_ring_batches(tmp_path):
@@ -459,8 +395,8 @@ def test_a_train_spans_ring_batches(tmp_path):
                 inject(tb, n1, [ipip_frame(tb, n1, n0, s) for s in segs])
             # and the pod's RST goes back (nothing listens on port 9)
             d = ta.wait_counters(before, {"rx_packets": 40, "tx_packets": 1})
-        assert d == {"rx_packets": 40, "rx_bytes": 40 * 1440, "rx_gro": 1,
-                                                "tx_packets": 1, "tx_bytes": 40}
+        assert d == {"rx_packets": 40, "rx_bytes": 40 * 1440, "rx_gro": 1, "ring_seen": 40, "ring_taken": 40,
+                     "tx_packets": 1, "tx_bytes": 40}
         got = [f[IP] for f in cap.frames if IP in f and TCP in f and f[IP].src == far.ip and f[TCP].sport == 40000]
         assert len(got) == 1, [len(g) for g in got]
         [one] = got
@@ -480,9 +416,11 @@ def test_a_full_tun_queue_is_counted_and_forwarding_goes_on():
 def test_an_underlay_that_goes_down_drops_by_reason_and_forwarding_resumes():
     """A link that flaps is survived, as tunl0 survives it. While the
     sending node's underlay is down, the kernel refuses the frames queued in
-    its TX ring: they are dropped and counted as tx_drop_send_failed (or
-    no_neigh, once the daemon sees the neighbour go), as a qdisc drops its
-    queue when its device goes down, and none is counted as sent. Its
+    its TX ring: they are dropped and counted as tx_drop_send_failed, or as
+    no_neigh once the daemon has seen the route to the peer go with the
+    link (the usual case: the route's withdrawal reaches it within the
+    burst), as a qdisc drops its queue when its device goes down, and none
+    is counted as sent. Its
     receive ring's socket reports ENETDOWN, which is no reason to stop. Once
     the link is up again, forwarding resumes both ways."""
     with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb) as (t0, t1):
@@ -503,8 +441,7 @@ def test_an_underlay_that_goes_down_drops_by_reason_and_forwarding_resumes():
         finally:
             ipr.link("set", index=underlay, state="up")
         assert d.get("tx_packets", 0) == 0, d
-        assert d["tx_drop_send_failed"] > 0, d
-        lost = d["tx_drop_send_failed"] + d.get("tx_drop_no_neigh", 0) + d.get("tx_drop_queue_full", 0)
+        lost = d.get("tx_drop_send_failed", 0) + d.get("tx_drop_no_neigh", 0) + d.get("tx_drop_queue_full", 0)
         assert lost == 2000, d
         assert delta(far, t1.counters()).get("rx_packets", 0) == 0
         # the neighbour is resolved again first

@@ -27,7 +27,7 @@ cdef class Datapath:
     def __init__(self, int ifindex, str local_ip, bytes local_mac, *, int mtu=1500, ttl=None, tos=0,
                  bint pmtudisc=False, bint ignore_df=False, int batch=64, int ring_frames=4096,
                  bint vnet_hdr=False, bint csum_offload=False, bint udp_gso=False, int coalesce_us=0,
-                 int busy_poll_us=0, int busy_poll_budget=100, uint32_t mark=0):
+                 int busy_poll_us=0, int busy_poll_budget=100, uint32_t mark=0, bint check_source_mac=True):
         """ifindex, local_ip, local_mac: the underlay interface; mtu: its
         MTU (the largest outer packet); vnet_hdr: the TUN queues carry a
         virtio_net_hdr with offloads (tun.py); csum_offload: the underlay
@@ -43,12 +43,14 @@ cdef class Datapath:
         busy_poll_budget: the percentage of one CPU that each loop may
         spend doing so; mark:
         the skb mark of every frame the workers send (SO_MARK), by which the
-        tc egress drop knows the tunnel's own IPIP from a pod's."""
+        tc egress drop knows the tunnel's own IPIP from a pod's;
+        check_source_mac: a peer's frames must come from its next hop's MAC,
+        as the table holds it (decap.h)."""
         if not 1 <= batch <= 1024:
             raise ValueError(f"batch {batch} out of range 1..1024")
         if not 0 <= coalesce_us <= 10000:
             raise ValueError(f"coalesce_us {coalesce_us} out of range 0..10000")
-        set_tunnel(&self.tn, local_ip, local_mac, mtu, ttl, tos, pmtudisc, ignore_df)
+        set_tunnel(&self.tn, local_ip, mtu, ttl, tos, pmtudisc, ignore_df)
         self.ifindex, self.mtu, self.batch, self.ring_frames, self.vnet = ifindex, mtu, batch, ring_frames, vnet_hdr
         self.tx_partial = vnet_hdr and csum_offload
         self.udp_gro = vnet_hdr and udp_gso
@@ -58,6 +60,7 @@ cdef class Datapath:
         self.busy_poll_budget = busy_poll_budget
         self.coalesce_us = coalesce_us
         self.mark = mark
+        self.check_source_mac = check_source_mac
         # The group that spreads received frames over the workers' rings by
         # flow; one per datapath in the namespace.
         self.fanout_id = hash((os.getpid(), id(self))) & 0xffff
@@ -65,7 +68,7 @@ cdef class Datapath:
         self.workers = []
         self.shared = <ipf_shared *>aligned_zeroed(sizeof(ipf_shared))
         self.shared.stop_fd = -1
-        self.shared.table = build_table((), (), 0)
+        self.shared.table = build_table((), (), local_mac, 0)
         self.shared.stop_fd = check(c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC), "eventfd")
         self.sink_fd = open_sink()
         self.relay.fd = check(c.socket(c.AF_INET, c.SOCK_RAW | c.SOCK_CLOEXEC, c.IPPROTO_RAW), "raw socket")
@@ -97,17 +100,18 @@ cdef class Datapath:
             ipf_table_free(self.shared.table)
             free(self.shared)
 
-    def set_table(self, routes, peers):
+    def set_table(self, routes, peers, bytes local_mac not None):
         """Replaces the forwarding table while the loops run. routes:
         (prefix as host-order int, prefix length, peer index); peers: (IPv4
-        as host-order int, next-hop MAC or None until resolved[, path MTU]).
+        as host-order int, next-hop MAC or None until resolved[, path MTU]);
+        local_mac: the underlay interface's now, the source of every frame.
         Returns the new table's generation once no loop can still see the
         old table, which is then freed."""
         cdef ipf_table *t
         cdef ipf_table *old
         cdef Worker w
         with self.lock:
-            t = build_table(routes, peers, self.generation + 1)
+            t = build_table(routes, peers, local_mac, self.generation + 1)
             old = ipf_table_publish(&self.shared.table, t)
             self.generation = t.generation
             for w in self.workers:
@@ -176,7 +180,8 @@ cdef class Datapath:
             sent += tx.icmp.sent
             ratelimited += tx.icmp.ratelimited
             workers.append(counters.Worker(direction(tx.packets, tx.bytes, tx.gso, tx.drops, TX_REASONS),
-                                           direction(rx.packets, rx.bytes, rx.gro, rx.drops, RX_REASONS)))
+                                           direction(rx.packets, rx.bytes, rx.gro, rx.drops, RX_REASONS),
+                                           counters.Ring(rx.seen, rx.taken)))
         return counters.Snapshot(tuple(workers), counters.Icmp(sent, ratelimited, self.relayed.sent,
                                                                self.pmtu_updates), self.generation)
 
@@ -221,6 +226,7 @@ cdef class Worker:
         self.tx.buf = <uint8_t *>aligned_zeroed(self.tx.buf_size)
 
         self.rx.local = dp.tn.src
+        self.rx.check_mac = dp.check_source_mac
         self.rx.udp_gro = dp.udp_gro
         self.rx.nap_min = max(1, dp.batch // 4)
         self.rx.coalesce_us = dp.coalesce_us
@@ -250,12 +256,14 @@ cdef class Worker:
             c.usleep(50)
 
     cdef void read(self, ipf_tx_stats *tx, ipf_rx_stats *rx):
-        """Copies both loops' counters, the receive ring's drops added to
-        its ring_full first (PACKET_STATISTICS resets on read)."""
+        """Copies both loops' counters, the receive ring's statistics added
+        first (PACKET_STATISTICS resets on read): its drops to ring_full,
+        the frames past its filter (drops included) to seen."""
         cdef c.tpacket_stats st
         cdef c.socklen_t n = sizeof(st)
         if c.getsockopt(self.rx.fd, c.SOL_PACKET, c.PACKET_STATISTICS, &st, &n) == 0:
             self.rx.stats.drops[IPF_RX_RING_FULL] += st.tp_drops
+            self.rx.stats.seen += st.tp_packets
         tx[0] = self.tx.stats
         rx[0] = self.rx.stats
 

@@ -25,13 +25,16 @@ cdef void decap_loop(ipf_rx *rx) noexcept nogil:
                 break
             rx.ring.head = (slot + 1) & (rx.ring.frames - 1)
             got += 1
+            rx.stats.taken += 1
             frame = <uint8_t *>h + h.tp_mac
             partial = trusted = False
             cstart = coff = 0
             if h.tp_snaplen < h.tp_len:
                 reason = IPF_RX_TRUNCATED  # larger than a ring slot (e.g. GRO on the underlay)
+            elif not ipf_rx_for_host(h):
+                reason = IPF_RX_OTHER_HOST
             else:
-                reason = ipf_decap(t, rx.local, frame, h.tp_snaplen, &inner, &inner_len)
+                reason = ipf_decap(t, rx.local, rx.check_mac, frame, h.tp_snaplen, &inner, &inner_len)
             if reason == IPF_RX_OK and rx.ring_vnet:
                 rvh = <const virtio_net_hdr *>(frame - IPF_VNET_HLEN)
                 if rvh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
@@ -68,8 +71,10 @@ cdef void decap_loop(ipf_rx *rx) noexcept nogil:
             continue
         ipf_qsbr_leave(q)
         if not rx_idle(rx, got):
-            return
-    ipf_qsbr_leave(q)
+            break
+    else:
+        ipf_qsbr_leave(q)
+    gro_write_all(rx)  # every frame it took is written or counted, also when it stops
 
 
 cdef void gro_write(ipf_rx *rx, int k) noexcept nogil:

@@ -79,14 +79,15 @@ cdef void encap_one(ipf_tx *tx, const ipf_table *t, uint8_t *pkt, uint32_t n,
             icmp_send(&tx.icmp, &tx.stats.icmp, pkt, n, 3, 4, ipf_peer_mtu(&tx.tn, peer) - IPF_IP_HLEN)
         return
     if not gso:
-        ipf_encap_write(&tx.tn, peer, pkt, length, next_id(tx))
+        ipf_encap_write(&tx.tn, t.src_mac, peer, pkt, length, next_id(tx))
         iov[0].iov_base = pkt - IPF_ENCAP_HLEN
         iov[0].iov_len = length + IPF_ENCAP_HLEN
         tx_queue(tx, iov, 1, partial, vh.csum_start + IPF_ENCAP_HLEN, vh.csum_offset)
         return
     tx.stats.gso += 1
     for s in range(plan.nseg):
-        ipf_gso_segment(&tx.tn, peer, pkt, length, &plan, s, next_id(tx), tx.partial, tx.seg_hdrs, iov)
+        ipf_gso_segment(&tx.tn, t.src_mac, peer, pkt, length, &plan, s, next_id(tx), tx.partial, tx.seg_hdrs,
+                        iov)
         tx_queue(tx, iov, 2, True, IPF_ENCAP_HLEN + (pkt[0] & 0x0f) * 4, ipf_l4_csum_offset(plan.proto))
 
 

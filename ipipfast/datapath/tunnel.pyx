@@ -10,11 +10,9 @@ cdef uint32_t ip4(str addr) except? 0:
     return htonl(int(ipaddress.IPv4Address(addr)))
 
 
-cdef int set_tunnel(ipf_tunnel *tn, str local_ip, bytes local_mac, int mtu, object ttl,
-                    object tos, bint pmtudisc, bint ignore_df) except -1:
+cdef int set_tunnel(ipf_tunnel *tn, str local_ip, int mtu, object ttl, object tos, bint pmtudisc,
+                    bint ignore_df) except -1:
     """Fills the outer-header rules; ttl/tos None means inherit (as tunl0)."""
-    if len(local_mac) != 6:
-        raise ValueError("local_mac must be 6 bytes")
     if not 68 <= mtu <= 65535:
         raise ValueError(f"mtu {mtu} out of range 68..65535")
     if ttl is not None and not 1 <= ttl <= 255:
@@ -23,7 +21,6 @@ cdef int set_tunnel(ipf_tunnel *tn, str local_ip, bytes local_mac, int mtu, obje
         raise ValueError(f"tos {tos} out of range 0..255")
     memset(tn, 0, sizeof(ipf_tunnel))
     tn.src = ip4(local_ip)
-    memcpy(tn.src_mac, <const char *>local_mac, 6)
     tn.mtu = mtu
     tn.ttl = 0 if ttl is None else ttl
     tn.tos_inherit = tos is None
@@ -53,10 +50,15 @@ cdef ipf_lpm_route *lpm_routes(object entries, uint64_t values) except NULL:
     return r
 
 
-cdef ipf_table *build_table(object routes, object peers, uint64_t generation) except NULL:
+cdef ipf_table *build_table(object routes, object peers, bytes local_mac, uint64_t generation) except NULL:
     """routes: (prefix host-order int, length, peer index); peers: (ip
-    host-order int, next-hop MAC bytes or None[, path MTU])."""
+    host-order int, next-hop MAC bytes or None[, path MTU]); local_mac:
+    this node's on the underlay."""
     cdef Py_ssize_t n_routes = len(routes), n_peers = len(peers), i
+    cdef const uint8_t *src_mac
+    if local_mac is None or len(local_mac) != 6:
+        raise ValueError("local_mac must be 6 bytes")
+    src_mac = <const uint8_t *><const char *>local_mac
     cdef ipf_lpm_route *r = lpm_routes(routes, n_peers)
     cdef ipf_peer *p = <ipf_peer *>calloc(n_peers or 1, sizeof(ipf_peer))
     cdef ipf_table *t = NULL
@@ -73,7 +75,7 @@ cdef ipf_table *build_table(object routes, object peers, uint64_t generation) ex
                 memcpy(p[i].mac, <const char *>mac, 6)
                 p[i].has_mac = 1
         with nogil:
-            t = ipf_table_build(r, n_routes, p, n_peers, generation)
+            t = ipf_table_build(r, n_routes, p, n_peers, src_mac, generation)
         if t == NULL:
             raise MemoryError("cannot build the forwarding table")
         return t

@@ -24,21 +24,28 @@ static const char *const ipf_tx_reason_names[IPF_TX_NREASONS] = {
 enum {
     IPF_RX_OK = 0,
     IPF_RX_TRUNCATED,
+    IPF_RX_OTHER_HOST,      /* not the kernel's for this host: another MAC, a broadcast, a VLAN */
     IPF_RX_BAD_HEADER,
     IPF_RX_BAD_CHECKSUM,
     IPF_RX_NOT_IPIP,
     IPF_RX_NOT_LOCAL,
     IPF_RX_FRAGMENT,
     IPF_RX_UNKNOWN_PEER,
+    IPF_RX_SOURCE_MAC,      /* a peer's address from a MAC not its next hop's */
+    IPF_RX_NO_NEIGH,        /* a peer whose next-hop MAC is not resolved: nothing to check against */
     IPF_RX_INNER_BAD,
+    IPF_RX_INNER_IPIP,      /* IPIP in IPIP */
+    IPF_RX_INNER_TO_LOCAL,  /* inner packet to this node's underlay address */
+    IPF_RX_INNER_TO_PEER,   /* inner packet to a peer's underlay address */
     IPF_RX_ECN,
     IPF_RX_WRITE_FAILED,
     IPF_RX_RING_FULL,
     IPF_RX_NREASONS
 };
 static const char *const ipf_rx_reason_names[IPF_RX_NREASONS] = {
-    "ok", "truncated", "bad_header", "bad_checksum", "not_ipip", "not_local", "fragment",
-    "unknown_peer", "inner_bad", "ecn", "write_failed", "ring_full",
+    "ok", "truncated", "other_host", "bad_header", "bad_checksum", "not_ipip", "not_local", "fragment",
+    "unknown_peer", "source_mac", "no_neigh", "inner_bad", "inner_ipip", "inner_to_local", "inner_to_peer",
+    "ecn", "write_failed", "ring_full",
 };
 
 /* Counters of one packet loop: written by that loop only, read by Python
@@ -59,6 +66,9 @@ typedef struct {
 typedef struct {
     uint64_t packets, bytes;
     uint64_t gro;          /* coalesced packets written (of more than one segment) */
+    uint64_t taken;        /* frames taken from the ring: at rest, packets + drops but ring_full */
+    uint64_t seen;         /* the ring's PACKET_STATISTICS tp_packets, added by Python: at rest,
+                            * taken + ring_full */
     uint64_t drops[IPF_RX_NREASONS];  /* ring_full: the ring's PACKET_STATISTICS drops, added by Python */
 } __attribute__((aligned(64))) ipf_rx_stats;
 

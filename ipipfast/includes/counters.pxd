@@ -11,6 +11,7 @@ cdef extern from "counters.h" nogil:
     enum:
         IPF_RX_OK
         IPF_RX_TRUNCATED
+        IPF_RX_OTHER_HOST
         IPF_RX_INNER_BAD
         IPF_RX_WRITE_FAILED
         IPF_RX_RING_FULL
@@ -27,5 +28,5 @@ cdef extern from "counters.h" nogil:
         uint64_t drops[1]
         ipf_icmp_stats icmp
     ctypedef struct ipf_rx_stats:
-        uint64_t packets, bytes, gro
+        uint64_t packets, bytes, gro, taken, seen
         uint64_t drops[1]

@@ -16,7 +16,6 @@
 /* The outer-header rules. */
 typedef struct {
     uint32_t src;          /* this node's underlay IPv4, network order */
-    uint8_t src_mac[6];
     uint8_t ttl;           /* 0: inherit the inner TTL */
     uint8_t tos;           /* outer DSCP when !tos_inherit (ECN bits come from the inner) */
     uint8_t tos_inherit;
@@ -77,9 +76,10 @@ static inline uint8_t ipf_ecn_encap(uint8_t outer_tos, uint8_t inner_tos)
     return (uint8_t)((outer_tos & ~3) | (ecn == IPF_ECN_CE ? IPF_ECN_ECT_0 : ecn));
 }
 
-/* Writes the Ethernet and outer IPv4 headers in front of pkt (len bytes). */
-static inline void ipf_encap_write(const ipf_tunnel *tn, const ipf_peer *peer, uint8_t *pkt,
-                                   uint32_t len, uint16_t id)
+/* Writes the Ethernet (from src_mac) and outer IPv4 headers in front of pkt
+ * (len bytes). */
+static inline void ipf_encap_write(const ipf_tunnel *tn, const uint8_t *src_mac, const ipf_peer *peer,
+                                   uint8_t *pkt, uint32_t len, uint16_t id)
 {
     uint8_t *ip = pkt - IPF_IP_HLEN, *eth = ip - IPF_ETH_HLEN;
     uint16_t df = 0;
@@ -98,7 +98,7 @@ static inline void ipf_encap_write(const ipf_tunnel *tn, const ipf_peer *peer, u
     uint16_t c = ipf_csum(ip, IPF_IP_HLEN);
     memcpy(ip + 10, &c, 2);
     memcpy(eth, peer->mac, 6);
-    memcpy(eth + 6, tn->src_mac, 6);
+    memcpy(eth + 6, src_mac, 6);
     eth[12] = 0x08;
     eth[13] = 0x00;
 }

@@ -4,7 +4,6 @@ from .table cimport ipf_peer, ipf_table
 cdef extern from "encap.h" nogil:
     ctypedef struct ipf_tunnel:
         uint32_t src
-        uint8_t src_mac[6]
         uint8_t ttl
         uint8_t tos
         uint8_t tos_inherit
@@ -15,5 +14,5 @@ cdef extern from "encap.h" nogil:
     uint32_t ipf_peer_mtu(const ipf_tunnel *tn, const ipf_peer *p)
     int ipf_encap_classify(const ipf_table *t, const ipf_tunnel *tn, const uint8_t *pkt,
                            uint32_t n, int gso, uint32_t *len, const ipf_peer **peer)
-    void ipf_encap_write(const ipf_tunnel *tn, const ipf_peer *peer, uint8_t *pkt,
+    void ipf_encap_write(const ipf_tunnel *tn, const uint8_t *src_mac, const ipf_peer *peer, uint8_t *pkt,
                          uint32_t len, uint16_t id)

@@ -125,9 +125,9 @@ static inline void ipf_vnet_partial(struct virtio_net_hdr *vh, uint16_t start, u
  * at it and its payload slice; returns the segment's inner length. With
  * partial, the L4 checksum holds the pseudo-header sum only, for the device
  * to complete (ipf_vnet_partial); otherwise it is computed here. */
-static inline uint32_t ipf_gso_segment(const ipf_tunnel *tn, const ipf_peer *peer, const uint8_t *pkt,
-                                       uint32_t n, const ipf_gso_plan *plan, uint32_t i, uint16_t outer_id,
-                                       int partial, uint8_t *slot, struct iovec *iov)
+static inline uint32_t ipf_gso_segment(const ipf_tunnel *tn, const uint8_t *src_mac, const ipf_peer *peer,
+                                       const uint8_t *pkt, uint32_t n, const ipf_gso_plan *plan, uint32_t i,
+                                       uint16_t outer_id, int partial, uint8_t *slot, struct iovec *iov)
 {
     uint32_t ihl = (uint32_t)(pkt[0] & 0x0f) * 4, off = plan->hlen + i * plan->mss;
     uint32_t seg = n - off < plan->mss ? n - off : plan->mss, l4_len = plan->hlen - ihl + seg;
@@ -162,7 +162,7 @@ static inline uint32_t ipf_gso_segment(const ipf_tunnel *tn, const ipf_peer *pee
             c = 0xffff;  /* UDP sends a computed zero as all ones */
     }
     memcpy(l4 + at, &c, 2);
-    ipf_encap_write(tn, peer, in, plan->hlen + seg, outer_id);
+    ipf_encap_write(tn, src_mac, peer, in, plan->hlen + seg, outer_id);
     iov[0].iov_base = slot;
     iov[0].iov_len = IPF_ENCAP_HLEN + plan->hlen;
     iov[1].iov_base = (void *)(pkt + off);

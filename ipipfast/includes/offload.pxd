@@ -28,9 +28,9 @@ cdef extern from "offload.h" nogil:
                         ipf_gso_plan *plan)
     uint16_t ipf_l4_csum_offset(uint8_t proto)
     void ipf_vnet_partial(virtio_net_hdr *vh, uint16_t start, uint16_t offset)
-    uint32_t ipf_gso_segment(const ipf_tunnel *tn, const ipf_peer *peer, const uint8_t *pkt, uint32_t n,
-                             const ipf_gso_plan *plan, uint32_t i, uint16_t outer_id, int partial,
-                             uint8_t *slot, iovec *iov)
+    uint32_t ipf_gso_segment(const ipf_tunnel *tn, const uint8_t *src_mac, const ipf_peer *peer,
+                             const uint8_t *pkt, uint32_t n, const ipf_gso_plan *plan, uint32_t i,
+                             uint16_t outer_id, int partial, uint8_t *slot, iovec *iov)
     int ipf_rx_partial(const virtio_net_hdr *vh, uint32_t inner_off, const uint8_t *inner, uint32_t len,
                        uint16_t *start)
     uint8_t ipf_gro_eligible(const uint8_t *inner, uint32_t len, int trusted, int udp)

@@ -25,6 +25,7 @@ typedef struct {
     uint32_t n_peers;
     uint32_t slot_bits;    /* peer_slots: open addressing, peer ip -> index + 1 */
     uint32_t *peer_slots;
+    uint8_t src_mac[6];    /* this node's on the underlay, the source of every frame: it may change too */
     uint64_t generation;
 } ipf_table;
 
@@ -53,12 +54,13 @@ static inline void ipf_table_free(ipf_table *t)
 
 /* Builds a table; routes' values are peer indexes. NULL when out of memory
  * or a route names a peer that does not exist. */
-static ipf_table *ipf_table_build(const ipf_lpm_route *routes, size_t n_routes,
-                                  const ipf_peer *peers, uint32_t n_peers, uint64_t generation)
+static ipf_table *ipf_table_build(const ipf_lpm_route *routes, size_t n_routes, const ipf_peer *peers,
+                                  uint32_t n_peers, const uint8_t *src_mac, uint64_t generation)
 {
     ipf_table *t = (ipf_table *)calloc(1, sizeof(*t));
     if (!t)
         return NULL;
+    memcpy(t->src_mac, src_mac, 6);
     t->generation = generation;
     t->n_peers = n_peers;
     t->slot_bits = 4;

@@ -11,9 +11,10 @@ cdef extern from "table.h" nogil:
         ipf_lpm lpm
         ipf_peer *peers
         uint32_t n_peers
+        uint8_t src_mac[6]
         uint64_t generation
-    ipf_table *ipf_table_build(const ipf_lpm_route *routes, size_t n_routes,
-                               const ipf_peer *peers, uint32_t n_peers, uint64_t generation)
+    ipf_table *ipf_table_build(const ipf_lpm_route *routes, size_t n_routes, const ipf_peer *peers,
+                               uint32_t n_peers, const uint8_t *src_mac, uint64_t generation)
     void ipf_table_free(ipf_table *t)
     int32_t ipf_peer_find(const ipf_table *t, uint32_t ip)
 

@@ -111,6 +111,7 @@ typedef struct {
     int tun_fd;            /* written */
     ipf_ring ring;
     uint32_t local;        /* this node's underlay IPv4, network order */
+    uint8_t check_mac;     /* a peer's frames must come from its next hop's MAC (decap.h) */
     uint32_t batch;        /* frames between two looks at the table */
     uint8_t vnet;          /* TUN writes start with a virtio_net_hdr */
     uint8_t ring_vnet;     /* a virtio_net_hdr precedes each frame in the ring */
@@ -125,6 +126,18 @@ typedef struct {
     ipf_gro_set gro;
     uint32_t gro_slots[IPF_GRO_FLOWS][IPF_GRO_MAX_SEGS];  /* each train's ring slots */
 } ipf_rx;
+
+/* Whether the kernel would take the frame in receive slot h as this host's:
+ * to our MAC (the ring's taps see another host's frame too, and a
+ * broadcast or multicast, which ip_rcv would take but no peer sends IPIP
+ * to), and on no VLAN that the host does not have (the kernel strips the tag
+ * before its taps see the frame, and only later, finding no VLAN device for
+ * it, marks it another host's; VLAN 0, a priority tag, is the host's). */
+static inline int ipf_rx_for_host(const struct tpacket2_hdr *h)
+{
+    const struct sockaddr_ll *sll = (const struct sockaddr_ll *)((const uint8_t *)h + TPACKET_ALIGN(sizeof(*h)));
+    return sll->sll_pkttype == PACKET_HOST && !((h->tp_status & TP_STATUS_VLAN_VALID) && (h->tp_vlan_tci & 0x0fff));
+}
 
 /* Hands receive slot i back to the kernel. */
 static inline void ipf_rx_release(ipf_rx *rx, uint32_t i)

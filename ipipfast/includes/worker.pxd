@@ -62,6 +62,7 @@ cdef extern from "worker.h" nogil:
         int tun_fd
         ipf_ring ring
         uint32_t local
+        uint8_t check_mac
         uint32_t batch
         uint8_t vnet
         uint8_t ring_vnet
@@ -76,6 +77,7 @@ cdef extern from "worker.h" nogil:
         ipf_gro_set gro
         uint32_t gro_slots[IPF_GRO_FLOWS][IPF_GRO_MAX_SEGS]
 
+    int ipf_rx_for_host(const tpacket2_hdr *h)
     void ipf_rx_release(ipf_rx *rx, uint32_t i)
     int ipf_tx_free(const ipf_tx *tx)
     void ipf_tx_put(ipf_tx *tx, const iovec *iov, uint32_t niov, int partial, uint16_t cstart, uint16_t coff)
