@@ -1,11 +1,12 @@
-"""rtnetlink route and link messages, encoded and decoded with struct, and
-the sockets that carry them: batched route writes with one ACK per message,
-route dumps, and a subscription to route and link changes.
+"""rtnetlink route, link and neighbour messages, encoded and decoded with
+struct, and the sockets that carry them: batched route writes with one ACK
+per message, route and neighbour dumps, and a subscription to route and
+link changes.
 
 pyroute2 (0.9.7) needs about 575 us to encode one route message (57 s for
 100,000 in an IPBatch); these take a few, so the bulk of a table travels in
 ~64 kB sendmsg()s. pyroute2 keeps everything of low volume (links,
-neighbours, tc).
+neighbours solicited, tc).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ SO_ATTACH_FILTER = 26
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_DELLINK = 16, 17
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLM_F_DUMP_INTR = 0x10
 NLM_F_DUMP = 0x300
@@ -41,7 +43,9 @@ RTMGRP_IPV4_ROUTE = 0x40
 
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC = 1, 4, 5, 6, 7
 RTA_MULTIPATH, RTA_TABLE, RTA_VIA = 9, 15, 18
-IFLA_IFNAME, IFLA_MTU = 3, 4
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU = 1, 3, 4
+NDA_DST, NDA_LLADDR = 1, 2
+NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE PERMANENT NOARP
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
 RT_SCOPE_UNIVERSE, RT_SCOPE_NOWHERE = 0, 255
@@ -54,6 +58,7 @@ _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, pr
 _RTA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
+_NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
 _RTNH = struct.Struct("=HBBi")       # rtnexthop: len, flags, hops, ifindex
 _ERR = struct.Struct("=i")
 _BE32 = struct.Struct("!I")
@@ -96,6 +101,15 @@ class LinkMsg(NamedTuple):
     flags: int
     mtu: int
     name: str
+    mac: bytes = b""     # IFLA_ADDRESS: 6 bytes on Ethernet, none on a TUN
+
+
+class NeighMsg(NamedTuple):
+    """An IPv4 neighbour entry (RTM_NEWNEIGH, or RTM_DELNEIGH)."""
+    new: bool
+    ip: int              # host-order
+    ifindex: int
+    mac: bytes | None    # None unless the entry holds a usable one (NUD_VALID)
 
 
 class RouteOp(NamedTuple):
@@ -198,17 +212,35 @@ def _nexthops(buf: memoryview | bytes, pos: int, stop: int, via: bool) -> tuple[
 
 def _decode_link(buf: memoryview | bytes, off: int, end: int, new: bool) -> LinkMsg:
     _, _, index, flags, _ = _IFINFO.unpack_from(buf, off + _HDR.size)
-    mtu, name = 0, ""
+    mtu, name, mac = 0, "", b""
     for kind, voff, vlen in _attrs(buf, off + _HDR.size + _IFINFO.size, end):
         if kind == IFLA_MTU:
             mtu = _U32.unpack_from(buf, voff)[0]
         elif kind == IFLA_IFNAME:
             name = bytes(buf[voff:voff + vlen]).split(b"\0", 1)[0].decode(errors="replace")
-    return LinkMsg(new, index, flags, mtu, name)
+        elif kind == IFLA_ADDRESS:
+            mac = bytes(buf[voff:voff + vlen])
+    return LinkMsg(new, index, flags, mtu, name, mac)
 
 
-def decode(buf: memoryview | bytes, end: int | None = None) -> Iterator[RouteMsg | LinkMsg]:
-    """The IPv4 route and link messages in buf (other types are skipped)."""
+def _decode_neigh(buf: memoryview | bytes, off: int, end: int, new: bool) -> NeighMsg | None:
+    family, ifindex, state, _, _ = _NDMSG.unpack_from(buf, off + _HDR.size)
+    if family != socket.AF_INET:
+        return None
+    ip, mac = None, None
+    for kind, voff, vlen in _attrs(buf, off + _HDR.size + _NDMSG.size, end):
+        if kind == NDA_DST and vlen == 4:
+            ip = _BE32.unpack_from(buf, voff)[0]
+        elif kind == NDA_LLADDR and vlen:
+            mac = bytes(buf[voff:voff + vlen])
+    if ip is None:
+        return None
+    return NeighMsg(new, ip, ifindex, mac if new and state & NUD_VALID else None)
+
+
+def decode(buf: memoryview | bytes, end: int | None = None) -> Iterator[RouteMsg | LinkMsg | NeighMsg]:
+    """The IPv4 route, link and IPv4 neighbour messages in buf (other types
+    are skipped)."""
     off, end = 0, len(buf) if end is None else end
     while off + _HDR.size <= end:
         length, kind, _, _, _ = _HDR.unpack_from(buf, off)
@@ -220,7 +252,38 @@ def decode(buf: memoryview | bytes, end: int | None = None) -> Iterator[RouteMsg
                 yield msg
         elif kind in (RTM_NEWLINK, RTM_DELLINK):
             yield _decode_link(buf, off, off + length, kind == RTM_NEWLINK)
+        elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
+            neigh = _decode_neigh(buf, off, off + length, kind == RTM_NEWNEIGH)
+            if neigh is not None:
+                yield neigh
         off += (length + 3) & ~3
+
+
+def neighbours(ifindex: int) -> dict[int, bytes]:
+    """The usable MAC of every IPv4 neighbour on ifindex, from one dump of
+    the neighbour table: every next hop's at once."""
+    with _socket(1 << 20) as s:
+        s.sendall(_HDR.pack(_HDR.size + _NDMSG.size, RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+                  + _NDMSG.pack(socket.AF_INET, ifindex, 0, 0, 0))
+        found: dict[int, bytes] = {}
+        buf = bytearray(1 << 16)
+        while True:
+            n = s.recv_into(buf)
+            off = 0
+            while off + _HDR.size <= n:
+                length, kind, _, _, _ = _HDR.unpack_from(buf, off)
+                if kind == NLMSG_DONE:
+                    return found
+                if kind == NLMSG_ERROR:
+                    code = -_ERR.unpack_from(buf, off + _HDR.size)[0]
+                    raise NetlinkError(code, f"neighbour dump: {os.strerror(code)}")
+                if length < _HDR.size:
+                    break
+                if kind == RTM_NEWNEIGH:
+                    neigh = _decode_neigh(buf, off, off + length, True)
+                    if neigh is not None and neigh.mac and neigh.ifindex == ifindex:
+                        found[neigh.ip] = neigh.mac
+                off += (length + 3) & ~3
 
 
 def _ext_ack_message(buf: memoryview | bytes, off: int, end: int, flags: int) -> str:
