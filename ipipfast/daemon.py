@@ -1,7 +1,8 @@
 """One node's tunnel: wires the config, the kernel and the datapath
 together, keeps next-hop MACs fresh, follows the routes (the config file on
-SIGHUP or when it changes, the kernel's routes into the TUN as they change),
-answers on its control socket and tells the service manager how it is."""
+SIGHUP or when it changes, the kernel's routes into the TUN as they change,
+the node leases in etcd as they change), answers on its control socket and
+tells the service manager how it is."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +25,7 @@ from . import _datapath, heap, metrics, tc_drops
 from .config import Config, ConfigError, digest, parse_config, read_config_text
 from .control import RUN_DIR, ControlServer, socket_path
 from .counters import Snapshot, to_json
+from .etcd import EtcdSource
 from .icmp import IcmpErrors
 from .inotify import ConfigWatcher
 from .kernel import EventsLost, Kernel, Link, NeighbourEvents, NextHop, ipip_module_loaded
@@ -40,7 +42,7 @@ NEIGHBOUR_INTERVAL = 1.0   # seconds between next-hop MAC checks (a tenth while 
 SOLICIT_EVERY = 30         # checks between re-confirmations of every next hop
 STATUS_INTERVAL = 0.5      # seconds between status-file writes
 GC_INTERVAL = 60.0         # seconds between full garbage collections (see run_forever)
-PUBLISHED_KEPT = 64        # table publications the status keeps (generation, CLOCK_MONOTONIC ns, entries)
+PUBLISHED_KEPT = 64        # table publications the status keeps (see Daemon.published)
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,12 @@ class Daemon:
         self.config_digest = b""
         self.plan = Plan.of(Table.build({}, config.tunnel.mode, config.node.ip))
         self.generation = 0  # of the table the datapath has
-        self.published: deque[tuple[int, int, int]] = deque(maxlen=PUBLISHED_KEPT)
+        # Each publication: generation, CLOCK_MONOTONIC ns once the datapath has it, entries, and
+        # the etcd revision its routes are as of (0 without etcd): what a put's propagation is timed by.
+        self.published: deque[tuple[int, int, int, int]] = deque(maxlen=PUBLISHED_KEPT)
+        self.etcd: EtcdSource | None = None
+        self.etcd_revision = 0  # of the etcd routes in the table
+        self._etcd_changed = False  # set by the source's thread (a plain flag, as the signal handlers')
         self.reloads: Counter[str] = Counter(applied=0, unchanged=0, refused=0)  # SIGHUP or an edit, by result
         self.last_reload: dict = {}
         self._resolve_all = False  # next time, ask the kernel for every peer's next hop again
@@ -161,9 +168,14 @@ class Daemon:
         except OSError as e:  # NetlinkError is an OSError too
             log.warning("tc drops not attached (%s): the kernel also processes every IPIP frame, which costs "
                         "CPU, and IPIP that pods send leaves the node unchecked", e)
+        if cfg.etcd is not None:
+            self.etcd = EtcdSource.from_config(cfg, on_change=self._etcd_change)
         self.routing = Routing(self.tun.index, self.underlay.index, cfg.node.ip, cfg.tunnel.mode,
-                               cfg.kernel.learn, cfg.kernel.resync, self.config_path, self.wake.set)
+                               cfg.kernel.learn, cfg.kernel.resync, self.config_path, self.wake.set,
+                               etcd_key=self.etcd.key if self.etcd else None)
         self.routing.set_file(cfg.routes)
+        if self.etcd is not None:
+            self.etcd.start()  # its first list runs beside the kernel's first dump
         self._reconcile()  # the first dump of the kernel's routes, the table, our routes
         heap.trim()  # what parsing the file and the dump left
         self._await_nexthops(timeout=2.0)
@@ -222,6 +234,8 @@ class Daemon:
         self.stopping.set()
         self.ready = False
         self.service.stopping()
+        if self.etcd is not None:
+            self.etcd.stop()  # its lease is left to expire: the others forward on until the TTL
         if self.datapath is not None:
             self.datapath.stop()
         if self.routing is not None:
@@ -301,6 +315,10 @@ class Daemon:
         self.reload_requested = True
         self.wake.set()
 
+    def _etcd_change(self) -> None:
+        self._etcd_changed = True
+        self.wake.set()
+
     def _next_resync(self) -> float:
         return self.routing.next_resync() if self.routing else float("inf")
 
@@ -342,7 +360,8 @@ class Daemon:
             log.warning("%s", w)
         changed = [f.name for f in dataclasses.fields(new.tunnel)
                    if f.name != "mode" and getattr(new.tunnel, f.name) != getattr(self.config.tunnel, f.name)]
-        changed += [name for name in ("node", "kernel", "stats") if getattr(new, name) != getattr(self.config, name)]
+        changed += [name for name in ("node", "kernel", "stats", "etcd")
+                    if getattr(new, name) != getattr(self.config, name)]
         if changed:
             log.warning("reload: %s change only on restart; the routes and the mode are reloaded",
                         ", ".join(changed))
@@ -361,6 +380,10 @@ class Daemon:
         packet reaches the TUN before its entry."""
         assert self.routing is not None
         self.routing.take_kernel()
+        if self._etcd_changed and self.etcd is not None:
+            self._etcd_changed = False  # before the take: a change after it asks again
+            routes, self.etcd_revision, changed = self.etcd.take()
+            self.routing.set_etcd(routes, changed)
         table = self.routing.build()
         if table is not None:
             with self.lock:
@@ -388,7 +411,7 @@ class Daemon:
         peers = [(int(p), self.macs.get(p), self.icmp.pmtu(p)) for p in plan.peers]
         entries = plan.entries()
         self.generation = self.datapath.set_table(entries, peers)
-        self.published.append((self.generation, time.monotonic_ns(), len(entries)))
+        self.published.append((self.generation, time.monotonic_ns(), len(entries), self.etcd_revision))
 
     # ---- next hops ------------------------------------------------------------
 
@@ -492,7 +515,12 @@ class Daemon:
 
     def reading(self) -> metrics.Reading:
         assert self.routing is not None
-        return metrics.Reading(self.snapshot(), self.routing.counts(), dict(self.reloads), self.routing.counters())
+        etcd = conflicts = None
+        if self.etcd is not None:
+            etcd = self.etcd.counters()
+            conflicts = [(str(cidr), c.key, c.holder) for cidr, c in self.etcd.conflicts().items()]
+        return metrics.Reading(self.snapshot(), self.routing.counts(), dict(self.reloads), self.routing.counters(),
+                               etcd, conflicts or ())
 
     def status(self) -> dict:
         """What the status file and the control socket's status say: the
@@ -515,7 +543,8 @@ class Daemon:
             "routes_encapsulated": enc,
             "routes_direct": direct,
             "table": {"generation": self.generation, "published": list(self.published),
-                      **(self.routing.summary() if self.routing else {})},
+                      "etcd_revision": self.etcd_revision, **(self.routing.summary() if self.routing else {})},
+            **({"etcd": {**self.etcd.status(), "counters": self.etcd.counters()}} if self.etcd else {}),
             "kernel_routes": self.routing.counters() if self.routing else {},
             "next_hops": {str(p): (m.hex(":") if m else None) for p, m in macs.items()},
             "path_mtu": self.icmp.pmtus(),

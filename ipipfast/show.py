@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .control import RUN_DIR, ControlError, NoDaemon, request, socket_path
@@ -94,8 +95,9 @@ def mtu_text(r: dict) -> str:
 
 def _routes_text(answer: dict) -> str:
     head = f"routes of {answer['tunnel']} (table generation {answer['generation']}): {len(answer['routes'])}\n"
-    rows = [["cidr", "node", "kind", "next-hop mac", "path mtu", "source"]]
-    rows += [[r["cidr"], r["node"], r["kind"], mac_text(r), mtu_text(r), r["source"]] for r in answer["routes"]]
+    rows = [["cidr", "node", "kind", "next-hop mac", "path mtu", "source", "from"]]
+    rows += [[r["cidr"], r["node"], r["kind"], mac_text(r), mtu_text(r), r["source"], r["detail"]]
+             for r in answer["routes"]]
     return head + (_table(rows) if answer["routes"] else "")
 
 
@@ -124,11 +126,24 @@ def _counters_text(answer: dict) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def etcd_text(e: dict) -> str:
+    """The etcd source's state: one line, then one per refused CIDR."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["since"]))
+    state = (f"connected to {e['endpoint']} since {since}" if e["connected"] else
+             f"unreachable since {since}, forwarding by the last table")
+    registered = ", ".join(f"{cidr} as {key}" for cidr, key in e["registered"].items()) or "nothing"
+    line = (f"etcd: {state}; revision {e['revision']}, lease {e['lease'] or 'none'}, registered {registered}; "
+            f"{e['routes']} routes, {e['ignored_count']} keys not routed, {len(e['conflicts'])} conflicts"
+            + (f"; last error: {e['last_error']}" if e["last_error"] else ""))
+    return "".join(f"{text}\n" for text in [line, *(f"  refused: {m}" for m in e["conflicts"].values())])
+
+
 def _status_text(answer: dict) -> str:
     r = answer["reloads"]
     head = (f"tunnel {answer['tunnel']}: pid {answer['pid']}, {'ready' if answer['ready'] else 'starting'}, "
             f"mode {answer['mode']}, table generation {answer['generation']}, "
-            f"reloads: {r['applied']} applied, {r['refused']} refused\n\n")
+            f"reloads: {r['applied']} applied, {r['refused']} refused\n"
+            + (etcd_text(answer["etcd"]) if "etcd" in answer else "") + "\n")
     routes = {"tunnel": answer["tunnel"], "generation": answer["generation"], "routes": answer["routes"]}
     return head + _routes_text(routes) + "\n" + _counters_text(answer)
 

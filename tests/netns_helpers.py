@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 
 from scapy.layers.inet import ICMP, IP
@@ -12,6 +13,13 @@ from scapy.utils import rdpcap
 from ipipfast import tc_drops
 from ipipfast_lab import traffic
 from ipipfast_lab.testbed import Node, Pod, Testbed
+
+METRICS_LISTEN = "127.0.0.1:9464"  # a daemon's stats.listen, inside its node
+_SCRAPE = """
+import sys, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy from the environment
+print(opener.open("http://%s/metrics", timeout=5).read().decode(), end="")
+""" % METRICS_LISTEN
 
 
 def node_mac(tb: Testbed, node: Node) -> bytes:
@@ -29,6 +37,11 @@ def inject(tb: Testbed, node: Node, frames: list[bytes]) -> None:
             for f in frames:
                 s.send(f)
     tb.in_netns(node, send)
+
+
+def scrape_metrics(tb: Testbed, node: Node) -> str:
+    """The text of a GET /metrics of the daemon listening on METRICS_LISTEN in node, asked from inside it."""
+    return tb.run(node, [sys.executable, "-c", _SCRAPE]).stdout
 
 
 class Capture:
