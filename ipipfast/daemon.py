@@ -51,15 +51,23 @@ class Plan:
     table: Table
     encapsulated: tuple[IPv4Address, ...]  # the peers its entries index, in that order
     peers: tuple[IPv4Address, ...]         # those, then every other node: IPIP is accepted from all
+    addresses: tuple[int, ...]             # the peers as ints
+    index: dict[int, int]                  # an encapsulated peer's position
 
     @classmethod
-    def of(cls, table: Table) -> Plan:
+    def of(cls, table: Table, previous: Plan | None = None) -> Plan:
+        """The plan of a table; with the peers of `previous` (the same
+        objects) when they are the same nodes, as after most route changes:
+        whatever is kept per peer then needs no second look."""
         enc = table.encapsulated_peers()
-        extra = sorted(set(table.routes.vias) - set(enc))
-        return cls(table, tuple(map(IPv4Address, enc)), tuple(map(IPv4Address, enc + extra)))
+        addresses = tuple(enc + sorted(set(table.routes.vias) - set(enc)))
+        if previous is not None and previous.addresses == addresses and len(previous.encapsulated) == len(enc):
+            return replace(previous, table=table)
+        peers = tuple(map(IPv4Address, addresses))
+        return cls(table, peers[:len(enc)], peers, addresses, {p: i for i, p in enumerate(enc)})
 
     def entries(self) -> DatapathEntries:
-        return self.table.datapath_entries({int(p): i for i, p in enumerate(self.encapsulated)})
+        return self.table.datapath_entries(self.index)
 
 
 IPIP_MODULE_LOADED = (
@@ -102,7 +110,10 @@ class Daemon:
         self.reloads: Counter[str] = Counter(applied=0, unchanged=0, refused=0)  # SIGHUP or an edit, by result
         self.last_reload: dict = {}
         self._resolve_all = False  # next time, ask the kernel for every peer's next hop again
+        self._resolved: tuple[IPv4Address, ...] = ()  # the encapsulated peers whose next hops were asked for
+        self._peer_rows: tuple[object, object, dict, list] | None = None  # (peers, macs, pmtus, set_table's rows)
         self.macs: dict[IPv4Address, bytes | None] = {}
+        self._macs_shown: tuple[object, dict[str, str | None]] = (None, {})  # (macs, as status shows them)
         self.nexthops: dict[IPv4Address, NextHop] = {}
         self.lock = threading.RLock()  # plan, next hops and MACs: main and neighbour threads
         self.threads: list[threading.Thread] = []
@@ -387,7 +398,7 @@ class Daemon:
         table = self.routing.build()
         if table is not None:
             with self.lock:
-                self.plan = Plan.of(table)
+                self.plan = Plan.of(table, self.plan)
                 self._resolve_nexthops(self.plan)
                 self._push_table()
         self.routing.program()
@@ -407,8 +418,13 @@ class Daemon:
 
     def _push_table(self) -> None:
         assert self.datapath is not None
-        plan = self.plan
-        peers = [(int(p), self.macs.get(p), self.icmp.pmtu(p)) for p in plan.peers]
+        plan, pmtus = self.plan, self.icmp.learned()
+        cached = self._peer_rows
+        if cached is not None and cached[0] is plan.peers and cached[1] is self.macs and cached[2] == pmtus:
+            peers = cached[3]  # a thousand peers' rows cost more than a route change
+        else:
+            peers = [(a, self.macs.get(p), pmtus.get(p, 0)) for a, p in zip(plan.addresses, plan.peers)]
+            self._peer_rows = (plan.peers, self.macs, pmtus, peers)
         entries = plan.entries()
         self.generation = self.datapath.set_table(entries, peers)
         self.published.append((self.generation, time.monotonic_ns(), len(entries), self.etcd_revision))
@@ -419,6 +435,9 @@ class Daemon:
         """The underlay next hop of each encapsulated peer: asked of the
         kernel for new peers (and for all after a reload), kept for the rest."""
         resolve_all, self._resolve_all = self._resolve_all, False
+        if plan.encapsulated is self._resolved and not resolve_all:
+            return  # the same peers: their MACs are the neighbour loop's and the events' to follow
+        self._resolved = plan.encapsulated
         nexthops = {}
         for peer in plan.encapsulated:
             if not resolve_all and peer in self.nexthops:
@@ -434,21 +453,26 @@ class Daemon:
         self._refresh_macs(push=False)
 
     def _refresh_macs(self, push: bool = True) -> None:
-        """Reads every next hop's MAC; asks the kernel to resolve the missing
-        ones; pushes a new table when any changed."""
-        macs: dict[IPv4Address, bytes | None] = {}
-        for peer, hop in self.nexthops.items():
-            mac = self.kernel.neighbour_mac(hop.ip, hop.ifindex)
-            if mac is None:
-                self.kernel.solicit(hop.ip, hop.ifindex)
-            macs[peer] = mac
+        """Reads every next hop's MAC (one read of the underlay's neighbour
+        table: a thousand peers behind one router share one next hop); asks
+        the kernel to resolve the missing ones; pushes a new table when any
+        changed."""
+        known = self.kernel.neighbour_macs(self.underlay.index)  # every hop is on the underlay
+        macs = {peer: known.get(hop.ip) for peer, hop in self.nexthops.items()}
+        for ip in {hop.ip for peer, hop in self.nexthops.items() if macs[peer] is None}:
+            self.kernel.solicit(ip, self.underlay.index)
         self._set_macs(macs, push)
 
     def _set_macs(self, macs: dict[IPv4Address, bytes | None], push: bool = True) -> None:
         if macs != self.macs:
+            changed: dict[bytes | None, list[IPv4Address]] = {}
             for peer, mac in macs.items():
                 if mac != self.macs.get(peer):
-                    log.info("next hop of %s: %s", peer, mac.hex(":") if mac else "unresolved")
+                    changed.setdefault(mac, []).append(peer)
+            for mac, peers in changed.items():  # a line per MAC, not per peer: a router's is a thousand peers'
+                more = f" and {len(peers) - 3} more" if len(peers) > 3 else ""
+                log.info("next hop of %s%s: %s", ", ".join(map(str, peers[:3])), more,
+                         mac.hex(":") if mac else "unresolved")
             self.macs = macs
             if push:
                 self._push_table()
@@ -476,8 +500,8 @@ class Daemon:
                 ticks += 1
                 with self.lock:
                     if ticks % SOLICIT_EVERY == 0:
-                        for hop in self.nexthops.values():
-                            self.kernel.solicit(hop.ip, hop.ifindex)
+                        for ip, ifindex in {(hop.ip, hop.ifindex) for hop in self.nexthops.values()}:
+                            self.kernel.solicit(ip, ifindex)
                     self._refresh_macs()
         finally:
             self.kernel.close_thread()
@@ -526,8 +550,11 @@ class Daemon:
         """What the status file and the control socket's status say: the
         node's state and one snapshot of its counters."""
         with self.lock:
-            macs = dict(self.macs)
+            macs = self.macs  # replaced whole, never changed in place
             enc, direct = self._route_totals()
+        shown = self._macs_shown
+        if shown[0] is not macs:  # a thousand peers' MACs are rendered once, not at every status
+            shown = self._macs_shown = (macs, {str(p): (m.hex(":") if m else None) for p, m in macs.items()})
         snap = self.snapshot()
         return {
             "pid": os.getpid(),
@@ -546,7 +573,7 @@ class Daemon:
                       "etcd_revision": self.etcd_revision, **(self.routing.summary() if self.routing else {})},
             **({"etcd": {**self.etcd.status(), "counters": self.etcd.counters()}} if self.etcd else {}),
             "kernel_routes": self.routing.counters() if self.routing else {},
-            "next_hops": {str(p): (m.hex(":") if m else None) for p, m in macs.items()},
+            "next_hops": shown[1],
             "path_mtu": self.icmp.pmtus(),
             "counters": to_json(snap),
         }

@@ -306,6 +306,7 @@ class EtcdSource:
         # The view, the watch thread's; read under the lock.
         self._entries: dict[str, _Entry] = {}
         self._claims: dict[int, list[str]] = {}  # routed CIDR -> the keys that route it, sorted
+        self._contested: set[int] = set()  # the CIDRs of more than one key
         self._ignored: dict[str, str] = {}  # key -> why it is not routed
         self._table = RouteSet()  # each claimed CIDR's first key: (via, mod revision)
         self._taken: set[int] | None = None  # CIDRs changed since the last take(); None: all of them
@@ -379,8 +380,8 @@ class EtcdSource:
         """The source's state, as JSON-able values (for `ipipfast show` and the status file)."""
         with self._lock:
             ignored = dict(self._ignored)
-            for cidr, keys in self._claims.items():
-                for key in keys[1:]:
+            for cidr in self._contested:
+                for key in self._claims[cidr][1:]:
                     ignored[key] = f"another key already routes {cidr_text(cidr)}"
             return {
                 "connected": self._connected,
@@ -491,6 +492,7 @@ class EtcdSource:
         with self._lock:
             old = self._table
             self._entries, self._claims, self._ignored, self._revision = entries, {}, {}, revision
+            self._contested = set()
             for entry in entries.values():
                 self._index(entry, True)
             cidrs = sorted(self._claims)
@@ -590,6 +592,10 @@ class EtcdSource:
                 keys.remove(entry.key)
                 if not keys:
                     del self._claims[entry.cidr]
+            if len(keys) > 1:
+                self._contested.add(entry.cidr)
+            else:
+                self._contested.discard(entry.cidr)
 
     def _update(self, cidrs: set[int]) -> bool:
         """Under the lock: the table's routes for these CIDRs as their first

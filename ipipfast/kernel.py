@@ -26,7 +26,9 @@ TUN_TXQUEUELEN = 1000
 NTF_USE = 0x01      # neighbour flag: ask the kernel to resolve it now
 NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE PERMANENT NOARP
 RTMGRP_NEIGH = 0x4  # the multicast group of neighbour changes
-RTM_NEWNEIGH = 28
+RTM_NEWNEIGH, RTM_GETNEIGH = 28, 30
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_DUMP = 0x300
 NDA_DST, NDA_LLADDR = 1, 2
 EVENTS_RCVBUF = 1 << 20  # a burst of neighbour changes (a whole subnet's ARP) fits
 # A single get (not a dump) goes without NLM_F_ACK. pyroute2 0.9 asks for the
@@ -155,13 +157,22 @@ class Kernel:
         gateway = msg.get_attr("RTA_GATEWAY")
         return NextHop(peer, IPv4Address(gateway) if gateway else peer, msg.get_attr("RTA_OIF"))
 
-    def neighbour_mac(self, ip: IPv4Address, ifindex: int) -> bytes | None:
-        """The resolved MAC of ip on ifindex, or None."""
-        for msg in self.ipr.get_neighbours(ifindex=ifindex, dst=str(ip)):
-            mac = msg.get_attr("NDA_LLADDR")
-            if mac and msg["state"] & NUD_VALID:
-                return bytes.fromhex(mac.replace(":", ""))
-        return None
+    @staticmethod
+    def neighbour_macs(ifindex: int) -> dict[IPv4Address, bytes]:
+        """The resolved MACs of ifindex's IPv4 neighbours: one dump of the
+        neighbour table, on a plain socket parsed by hand (a thousand peers'
+        next hops cost one call, where a pyroute2 get per peer dumps the
+        table each time)."""
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as s:
+            s.bind((0, 0))
+            ndmsg = struct.pack("=B3xiHBB", socket.AF_INET, 0, 0, 0, 0)
+            s.send(struct.pack("=IHHII", 16 + len(ndmsg), RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + ndmsg)
+            out: dict[IPv4Address, bytes] = {}
+            while True:
+                data = s.recv(1 << 16)
+                out.update((n.ip, n.mac) for n in _neighbours(data) if n.ifindex == ifindex and n.mac)
+                if _done(data):
+                    return out
 
     def solicit(self, ip: IPv4Address, ifindex: int) -> None:
         """Makes the kernel resolve (or re-confirm) ip's MAC, as a packet to
@@ -238,6 +249,19 @@ def _neighbours(data: bytes) -> list[Neighbour]:
                                      mac if mac and state & NUD_VALID else None))
         at += (length + 3) & ~3
     return out
+
+
+def _done(data: bytes) -> bool:
+    """Whether a dump's datagram ends it (NLMSG_DONE, or an error)."""
+    at = 0
+    while at + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, at)
+        if kind in (NLMSG_DONE, NLMSG_ERROR):
+            return True
+        if length < 16:
+            break
+        at += (length + 3) & ~3
+    return False
 
 
 def _attrs(data: bytes) -> dict[int, bytes]:

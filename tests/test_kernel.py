@@ -92,3 +92,29 @@ def test_neighbour_events_announce_each_change():
     assert ("198.18.0.99", index, "02:00:5e:00:00:02") in seen
     assert seen[-1] == ("198.18.0.99", index, None)
     assert None not in json.loads(out)  # every read in time: none timed out
+
+
+NEIGHBOUR_TABLE = """
+import json, sys
+from ipipfast.kernel import Kernel
+print(json.dumps({str(ip): mac.hex(":") for ip, mac in Kernel.neighbour_macs(int(sys.argv[1])).items()}))
+"""
+
+
+def test_one_read_of_the_neighbour_table_has_every_resolved_mac(tmp_path):
+    """A thousand entries (more than one dump datagram holds), as a large L2
+    underlay has; failed ones and other links' are left out. Oracle: iproute2."""
+    with Testbed(nodes=2, pods_per_node=1) as tb:
+        node = tb.nodes[0]
+        index = tb.ipr(node).link_lookup(ifname=node.interface)[0]
+        batch = "".join(f"neigh replace 198.18.{2 + i // 250}.{1 + i % 250} lladdr 02:00:5e:00:{i >> 8:02x}:{i & 255:02x}"
+                        f" dev {node.interface} nud stale\n" for i in range(1000))
+        batch += f"neigh replace 198.18.0.98 dev {node.interface} nud failed\n"
+        batch += f"neigh replace 198.19.0.99 lladdr 02:00:5e:00:ff:ff dev {node.pods[0].host_veth} nud stale\n"
+        (tmp_path / "neigh").write_text(batch)
+        tb.run(node, ["ip", "-batch", str(tmp_path / "neigh")])
+        shown = json.loads(tb.run(node, ["ip", "-json", "neigh", "show", "dev", node.interface]).stdout)
+        out = json.loads(tb.run(node, [sys.executable, "-c", NEIGHBOUR_TABLE, str(index)]).stdout)
+    expected = {n["dst"]: n["lladdr"] for n in shown if "lladdr" in n and n.get("state") != ["FAILED"]}
+    assert len(out) >= 1000 and out == expected
+    assert "198.18.0.98" not in out and "198.19.0.99" not in out
