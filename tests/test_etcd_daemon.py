@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import time
@@ -19,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from scapy.layers.inet import ICMP, IP
 
 from ipipfast_lab import traffic
+from etcd_fixtures import etcd, prefix, tb  # noqa: F401 (fixtures)
 from ipipfast_lab.daemons import TunnelProcess, wait_until
 from ipipfast_lab.etcd import EtcdServer, node_config
 from ipipfast_lab.testbed import Node, Pod, Testbed
@@ -34,24 +34,6 @@ pytestmark = [
 TTL = 5  # seconds: the daemons' leases, so that a dead node's expire within a test
 MARGIN = 10  # seconds past the TTL for etcd to expire a lease and the watch to tell
 FLANNEL = '{"PublicIP":"%s","BackendType":"ipip","BackendData":null}'  # as flannel's Go writes it
-
-
-@pytest.fixture(scope="module")
-def tb() -> Iterator[Testbed]:
-    with Testbed(nodes=3, control_plane=True) as bed:
-        yield bed
-
-
-@pytest.fixture(scope="module")
-def etcd(tb: Testbed) -> Iterator[EtcdServer]:
-    with EtcdServer(tb) as server:
-        yield server
-
-
-@pytest.fixture
-def prefix(request: pytest.FixtureRequest) -> str:
-    """A prefix of the test's own, so the tests share one etcd."""
-    return "/" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-") + "/coreos.com/network"
 
 
 Start = Callable[..., TunnelProcess]
