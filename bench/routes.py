@@ -246,7 +246,7 @@ def case_latency(args: argparse.Namespace, tmp: Path, present: int) -> dict[str,
             writer.start()
             deadline = time.monotonic() + args.events * EVENT_GAP * 4 + 60
             while time.monotonic() < deadline:
-                for g, ns, n in t.status()["table"]["published"]:
+                for g, ns, n, _ in t.status()["table"]["published"]:
                     published[g] = (ns, n)
                 if not writer.is_alive() and max(n for _, n in published.values()) >= base + args.events:
                     break

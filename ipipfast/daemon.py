@@ -1,7 +1,8 @@
 """One node's tunnel: wires the config, the kernel and the datapath
 together, keeps next-hop MACs fresh, follows the routes (the config file on
-SIGHUP or when it changes, the kernel's routes into the TUN as they change),
-answers on its control socket and tells the service manager how it is."""
+SIGHUP or when it changes, the kernel's routes into the TUN as they change,
+the node leases in etcd as they change), answers on its control socket and
+tells the service manager how it is."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +25,7 @@ from . import _datapath, heap, metrics, tc_drops
 from .config import Config, ConfigError, NodeConfig, digest, parse_config, read_config_text
 from .control import RUN_DIR, ControlServer, socket_path
 from .counters import Snapshot, to_json
+from .etcd import EtcdSource
 from .icmp import IcmpErrors
 from .inotify import ConfigWatcher
 from .kernel import EventsLost, Kernel, Link, LinkAddress, NeighbourEvents, NextHop, ipip_module_loaded
@@ -42,7 +44,7 @@ NEIGHBOUR_INTERVAL = 1.0   # seconds between next-hop MAC checks (a tenth while 
 SOLICIT_EVERY = 30         # checks between re-confirmations of every next hop
 STATUS_INTERVAL = 0.5      # seconds between status-file writes
 GC_INTERVAL = 60.0         # seconds between full garbage collections (see run_forever)
-PUBLISHED_KEPT = 64        # table publications the status keeps (generation, CLOCK_MONOTONIC ns, entries)
+PUBLISHED_KEPT = 64        # table publications the status keeps (see Daemon.published)
 
 
 @dataclass(frozen=True)
@@ -51,15 +53,23 @@ class Plan:
     table: Table
     encapsulated: tuple[IPv4Address, ...]  # the peers its entries index, in that order
     peers: tuple[IPv4Address, ...]         # those, then every other node: IPIP is accepted from all
+    addresses: tuple[int, ...]             # the peers as ints
+    index: dict[int, int]                  # an encapsulated peer's position
 
     @classmethod
-    def of(cls, table: Table) -> Plan:
+    def of(cls, table: Table, previous: Plan | None = None) -> Plan:
+        """The plan of a table; with the peers of `previous` (the same
+        objects) when they are the same nodes, as after most route changes:
+        whatever is kept per peer then needs no second look."""
         enc = table.encapsulated_peers()
-        extra = sorted(set(table.routes.vias) - set(enc))
-        return cls(table, tuple(map(IPv4Address, enc)), tuple(map(IPv4Address, enc + extra)))
+        addresses = tuple(enc + sorted(set(table.routes.vias) - set(enc)))
+        if previous is not None and previous.addresses == addresses and len(previous.encapsulated) == len(enc):
+            return replace(previous, table=table)
+        peers = tuple(map(IPv4Address, addresses))
+        return cls(table, peers[:len(enc)], peers, addresses, {p: i for i, p in enumerate(enc)})
 
     def entries(self) -> DatapathEntries:
-        return self.table.datapath_entries({int(p): i for i, p in enumerate(self.encapsulated)})
+        return self.table.datapath_entries(self.index)
 
 
 IPIP_MODULE_LOADED = (
@@ -97,10 +107,17 @@ class Daemon:
         self.config_digest = b""
         self.plan = Plan.of(Table.build({}, config.tunnel.mode, config.node.ip))
         self.generation = 0  # of the table the datapath has
-        self.published: deque[tuple[int, int, int]] = deque(maxlen=PUBLISHED_KEPT)
+        # Each publication: generation, CLOCK_MONOTONIC ns once the datapath has it, entries, and
+        # the etcd revision its routes are as of (0 without etcd): what a put's propagation is timed by.
+        self.published: deque[tuple[int, int, int, int]] = deque(maxlen=PUBLISHED_KEPT)
+        self.etcd: EtcdSource | None = None
+        self.etcd_revision = 0  # of the etcd routes in the table
+        self._etcd_changed = False  # set by the source's thread (a plain flag, as the signal handlers')
         self.reloads: Counter[str] = Counter(applied=0, unchanged=0, refused=0)  # SIGHUP or an edit, by result
         self.last_reload: dict = {}
+        self._peer_rows: tuple[object, object, dict, list] | None = None  # (peers, macs, pmtus, set_table's rows)
         self.macs: dict[IPv4Address, bytes | None] = {}
+        self._macs_shown: tuple[object, dict[str, str | None]] = (None, {})  # (macs, as status shows them)
         self.nexthops: dict[IPv4Address, NextHop] = {}
         self.lock = threading.RLock()  # plan, next hops and MACs: main and neighbour threads
         self.threads: list[threading.Thread] = []
@@ -169,12 +186,17 @@ class Daemon:
             log.warning("tc drops not attached (%s): the kernel also processes every IPIP frame, which costs "
                         "CPU, and IPIP that pods send leaves the node unchecked", e)
         self.outer_mtu = self.underlay.mtu  # what the datapath sends at most (see _follow_mtus)
+        if cfg.etcd is not None:
+            self.etcd = EtcdSource.from_config(cfg, on_change=self._etcd_change)
         self.routing = Routing(self.tun.index, self.underlay.index, cfg.node.ip, cfg.tunnel.mode,
-                               cfg.kernel.learn, cfg.kernel.resync, self.config_path, self.wake.set)
+                               cfg.kernel.learn, cfg.kernel.resync, self.config_path, self.wake.set,
+                               etcd_key=self.etcd.key if self.etcd else None)
         # Link notifications tell every MTU change from here on; one made
         # before the subscription is read now.
         self._follow_mtus({link.index: link.mtu for link in map(self.kernel.link, (self.underlay.name, self.tun.name))})
         self.routing.set_file(cfg.routes)
+        if self.etcd is not None:
+            self.etcd.start()  # its first list runs beside the kernel's first dump
         self._reconcile()  # the first dump of the kernel's routes, the table, our routes
         heap.trim()  # what parsing the file and the dump left
         self._await_nexthops(timeout=2.0)
@@ -235,6 +257,8 @@ class Daemon:
         self.stop_wake.set()
         self.ready = False
         self.service.stopping()
+        if self.etcd is not None:
+            self.etcd.stop()  # its lease is left to expire: the others forward on until the TTL
         if self.datapath is not None:
             self.datapath.stop()
         if self.routing is not None:
@@ -315,6 +339,10 @@ class Daemon:
         self.reload_requested = True
         self.wake.set()
 
+    def _etcd_change(self) -> None:
+        self._etcd_changed = True
+        self.wake.set()
+
     def _next_resync(self) -> float:
         return self.routing.next_resync() if self.routing else float("inf")
 
@@ -354,7 +382,7 @@ class Daemon:
         assert self.routing is not None
         changed = [f.name for f in dataclasses.fields(new.tunnel)
                    if f.name != "mode" and getattr(new.tunnel, f.name) != getattr(self.config.tunnel, f.name)]
-        changed += [name for name in ("kernel", "stats") if getattr(new, name) != getattr(self.config, name)]
+        changed += [name for name in ("kernel", "stats", "etcd") if getattr(new, name) != getattr(self.config, name)]
         changed += ["node"] if new.node != self.node_as_read else []
         if changed:
             log.warning("reload: %s change only on restart; the routes and the mode are reloaded",
@@ -375,12 +403,16 @@ class Daemon:
         assert self.routing is not None
         self.routing.take_kernel()
         self._follow_mtus(self.routing.take_mtus())
+        if self._etcd_changed and self.etcd is not None:
+            self._etcd_changed = False  # before the take: a change after it asks again
+            routes, self.etcd_revision, changed = self.etcd.take()
+            self.routing.set_etcd(routes, changed)
         table = self.routing.build()
         moved = self.routing.resolve()
         if table is not None or any(int(p) in moved for p in self.plan.peers):
             with self.lock:
                 if table is not None:
-                    self.plan = Plan.of(table)
+                    self.plan = Plan.of(table, self.plan)
                 self._resolve_nexthops(self.plan)
                 self._push_table()
         self.routing.program()
@@ -428,11 +460,16 @@ class Daemon:
 
     def _push_table(self) -> None:
         assert self.datapath is not None
-        plan = self.plan
-        peers = [(int(p), self.macs.get(p), self.icmp.pmtu(p)) for p in plan.peers]
+        plan, pmtus = self.plan, self.icmp.learned()
+        cached = self._peer_rows
+        if cached is not None and cached[0] is plan.peers and cached[1] is self.macs and cached[2] == pmtus:
+            peers = cached[3]  # a thousand peers' rows cost more than a route change
+        else:
+            peers = [(a, self.macs.get(p), pmtus.get(p, 0)) for a, p in zip(plan.addresses, plan.peers)]
+            self._peer_rows = (plan.peers, self.macs, pmtus, peers)
         entries = plan.entries()
         self.generation = self.datapath.set_table(entries, peers, self.underlay.mac)
-        self.published.append((self.generation, time.monotonic_ns(), len(entries)))
+        self.published.append((self.generation, time.monotonic_ns(), len(entries), self.etcd_revision))
 
     # ---- next hops ------------------------------------------------------------
 
@@ -451,15 +488,14 @@ class Daemon:
         self._refresh_macs(push=False)
 
     def _refresh_macs(self, push: bool = True) -> None:
-        """Reads every next hop's MAC, and the underlay's own; asks the kernel
-        to resolve the missing ones; pushes a new table when any changed."""
-        macs: dict[IPv4Address, bytes | None] = {}
-        tables = {i: self.kernel.neighbour_macs(i) for i in {hop.ifindex for hop in self.nexthops.values()}}
-        for peer, hop in self.nexthops.items():
-            mac = tables[hop.ifindex].get(hop.ip)
-            if mac is None:
-                self.kernel.solicit(hop.ip, hop.ifindex)
-            macs[peer] = mac
+        """Reads every next hop's MAC (one read of the underlay's neighbour
+        table: a thousand peers behind one router share one next hop), and
+        the underlay's own; asks the kernel to resolve the missing ones;
+        pushes a new table when any changed."""
+        known = self.kernel.neighbour_macs(self.underlay.index)  # every hop is on the underlay
+        macs = {peer: known.get(hop.ip) for peer, hop in self.nexthops.items()}
+        for ip in {hop.ip for peer, hop in self.nexthops.items() if macs[peer] is None}:
+            self.kernel.solicit(ip, self.underlay.index)
         self._set_macs(macs, self.kernel.link(self.underlay.name).mac, push)
 
     def _set_macs(self, macs: dict[IPv4Address, bytes | None], own: bytes | None = None, push: bool = True) -> None:
@@ -472,9 +508,14 @@ class Daemon:
             self.underlay = replace(self.underlay, mac=own)
             changed = True
         if macs != self.macs:
+            moved: dict[bytes | None, list[IPv4Address]] = {}
             for peer, mac in macs.items():
                 if mac != self.macs.get(peer):
-                    log.info("next hop of %s: %s", peer, mac.hex(":") if mac else "unresolved")
+                    moved.setdefault(mac, []).append(peer)
+            for mac, peers in moved.items():  # a line per MAC, not per peer: a router's is a thousand peers'
+                more = f" and {len(peers) - 3} more" if len(peers) > 3 else ""
+                log.info("next hop of %s%s: %s", ", ".join(map(str, peers[:3])), more,
+                         mac.hex(":") if mac else "unresolved")
             self.macs = macs
             changed = True
         if changed and push:
@@ -503,8 +544,8 @@ class Daemon:
                 ticks += 1
                 with self.lock:
                     if ticks % SOLICIT_EVERY == 0:
-                        for hop in self.nexthops.values():
-                            self.kernel.solicit(hop.ip, hop.ifindex)
+                        for ip, ifindex in {(hop.ip, hop.ifindex) for hop in self.nexthops.values()}:
+                            self.kernel.solicit(ip, ifindex)
                     self._refresh_macs()
         finally:
             self.kernel.close_thread()
@@ -545,14 +586,22 @@ class Daemon:
 
     def reading(self) -> metrics.Reading:
         assert self.routing is not None
-        return metrics.Reading(self.snapshot(), self.routing.counts(), dict(self.reloads), self.routing.counters())
+        etcd = conflicts = None
+        if self.etcd is not None:
+            etcd = self.etcd.counters()
+            conflicts = [(str(cidr), c.key, c.holder) for cidr, c in self.etcd.conflicts().items()]
+        return metrics.Reading(self.snapshot(), self.routing.counts(), dict(self.reloads), self.routing.counters(),
+                               etcd, conflicts or ())
 
     def status(self) -> dict:
         """What the status file and the control socket's status say: the
         node's state and one snapshot of its counters."""
         with self.lock:
-            macs = dict(self.macs)
+            macs = self.macs  # replaced whole, never changed in place
             enc, direct = self._route_totals()
+        shown = self._macs_shown
+        if shown[0] is not macs:  # a thousand peers' MACs are rendered once, not at every status
+            shown = self._macs_shown = (macs, {str(p): (m.hex(":") if m else None) for p, m in macs.items()})
         snap = self.snapshot()
         return {
             "pid": os.getpid(),
@@ -570,9 +619,10 @@ class Daemon:
             "routes_encapsulated": enc,
             "routes_direct": direct,
             "table": {"generation": self.generation, "published": list(self.published),
-                      **(self.routing.summary() if self.routing else {})},
+                      "etcd_revision": self.etcd_revision, **(self.routing.summary() if self.routing else {})},
+            **({"etcd": {**self.etcd.status(), "counters": self.etcd.counters()}} if self.etcd else {}),
             "kernel_routes": self.routing.counters() if self.routing else {},
-            "next_hops": {str(p): (m.hex(":") if m else None) for p, m in macs.items()},
+            "next_hops": shown[1],
             "path_mtu": self.icmp.pmtus(),
             "counters": to_json(snap),
         }

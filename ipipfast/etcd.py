@@ -41,6 +41,8 @@ routes it had: an unreachable datastore never empties the table.
 from __future__ import annotations
 
 import base64
+import bisect
+import heapq
 import json
 import logging
 import os
@@ -49,6 +51,7 @@ import re
 import socket
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -59,7 +62,8 @@ import requests
 from etcd3gw.exceptions import Etcd3Exception
 
 from .config import Config, EtcdConfig, EtcdTLS
-from .routes import Route, parse_address, parse_network
+from .routes import (Route, RouteSet, cidr_text, fast_address, key_of, mask_of, parse_address, parse_network,
+                     route_problem)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,15 @@ class EtcdRoute:
     route: Route
     key: str
     mod_revision: int
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """One of this node's pod CIDRs that another node holds: not registered."""
+
+    key: str
+    holder: str  # its PublicIP, or what makes its value unreadable
+    message: str
 
 
 def subnet_key(cidr: IPv4Network) -> str:
@@ -212,19 +225,49 @@ def close_stream(resp: requests.Response) -> None:
         pass  # already closed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Entry:
     """One key under <prefix>/subnets/, read."""
 
     key: str
     lease: int
-    route: EtcdRoute | None  # None: not routed, for `reason` (or this node's own registration)
-    reason: str | None
+    cidr: int  # the key (routes.key_of) of the CIDR it routes; -1: not routed
+    via: int
+    mod_revision: int
+    reason: str | None  # why it is not routed (None when routed, or for this node's own registration)
 
-    @property
-    def target(self) -> Route | None:
-        """What routes() would route: a change of it, not of the revision, is a change."""
-        return self.route.route if self.route is not None else None
+
+_DECODE = json.JSONDecoder().raw_decode  # json.loads without its checks of the input's type and encoding
+
+
+def _fast_attrs(value: bytes) -> tuple[int, str] | None:
+    """(PublicIP, BackendType) of a value as flannel writes it (compact
+    JSON), at C speed; None for anything else, which parse_attrs then reads
+    or explains."""
+    try:
+        text = value.decode()
+        attrs, end = _DECODE(text)
+    except ValueError:  # UnicodeDecodeError is one too
+        return None
+    if end == len(text) and isinstance(attrs, dict):
+        ip, backend = attrs.get("PublicIP"), attrs.get("BackendType", "")
+        if isinstance(ip, str) and isinstance(backend, str):
+            addr = fast_address(ip)
+            if addr is not None:
+                return addr, backend
+    return None
+
+
+def _fast_subnet_key(tail: str) -> int | None:
+    """The CIDR key (routes.key_of) of a well-formed subnet key's last part;
+    None for anything else, which parse_subnet_key then reads or explains."""
+    m = _SUBNET_KEY.fullmatch(tail)
+    if m is None or len(m[2]) > 2:
+        return None
+    network, prefixlen = fast_address(m[1]), int(m[2])
+    if network is None or prefixlen > 32 or network & ~mask_of(prefixlen) & 0xFFFFFFFF:
+        return None
+    return key_of(network, prefixlen)
 
 
 class EtcdSource:
@@ -232,7 +275,12 @@ class EtcdSource:
 
     on_change() is called from the source's watch thread whenever routes()
     changed (a CIDR came, went or moved to another node); it should only
-    signal, e.g. set an Event.
+    signal, e.g. set an Event, and leave the reading to take().
+
+    The view is indexed as it changes, so that a change costs the keys it
+    touches, not the prefix: each routed CIDR's claimants (the keys that
+    route it, in key order; the first wins), the keys not routed with the
+    reason, and the winners as one RouteSet, updated in place.
     """
 
     def __init__(self, config: EtcdConfig, node_ip: IPv4Address, pod_cidrs: Iterable[IPv4Network] = (),
@@ -247,6 +295,8 @@ class EtcdSource:
         self._value = json.dumps({"PublicIP": str(node_ip), "BackendType": BACKEND, "BackendData": None},
                                  separators=(",", ":"))
         self._wanted = {self.subnets + subnet_key(c): c for c in self.pod_cidrs}
+        self._node = int(node_ip)
+        self._own = {key_of(int(c.network_address), c.prefixlen) for c in self.pod_cidrs}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._wake = threading.Event()  # the lease thread: a key of ours changed
@@ -255,11 +305,16 @@ class EtcdSource:
         self._relist = True  # the watch thread's: list before watching
         # The view, the watch thread's; read under the lock.
         self._entries: dict[str, _Entry] = {}
+        self._claims: dict[int, list[str]] = {}  # routed CIDR -> the keys that route it, sorted
+        self._contested: set[int] = set()  # the CIDRs of more than one key
+        self._ignored: dict[str, str] = {}  # key -> why it is not routed
+        self._table = RouteSet()  # each claimed CIDR's first key: (via, mod revision)
+        self._taken: set[int] | None = None  # CIDRs changed since the last take(); None: all of them
         self._revision = 0
         # Registration, the lease thread's; the watch thread drops keys from _held.
         self._lease: int | None = None
         self._held: dict[IPv4Network, str] = {}  # CIDR -> "lease" or "reservation"
-        self._conflicts: dict[IPv4Network, str] = {}
+        self._conflicts: dict[IPv4Network, Conflict] = {}
         # Reachability: the threads whose last request failed, or that have not yet succeeded.
         self._failing = {"watch", "lease"}
         self._connected = False
@@ -300,29 +355,34 @@ class EtcdSource:
     # ---- what it offers ------------------------------------------------------------
 
     def routes(self) -> tuple[EtcdRoute, ...]:
-        """Every other node's routed CIDR. Of two keys for one CIDR (a plain and
-        a dual-stack one), the first in key order counts."""
+        """Every other node's routed CIDR, in CIDR order. Of two keys for one
+        CIDR (a plain and a dual-stack one), the first in key order counts."""
         with self._lock:
-            entries = list(self._entries.values())
-        by_cidr: dict[IPv4Network, EtcdRoute] = {}
-        for e in entries:
-            if e.route is not None:
-                cidr = e.route.route.cidr
-                first = by_cidr.get(cidr)
-                if first is None or e.key < first.key:
-                    by_cidr[cidr] = e.route
-        return tuple(by_cidr.values())
+            t, claims, entries = self._table, self._claims, self._entries
+            return tuple(EtcdRoute(Route.of(cidr, via), entries[claims[cidr][0]].key, revision)
+                         for cidr, via, revision in zip(t.keys, t.vias, t.details))
+
+    def take(self) -> tuple[RouteSet, int, set[int] | None]:
+        """What a table needs of the view: the routes (details: their mod
+        revisions), the revision they are as of, and the CIDR keys that
+        changed since the last take (None: any may have, after a list)."""
+        with self._lock:
+            taken, self._taken = self._taken, set()
+            return self._table, self._revision, taken
+
+    def key(self, cidr: int) -> str:
+        """The key that routes a CIDR (by its routes.key_of), or that would in flannel's form."""
+        with self._lock:
+            keys = self._claims.get(cidr)
+        return keys[0] if keys else f"{self.subnets}{cidr_text(cidr).replace('/', '-')}"
 
     def status(self) -> dict[str, Any]:
         """The source's state, as JSON-able values (for `ipipfast show` and the status file)."""
-        routes = self.routes()
-        winners = {r.key for r in routes}
         with self._lock:
-            ignored = {e.key: e.reason for e in self._entries.values() if e.reason is not None}
-            for e in self._entries.values():
-                if e.route is not None and e.key not in winners:
-                    ignored[e.key] = f"another key already routes {e.route.route.cidr}"
-            shown = dict(sorted(ignored.items())[:IGNORED_SHOWN])
+            ignored = dict(self._ignored)
+            for cidr in self._contested:
+                for key in self._claims[cidr][1:]:
+                    ignored[key] = f"another key already routes {cidr_text(cidr)}"
             return {
                 "connected": self._connected,
                 "since": self._since,  # time.time() of the last change of `connected`
@@ -331,17 +391,25 @@ class EtcdSource:
                 "revision": self._revision,
                 "lease": f"{self._lease:x}" if self._lease is not None else None,  # hex, as etcdctl prints it
                 "registered": {str(c): self.subnets + subnet_key(c) for c in self._held},
-                "conflicts": {str(c): msg for c, msg in self._conflicts.items()},
-                "routes": len(routes),
-                "ignored": shown,  # key -> why it is not routed; the first IGNORED_SHOWN by key
+                "conflicts": {str(c): conflict.message for c, conflict in self._conflicts.items()},
+                "routes": len(self._table),
+                "ignored": dict(heapq.nsmallest(IGNORED_SHOWN, ignored.items())),  # the first by key
                 "ignored_count": len(ignored),
             }
 
     def counters(self) -> dict[str, int]:
         """Totals since start, for the metrics: errors, lists, compacted, watch_events,
-        route_changes, lease_grants, lease_expired, registrations; and connected (0 or 1)."""
+        route_changes, lease_grants, lease_expired, registrations; and as they are now:
+        connected (0 or 1), registered and conflicts (CIDRs of this node's), revision."""
         with self._lock:
-            return {**{f"etcd_{k}": v for k, v in self._counts.items()}, "etcd_connected": int(self._connected)}
+            return {**{f"etcd_{k}": v for k, v in self._counts.items()}, "etcd_connected": int(self._connected),
+                    "etcd_registered": len(self._held), "etcd_conflicts": len(self._conflicts),
+                    "etcd_revision": self._revision}
+
+    def conflicts(self) -> dict[IPv4Network, Conflict]:
+        """This node's pod CIDRs that another node holds."""
+        with self._lock:
+            return dict(self._conflicts)
 
     # ---- reachability ------------------------------------------------------------
 
@@ -422,13 +490,22 @@ class EtcdSource:
             after = base64.b64encode(_unb64(kvs[-1]["key"]) + b"\0").decode()
             body = {**body, "key": after, "revision": revision}
         with self._lock:
-            old, self._entries, self._revision = self._entries, entries, revision
+            old = self._table
+            self._entries, self._claims, self._ignored, self._revision = entries, {}, {}, revision
+            self._contested = set()
+            for entry in entries.values():
+                self._index(entry, True)
+            cidrs = sorted(self._claims)
+            winners = [entries[self._claims[c][0]] for c in cidrs]
+            self._table = RouteSet(array("Q", cidrs), array("I", (e.via for e in winners)),
+                                   array("Q", (e.mod_revision for e in winners)))
+            self._taken = None
             self._counts["lists"] += 1
             for key in self._wanted:
                 self._check_ours(key, entries.get(key))
+            changed = self._table != old
         log.info("etcd: listed %d keys under %s at revision %d", len(entries), self.subnets, revision)
-        self._changed(any(old.get(k, _NONE).target != e.target for k, e in entries.items())
-                      or any(e.route is not None and k not in entries for k, e in old.items()))
+        self._changed(changed)
 
     def _watch(self, api: _Api) -> bool:
         """Follows the prefix from the view's revision until the stream breaks
@@ -475,24 +552,71 @@ class EtcdSource:
             resp.close()
 
     def _apply(self, events: list[dict[str, Any]], revision: int) -> None:
-        changed = False
+        touched: set[int] = set()  # the CIDRs whose claimants changed
         with self._lock:
             for event in events:
                 kv = event["kv"]
                 key = self._key_of(kv)
-                old = self._entries.get(key, _NONE)
+                old = self._entries.get(key)
+                if old is not None:
+                    self._index(old, False)
+                    touched.add(old.cidr)
                 new: _Entry | None = None
                 if event.get("type") == "DELETE":  # proto3 JSON leaves the default, PUT, out
                     self._entries.pop(key, None)
                 else:
                     new = self._entries[key] = self._entry(kv)
-                changed |= old.target != (new or _NONE).target
+                    self._index(new, True)
+                    touched.add(new.cidr)
                 revision = max(revision, int(kv.get("mod_revision", 0)))
                 if key in self._wanted:
                     self._check_ours(key, new)
+            touched.discard(-1)
+            changed = self._update(touched)
             self._revision = max(self._revision, revision)
             self._counts["watch_events"] += len(events)
         self._changed(changed)
+
+    def _index(self, entry: _Entry, add: bool) -> None:
+        """Under the lock: entry into (or out of) the claimants and the ignored keys."""
+        if entry.reason is not None:
+            if add:
+                self._ignored[entry.key] = entry.reason
+            else:
+                self._ignored.pop(entry.key, None)
+        elif entry.cidr >= 0:
+            keys = self._claims.setdefault(entry.cidr, [])
+            if add:
+                bisect.insort(keys, entry.key)
+            else:
+                keys.remove(entry.key)
+                if not keys:
+                    del self._claims[entry.cidr]
+            if len(keys) > 1:
+                self._contested.add(entry.cidr)
+            else:
+                self._contested.discard(entry.cidr)
+
+    def _update(self, cidrs: set[int]) -> bool:
+        """Under the lock: the table's routes for these CIDRs as their first
+        claimant now has them; whether a route (not only its revision) changed."""
+        t, changes, moved = self._table, {}, False
+        for cidr in cidrs:
+            keys = self._claims.get(cidr)
+            want = None
+            if keys:
+                first = self._entries[keys[0]]
+                want = (first.via, first.mod_revision)
+            i = t.index(cidr)
+            have = (t.vias[i], t.details[i]) if i >= 0 else None
+            if want != have:
+                changes[cidr] = want
+                moved |= want is None or have is None or want[0] != have[0]
+        if changes:
+            self._table = t.updated(changes)
+            if self._taken is not None:
+                self._taken.update(changes)
+        return moved
 
     def _changed(self, changed: bool) -> None:
         if changed:
@@ -517,22 +641,32 @@ class EtcdSource:
 
     def _entry(self, kv: dict[str, Any]) -> _Entry:
         key = self._key_of(kv)
-        route, reason = None, None
+        lease, revision = int(kv.get("lease", 0)), int(kv.get("mod_revision", 0))
+        tail, value = key[len(self.subnets):], _unb64(kv.get("value", ""))
         try:
-            cidr = parse_subnet_key(key[len(self.subnets):])
-            ip, backend = parse_attrs(_unb64(kv.get("value", "")))
-            if ip == self.node_ip:
-                if cidr not in self.pod_cidrs:
-                    reason = "PublicIP is this node's own address, but node.pod_cidrs does not name it"
-            elif backend != BACKEND:
-                reason = f"BackendType {backend!r}: not an ipip node, so not routed"
-            elif cidr in self.pod_cidrs:
-                reason = f"this node's own pod CIDR, held by {ip}"
-            else:
-                route = EtcdRoute(Route(cidr, ip), key, int(kv.get("mod_revision", 0)))
+            cidr = _fast_subnet_key(tail)
+            if cidr is None:
+                network = parse_subnet_key(tail)  # raises the precise error, or
+                cidr = key_of(int(network.network_address), network.prefixlen)
+            attrs = _fast_attrs(value)
+            if attrs is None:
+                ip, backend = parse_attrs(value)  # raises the precise error
+                attrs = int(ip), backend
         except ValueError as e:
-            reason = str(e)
-        return _Entry(key, int(kv.get("lease", 0)), route, reason)
+            return _Entry(key, lease, -1, 0, revision, str(e))
+        via, backend = attrs
+        if via == self._node:
+            reason = None if cidr in self._own else \
+                "PublicIP is this node's own address, but node.pod_cidrs does not name it"
+        elif backend != BACKEND:
+            reason = f"BackendType {backend!r}: not an ipip node, so not routed"
+        elif cidr in self._own:
+            reason = f"this node's own pod CIDR, held by {IPv4Address(via)}"
+        else:
+            reason = route_problem(cidr >> 6, cidr & 63, via)
+            if reason is None:
+                return _Entry(key, lease, cidr, via, revision, None)
+        return _Entry(key, lease, -1, 0, revision, reason)
 
     # ---- the lease thread --------------------------------------------------------------
 
@@ -598,8 +732,8 @@ class EtcdSource:
                 holder = f"an unreadable value ({e})"
             if holder != str(self.node_ip):
                 held_by = f"lease {lease:x}" if lease else "a reservation, without a lease"
-                self._refuse(cidr, f"{cidr}: {key} is held by {holder} ({held_by}); "
-                                   "not registered, and claimed if it is ever freed")
+                self._refuse(cidr, Conflict(key, holder, f"{cidr}: {key} is held by {holder} ({held_by}); "
+                                                         "not registered, and claimed if it is ever freed"))
                 return
             if lease == 0:
                 self._hold(cidr, key, "reservation")
@@ -622,12 +756,10 @@ class EtcdSource:
             log.info("etcd: registered %s as %s (%s)", cidr, key,
                      f"lease {self._lease:x}, {self.config.ttl} s" if how == "lease" else "a reservation")
 
-    def _refuse(self, cidr: IPv4Network, message: str) -> None:
-        if self._conflicts.get(cidr) != message:  # only this thread writes it
-            log.error("etcd: %s", message)
+    def _refuse(self, cidr: IPv4Network, conflict: Conflict) -> None:
+        if self._conflicts.get(cidr) != conflict:  # only this thread writes it
+            log.error("etcd: %s", conflict.message)
         with self._lock:
-            self._conflicts[cidr] = message
+            self._conflicts[cidr] = conflict
             self._held.pop(cidr, None)
 
-
-_NONE = _Entry("", 0, None, None)  # a key not in the view

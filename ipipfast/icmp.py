@@ -82,8 +82,14 @@ class IcmpErrors:
             mtu, expires = self._pmtu.get(peer, (0, 0.0))
             return mtu if expires > time.monotonic() else 0
 
+    def learned(self) -> dict[IPv4Address, int]:
+        """Every path MTU learned and not expired, by peer."""
+        now = time.monotonic()
+        with self.lock:
+            return {p: mtu for p, (mtu, expires) in self._pmtu.items() if expires > now}
+
     def pmtus(self) -> dict[str, int]:
-        return {str(p): m for p in list(self._pmtu) if (m := self.pmtu(p))}
+        return {str(p): m for p, m in self.learned().items()}
 
     def handle(self, icmp_type: int, code: int, info: int, quote: bytes) -> Decision:
         d = decide(self.node, icmp_type, code, info, quote)

@@ -2,7 +2,7 @@
 one snapshot per scrape, beside the client's process and platform metrics."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -14,6 +14,20 @@ from .counters import Snapshot
 
 PREFIX = "ipipfast"
 ROUTE_KINDS = ("encapsulated", "direct")
+# The etcd source's totals: EtcdSource.counters() key, metric name, help.
+ETCD_COUNTERS = (
+    ("etcd_errors", "etcd_errors", "Requests to etcd that failed (down, unreachable, or answering an error); "
+     "each is retried with backoff, and the routes stay."),
+    ("etcd_lists", "etcd_lists", "Full reads of the subnet prefix (at start, after a compaction the watch fell "
+     "behind, after the store's revision went back)."),
+    ("etcd_compacted", "etcd_watch_compacted", "Watches etcd cancelled because they fell behind a compaction."),
+    ("etcd_watch_events", "etcd_watch_events", "Key changes the watch delivered."),
+    ("etcd_route_changes", "etcd_route_changes", "Times the routes from etcd changed (a CIDR came, went or moved)."),
+    ("etcd_lease_grants", "etcd_lease_grants", "Leases granted to this node (at start, and after one expired)."),
+    ("etcd_lease_expired", "etcd_lease_expired", "Times this node's lease expired (etcd away for longer than "
+     "its TTL) and it registered again."),
+    ("etcd_registrations", "etcd_registrations", "This node's pod CIDRs registered (claimed, or taken over)."),
+)
 
 
 @dataclass(frozen=True)
@@ -23,6 +37,8 @@ class Reading:
     routes: Mapping[tuple[str, str], int]  # (source, kind) -> how many
     reloads: Mapping[str, int]             # result: applied | unchanged | refused -> how many
     kernel: Mapping[str, int]              # the kernel route source's and writer's counters (Routing.counters)
+    etcd: Mapping[str, int] | None = None  # the etcd source's (EtcdSource.counters), when there is one
+    etcd_conflicts: Sequence[tuple[str, str, str]] = ()  # (cidr, key, holder) of this node's refused CIDRs
 
 
 def _counter(name: str, help: str, labels: tuple[str, ...] = (),
@@ -92,8 +108,27 @@ class NodeCollector(Collector):
         for (source, kind), n in r.routes.items():
             routes.add_metric([source, kind], n)
         yield routes
+        if r.etcd is not None:
+            yield from _etcd(r.etcd, r.etcd_conflicts)
         yield GaugeMetricFamily(f"{PREFIX}_table_generation", "Forwarding tables published since the start; "
                                 "moves on at every route reload and next-hop change.", value=s.generation)
+
+
+def _etcd(e: Mapping[str, int], conflicts: Sequence[tuple[str, str, str]]) -> Iterator[Metric]:
+    yield GaugeMetricFamily(f"{PREFIX}_etcd_connected", "1 while etcd answers; 0 while it is away (the last "
+                            "table forwards on) or before it first answered.", value=e["etcd_connected"])
+    yield GaugeMetricFamily(f"{PREFIX}_etcd_revision", "The etcd revision the source's view is as of.",
+                            value=e["etcd_revision"])
+    yield GaugeMetricFamily(f"{PREFIX}_etcd_registered", "This node's pod CIDRs registered in etcd.",
+                            value=e["etcd_registered"])
+    refused = GaugeMetricFamily(f"{PREFIX}_etcd_conflicts", "This node's pod CIDRs that another node holds in "
+                                "etcd, by the key and its holder (PublicIP): not registered, claimed when freed.",
+                                labels=("cidr", "key", "holder"))
+    for cidr, key, holder in conflicts:
+        refused.add_metric([cidr, key, holder], 1)
+    yield refused
+    for key, name, help in ETCD_COUNTERS:
+        yield _counter(name, help, samples={(): e[key]})
 
 
 def registry(read: Callable[[], Reading]) -> CollectorRegistry:

@@ -41,7 +41,7 @@ class Source(IntEnum):
 
     FILE = 0    # the config file: detail is its line
     KERNEL = 1  # a route into the TUN: detail is its rtm_protocol
-    ETCD = 2    # detail: the revision (coming)
+    ETCD = 2    # node leases in etcd: detail is the key's mod revision
 
     def __str__(self) -> str:
         return self.name.lower()

@@ -28,7 +28,7 @@ import logging
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
@@ -50,7 +50,10 @@ _KIND_NAMES = {Kind.ENCAPSULATED: "encapsulated", Kind.DIRECT: "direct", Kind.FO
 
 class Routing:
     def __init__(self, tun: int, underlay: int, node: IPv4Interface, mode: Mode, learn: bool, resync: int,
-                 config_path: str | None, wake: Callable[[], None]) -> None:
+                 config_path: str | None, wake: Callable[[], None],
+                 etcd_key: Callable[[int], str] | None = None) -> None:
+        """etcd_key: with an etcd source, the key (CIDR key -> etcd key) that
+        show names as the origin of its routes."""
         self.tun, self.underlay, self.node = tun, underlay, node
         self.mode, self.learn, self.resync_interval = mode, learn, resync
         self.config_name = Path(config_path).name if config_path else "<config>"
@@ -60,6 +63,8 @@ class Routing:
         # Subscribed before the first dump: every change after it is queued.
         self.monitor = RouteMonitor(self.writer, wake)
         self.file = RouteSet()
+        self.etcd = RouteSet()
+        self.etcd_key = etcd_key
         self.table = Table.build({}, mode, node)
         self._dirty = True           # a source or the mode changed since the table was built
         self._full = True            # diff every route of ours next time (start, file or mode change)
@@ -80,6 +85,19 @@ class Routing:
         if routes != self.file or list(routes.details) != list(self.file.details):
             self.file = routes
             self._dirty = self._full = True
+
+    def set_etcd(self, routes: RouteSet, changed: Iterable[int] | None = None) -> None:
+        """etcd's routes (details: their mod revisions); changed: the CIDR
+        keys that may differ from the last set (None: any), so that only
+        those of our kernel routes are compared."""
+        if routes is self.etcd:
+            return
+        self.etcd = routes
+        self._dirty = True
+        if changed is None:
+            self._full = True
+        else:
+            self._candidates.update(changed)
 
     def set_mode(self, mode: Mode) -> None:
         if mode is not self.mode:
@@ -128,7 +146,7 @@ class Routing:
         """The merged table if a source changed since the last one, else None."""
         if not self._dirty:
             return None
-        sources = {Source.FILE: self.file}
+        sources = {Source.FILE: self.file, Source.ETCD: self.etcd}
         kernel = self.mirror.source()  # consumes the foreign changes
         if self.learn:
             sources[Source.KERNEL] = kernel
@@ -292,16 +310,18 @@ class Routing:
 
     # ---- what it looks like ----------------------------------------------------------------
 
-    def detail(self, source: Source, detail: int) -> str:
+    def detail(self, source: Source, detail: int, key: int) -> str:
+        """Where a route of `source` for CIDR `key` comes from: the file's
+        line, the kernel route's protocol, the etcd key at its mod revision."""
         if source is Source.FILE:
             return f"{self.config_name}:{detail}" if detail else self.config_name
         if source is Source.KERNEL:
             return f"proto {protocol_name(detail)}"
-        return f"revision {detail}"
+        return f"{self.etcd_key(key) if self.etcd_key else 'etcd'}@{detail}"
 
-    def _side(self, side: Side) -> dict:
+    def _side(self, side: Side, key: int) -> dict:
         return {"source": str(side.source), "node": str(IPv4Address(side.via)),
-                "detail": self.detail(side.source, side.detail)}
+                "detail": self.detail(side.source, side.detail, key)}
 
     def routes(self) -> Iterator[dict]:
         """Each route of the table: CIDR, node, source and its detail, how
@@ -323,7 +343,7 @@ class Routing:
             else:
                 kernel = "no route to its node" if kind == Kind.DIRECT and hop == NO_HOP else "pending"
             yield {"cidr": cidr_text(key), "node": str(IPv4Address(via)), "source": str(source),
-                   "detail": self.detail(source, detail), "kind": _KIND_NAMES[Kind(kind)],
+                   "detail": self.detail(source, detail, key), "kind": _KIND_NAMES[Kind(kind)],
                    "next_hop": str(IPv4Address(hop)) if hop else None, "kernel": kernel}
 
     def show(self) -> dict:
@@ -341,7 +361,8 @@ class Routing:
             "mode": str(self.mode),
             "learn": self.learn,
             "routes_by": [[source, kind, n] for (source, kind), n in sorted(self.counts().items())],
-            "conflicts": [{"cidr": cidr_text(c.key), "winner": self._side(c.winner), "loser": self._side(c.loser)}
+            "conflicts": [{"cidr": cidr_text(c.key), "winner": self._side(c.winner, c.key),
+                           "loser": self._side(c.loser, c.key)}
                           for c in conflicts],
             "refused": [{"cidr": cidr_text(kkey >> 32), "metric": kkey & 0xFFFFFFFF, "reason": r.reason,
                          "detail": f"proto {protocol_name(r.protocol)}",
@@ -356,6 +377,8 @@ class Routing:
         out: Counter[tuple[str, str]] = Counter({("file", "encapsulated"): 0, ("file", "direct"): 0})
         if self.learn:
             out["kernel", "encapsulated"] = 0
+        if self.etcd_key is not None:
+            out["etcd", "encapsulated"] = out["etcd", "direct"] = 0
         for (src, kind), n in self.table.counts.items():
             out[str(Source(src)), _KIND_NAMES[Kind(kind)]] += n
         return dict(out)

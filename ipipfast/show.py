@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .control import RUN_DIR, ControlError, NoDaemon, request, socket_path
@@ -116,8 +117,8 @@ def _mtu_text(mtu: dict) -> str:
 
 def _routes_text(answer: dict) -> str:
     head = f"routes of {answer['tunnel']} (table generation {answer['generation']}): {len(answer['routes'])}\n"
-    rows = [["cidr", "node", "kind", "next hop", "next-hop mac", "path mtu", "source"]]
-    rows += [[r["cidr"], r["node"], r["kind"], hop_text(r), mac_text(r), mtu_text(r), r["source"]]
+    rows = [["cidr", "node", "kind", "next hop", "next-hop mac", "path mtu", "source", "from"]]
+    rows += [[r["cidr"], r["node"], r["kind"], hop_text(r), mac_text(r), mtu_text(r), r["source"], r["detail"]]
              for r in answer["routes"]]
     return head + (_table(rows) if answer["routes"] else "")
 
@@ -150,12 +151,25 @@ def _counters_text(answer: dict) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def etcd_text(e: dict) -> str:
+    """The etcd source's state: one line, then one per refused CIDR."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["since"]))
+    state = (f"connected to {e['endpoint']} since {since}" if e["connected"] else
+             f"unreachable since {since}, forwarding by the last table")
+    registered = ", ".join(f"{cidr} as {key}" for cidr, key in e["registered"].items()) or "nothing"
+    line = (f"etcd: {state}; revision {e['revision']}, lease {e['lease'] or 'none'}, registered {registered}; "
+            f"{e['routes']} routes, {e['ignored_count']} keys not routed, {len(e['conflicts'])} conflicts"
+            + (f"; last error: {e['last_error']}" if e["last_error"] else ""))
+    return "".join(f"{text}\n" for text in [line, *(f"  refused: {m}" for m in e["conflicts"].values())])
+
+
 def _status_text(answer: dict) -> str:
     r = answer["reloads"]
     head = (f"tunnel {answer['tunnel']}: pid {answer['pid']}, {'ready' if answer['ready'] else 'starting'}, "
             f"mode {answer['mode']}, table generation {answer['generation']}, "
             f"reloads: {r['applied']} applied, {r['refused']} refused\n"
-            f"mtu: {_mtu_text(answer['mtu'])}\n\n")
+            f"mtu: {_mtu_text(answer['mtu'])}\n"
+            + (etcd_text(answer["etcd"]) if "etcd" in answer else "") + "\n")
     routes = {"tunnel": answer["tunnel"], "generation": answer["generation"], "routes": answer["routes"]}
     return head + _routes_text(routes) + "\n" + _counters_text(answer)
 

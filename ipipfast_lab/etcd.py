@@ -11,6 +11,7 @@ it serves https only to clients with a certificate of its own throwaway CA
 SourceProcess runs `python -m ipipfast_lab.etcd source` in a node's
 namespace: an EtcdSource alone (no tunnel), which writes its routes, status
 and counters as JSON to a file whenever they change, for tests to wait on.
+node_config() is a daemon's config on etcd alone, for TunnelProcess.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from .daemons import NodeProcess, stop_process, wait_until
 from .testbed import CONTROL_PLANE_IP, Node, Testbed
 
 CLIENT_PORT, PEER_PORT = 2379, 2380
+DEFAULT_PREFIX = "/coreos.com/network"
 SNAPSHOT_INTERVAL = 0.05  # seconds between the source process's looks at its state
 
 
@@ -129,6 +131,10 @@ class EtcdServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def client_config(self, prefix: str = DEFAULT_PREFIX, ttl: int = 30, endpoints: Sequence[str] = ()) -> dict[str, Any]:
+        """A config's etcd section for this server (endpoints: the server's alone by default)."""
+        return {"endpoints": list(endpoints or [self.endpoint]), "prefix": prefix, "ttl": ttl, "tls": self.client_tls}
+
     def etcdctl(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
         """`etcdctl --endpoints=<ours> <args>` on the control-plane host."""
         return self.tb.run(self.host, ["etcdctl", f"--endpoints={self.endpoint}", "--command-timeout=5s",
@@ -158,18 +164,28 @@ def _unb64(text: str) -> str:
     return base64.b64decode(text).decode()
 
 
+def node_config(tb: Testbed, node: Node, server: EtcdServer, prefix: str = DEFAULT_PREFIX, ttl: int = 30,
+                pod_cidrs: Sequence[str] | None = None, **tunnel: Any) -> dict[str, Any]:
+    """A daemon's config on etcd alone (`routes: []`): the node registers its
+    pod CIDR (or pod_cidrs) and routes by the others' leases."""
+    config = tb.node_config(node, **tunnel)
+    config["routes"] = []
+    config["node"]["pod_cidrs"] = [node.pod_cidr] if pod_cidrs is None else list(pod_cidrs)
+    config["etcd"] = server.client_config(prefix, ttl)
+    return config
+
+
 class SourceProcess(NodeProcess):
     """An EtcdSource alone in a node's namespace, writing its snapshot to a file."""
 
     def __init__(self, tb: Testbed, node: Node, server: EtcdServer, pod_cidrs: Sequence[str] = (),
-                 prefix: str = "/coreos.com/network", ttl: int = 30, endpoints: Sequence[str] = ()) -> None:
+                 prefix: str = DEFAULT_PREFIX, ttl: int = 30, endpoints: Sequence[str] = ()) -> None:
         """endpoints: the config's etcd.endpoints (default: the server's alone)."""
         self.dir = Path(tempfile.mkdtemp(prefix=f"{tb.prefix}-n{node.index}-etcd-"))
         self.snapshot_path = self.dir / "snapshot.json"
         config = {
             "node": {"ip": f"{node.ip}/{node.prefixlen}", "interface": node.interface, "pod_cidrs": list(pod_cidrs)},
-            "etcd": {"endpoints": list(endpoints or [server.endpoint]), "prefix": prefix, "ttl": ttl,
-                     "tls": server.client_tls},
+            "etcd": server.client_config(prefix, ttl, endpoints),
         }
         config_path = self.dir / "node.yaml"
         config_path.write_text(yaml.safe_dump(config))

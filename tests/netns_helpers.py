@@ -3,6 +3,7 @@ route into the TUN that the datapath has not."""
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,13 @@ from ipipfast import tc_drops
 from ipipfast_lab import wire
 from ipipfast_lab.daemons import TunnelProcess
 from ipipfast_lab.testbed import Node, Pod, Testbed
+
+METRICS_LISTEN = "127.0.0.1:9464"  # a daemon's stats.listen, inside its node
+_SCRAPE = """
+import sys, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy from the environment
+print(opener.open("http://%s/metrics", timeout=5).read().decode(), end="")
+""" % METRICS_LISTEN
 
 
 @contextmanager
@@ -52,6 +60,11 @@ def inject(tb: Testbed, node: Node, frames: list[bytes]) -> None:
             for f in frames:
                 s.send(f)
     tb.in_netns(node, send)
+
+
+def scrape_metrics(tb: Testbed, node: Node) -> str:
+    """The text of a GET /metrics of the daemon listening on METRICS_LISTEN in node, asked from inside it."""
+    return tb.run(node, [sys.executable, "-c", _SCRAPE]).stdout
 
 
 class Capture(wire.Capture):

@@ -198,7 +198,7 @@ class TestLive:
         assert first.startswith(f"tunnel {tb.prefix}t0: pid {ta.proc.pid}, ready, mode Always, table generation ")
         assert r.stdout.splitlines()[1] == "mtu: 1480 inner (the TUN's), 1500 underlay"
         route = next(ln.split() for ln in r.stdout.splitlines() if ln.strip().startswith(n1.pod_cidr))
-        assert route[1:3] == [n1.ip, "encapsulated"] and route[-1] == "file"
+        assert route[1:3] == [n1.ip, "encapsulated"] and route[-2:] == ["file", "node.yaml:5"]
         assert any(ln.strip().startswith("tx: ") for ln in r.stdout.splitlines())
         peers = show(tb, 0, "peers").stdout.splitlines()
         assert peers[-1].split()[:2] == [n1.ip, "encapsulated"] and peers[-1].split()[-1] == n1.pod_cidr

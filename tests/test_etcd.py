@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import time
@@ -12,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from etcd_fixtures import etcd, prefix, tb  # noqa: F401 (fixtures)
 from ipipfast_lab.daemons import wait_until
 from ipipfast_lab.etcd import EtcdServer, SourceProcess
 from ipipfast_lab.testbed import Testbed
@@ -25,24 +25,6 @@ pytestmark = [
 
 SHORT_TTL = 6  # seconds: leases that expire within a test
 MARGIN = 10  # seconds past a TTL for etcd to expire the lease and the watch to tell
-
-
-@pytest.fixture(scope="module")
-def tb() -> Iterator[Testbed]:
-    with Testbed(nodes=3, control_plane=True) as bed:
-        yield bed
-
-
-@pytest.fixture(scope="module")
-def etcd(tb: Testbed) -> Iterator[EtcdServer]:
-    with EtcdServer(tb) as server:
-        yield server
-
-
-@pytest.fixture
-def prefix(request: pytest.FixtureRequest) -> str:
-    """A prefix of the test's own, so the tests share one etcd."""
-    return "/" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-") + "/coreos.com/network"
 
 
 Start = Callable[..., SourceProcess]

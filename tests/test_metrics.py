@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 from prometheus_client import generate_latest
@@ -16,6 +15,7 @@ from ipipfast.metrics import Reading, registry
 from ipipfast_lab import traffic
 from ipipfast_lab.daemons import TunnelProcess, wait_until
 from ipipfast_lab.testbed import Testbed
+from netns_helpers import METRICS_LISTEN, scrape_metrics
 
 Series = tuple[str, frozenset[tuple[str, str]]]
 TX_REASONS = ("no_route", "too_big")
@@ -106,6 +106,38 @@ def test_every_family_from_one_snapshot_summed_over_workers() -> None:
     }
 
 
+ETCD = {"etcd_errors": 3, "etcd_lists": 2, "etcd_compacted": 1, "etcd_watch_events": 40, "etcd_route_changes": 9,
+        "etcd_lease_grants": 2, "etcd_lease_expired": 1, "etcd_registrations": 3, "etcd_connected": 0,
+        "etcd_registered": 1, "etcd_conflicts": 1, "etcd_revision": 1234}
+
+
+def test_etcd_families() -> None:
+    key = "/coreos.com/network/subnets/198.19.0.0-24"
+    routes = {**ROUTES, ("etcd", "encapsulated"): 5, ("etcd", "direct"): 0}
+    samples, families = parse(scrape(Reading(TWO_WORKERS, routes, RELOADS, KERNEL, ETCD,
+                                             [("198.19.0.0/24", key, "198.18.0.10")])))
+    assert {k: v for k, v in ours(samples).items() if k[0].startswith("ipipfast_etcd_")} == {
+        S("ipipfast_etcd_connected"): 0,
+        S("ipipfast_etcd_revision"): 1234,
+        S("ipipfast_etcd_registered"): 1,
+        S("ipipfast_etcd_conflicts", cidr="198.19.0.0/24", key=key, holder="198.18.0.10"): 1,
+        S("ipipfast_etcd_errors_total"): 3,
+        S("ipipfast_etcd_lists_total"): 2,
+        S("ipipfast_etcd_watch_compacted_total"): 1,
+        S("ipipfast_etcd_watch_events_total"): 40,
+        S("ipipfast_etcd_route_changes_total"): 9,
+        S("ipipfast_etcd_lease_grants_total"): 2,
+        S("ipipfast_etcd_lease_expired_total"): 1,
+        S("ipipfast_etcd_registrations_total"): 3,
+    }
+    assert samples[S("ipipfast_routes", source="etcd", kind="encapsulated")] == 5
+    gauges = {"ipipfast_etcd_connected", "ipipfast_etcd_revision", "ipipfast_etcd_registered", "ipipfast_etcd_conflicts"}
+    for name, (kind, help) in families.items():
+        if name.startswith("ipipfast_etcd_"):
+            assert kind == ("gauge" if name in gauges else "counter"), name
+            assert len(help) > 20, name
+
+
 def test_types_and_help() -> None:
     _, families = parse(scrape(Reading(TWO_WORKERS, ROUTES, RELOADS, KERNEL)))
     gauges = {"ipipfast_routes", "ipipfast_table_generation"}
@@ -148,13 +180,6 @@ def test_each_scrape_reads_afresh() -> None:
     assert second[S("ipipfast_packets_total", direction="tx")] == 0
 
 
-SCRAPE = """
-import sys, urllib.request
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy from the environment
-print(opener.open("http://127.0.0.1:9464/metrics", timeout=5).read().decode(), end="")
-"""
-
-
 @pytest.mark.netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces, TUN and AF_PACKET")
 def test_a_live_scrape_parses_and_passes_promtool() -> None:
@@ -162,7 +187,7 @@ def test_a_live_scrape_parses_and_passes_promtool() -> None:
     if promtool is None:
         pytest.skip("promtool not installed (Debian package prometheus)")
     with Testbed(nodes=2, pods_per_node=1) as tb:
-        tunnels = [TunnelProcess(tb, n, {**tb.node_config(n), "stats": {"listen": "127.0.0.1:9464"}})
+        tunnels = [TunnelProcess(tb, n, {**tb.node_config(n), "stats": {"listen": METRICS_LISTEN}})
                    for n in tb.nodes]
         try:
             for t in tunnels:
@@ -172,7 +197,7 @@ def test_a_live_scrape_parses_and_passes_promtool() -> None:
             ta = tunnels[0]
             # the scrape comes after the counters show the pings: wait for that state first
             wait_until(lambda: ta.counters()["rx_packets"] >= 4, what="four decapsulated replies")
-            text = tb.run(tb.nodes[0], [sys.executable, "-c", SCRAPE]).stdout
+            text = scrape_metrics(tb, tb.nodes[0])
             status = ta.status()
         finally:
             for t in tunnels:
