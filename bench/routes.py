@@ -79,7 +79,7 @@ def rss_mb(t: TunnelProcess) -> float:
 def start(tb: Testbed, node: Node, config: str, cwd: Path | None = None, timeout: float = 300) -> tuple[TunnelProcess, float]:
     """A daemon, and the seconds from its exec to its status file (ready)."""
     t0 = time.monotonic()
-    t = TunnelProcess(tb, node, config, cwd=cwd)
+    t = TunnelProcess(tb, node, config, cwd=cwd, tunnel=f"{tb.prefix}t{node.index}")
     while not t.status_path.exists():
         if t.proc.poll() is not None or time.monotonic() - t0 > timeout:
             raise RuntimeError(f"daemon did not become ready:\n{t.log()[-3000:]}")
@@ -189,7 +189,7 @@ def case_kernel(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         try:
             status = t.wait_for(lambda s: s["routes_encapsulated"] == args.routes, timeout=60)
             out["rss_ready_mb"] = rss_mb(t)
-            out["route_writes"] = status["counters"]["kernel_route_writes"]
+            out["route_writes"] = status["kernel_routes"]["kernel_route_writes"]
         finally:
             t.stop()
     return out

@@ -19,13 +19,13 @@ from dataclasses import dataclass, replace
 from functools import partial
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from . import _datapath, heap, metrics, tc_drops
 from .config import Config, ConfigError, NodeConfig, digest, parse_config, read_config_text
 from .control import RUN_DIR, ControlServer, socket_path
 from .counters import Snapshot, to_json
-from .etcd import EtcdSource
 from .icmp import IcmpErrors
 from .inotify import ConfigWatcher
 from .kernel import EventsLost, Kernel, Link, LinkAddress, NeighbourEvents, NextHop, ipip_module_loaded
@@ -37,6 +37,9 @@ from .service import Service
 from .tun import open_tun
 from .underlay import UnderlayError, find_underlay
 from .wake_pipe import WakePipe
+
+if TYPE_CHECKING:
+    from .etcd import EtcdSource
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +190,7 @@ class Daemon:
                         "CPU, and IPIP that pods send leaves the node unchecked", e)
         self.outer_mtu = self.underlay.mtu  # what the datapath sends at most (see _follow_mtus)
         if cfg.etcd is not None:
+            from .etcd import EtcdSource  # its client (etcd3gw, requests) costs 9 MB: only where it is used
             self.etcd = EtcdSource.from_config(cfg, on_change=self._etcd_change)
         self.routing = Routing(self.tun.index, self.underlay.index, cfg.node.ip, cfg.tunnel.mode,
                                cfg.kernel.learn, cfg.kernel.resync, self.config_path, self.wake.set,

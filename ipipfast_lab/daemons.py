@@ -104,11 +104,13 @@ class TunnelProcess(NodeProcess):
     """`ipipfast run` inside a node's namespace, with its config and status
     file in a private directory; asked over its control socket."""
 
-    def __init__(self, tb: Testbed, node: Node, config: dict[str, Any], verbose: bool = False,
+    def __init__(self, tb: Testbed, node: Node, config: dict[str, Any] | str, verbose: bool = False,
                  cwd: str | Path | None = None, args: Sequence[str] = (), wrapper: Sequence[str] = (),
-                 env: dict[str, str] | None = None, log_format: str = "text") -> None:
-        """cwd: where the daemon starts, so `python -m ipipfast` imports the
-        checkout there first (bench.ab runs another revision's build so);
+                 env: dict[str, str] | None = None, log_format: str = "text", tunnel: str | None = None) -> None:
+        """config: a dict, or the file's text (whose TUN is then named by
+        tunnel, or the default); cwd: where the daemon starts, so `python -m
+        ipipfast` imports the checkout there first (bench.ab runs another
+        revision's build so);
         args: more options for `ipipfast run` (e.g. --remove-device);
         wrapper: a command it runs under (e.g. setpriv with fewer privileges);
         env: its whole environment (default: ours)."""
@@ -119,8 +121,9 @@ class TunnelProcess(NodeProcess):
         self.status_path = self.dir / "run" / "status.json"
         self.status_path.parent.mkdir()
         # Where the test process reaches the socket the daemon makes in its /run/ipipfast.
-        tunnel = config.get("tunnel", {}).get("name", TunnelConfig.name)
-        self.socket_path = control.socket_path(tunnel, tb.run_dir(node))
+        if isinstance(config, dict):
+            tunnel = config.get("tunnel", {}).get("name", TunnelConfig.name)
+        self.socket_path = control.socket_path(tunnel or TunnelConfig.name, tb.run_dir(node))
         self.write_config(config)
         argv = [*wrapper, sys.executable, "-m", "ipipfast", *(["-v"] if verbose else []),
                 *(["--log-format", log_format] if log_format != "text" else []), "run",
