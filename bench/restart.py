@@ -58,13 +58,18 @@ def one_round(interval: float) -> dict[str, Any]:
         finally:
             for t in [*tunnels, *([again] if again else [])]:
                 t.stop()
-    replies = ping["replied_at"]
+    return {**gap(ping["replied_at"], exec_at), "lost": ping["sent"] - ping["received"], "sent": ping["sent"]}
+
+
+def gap(replies: list[float], exec_at: float) -> dict[str, float]:
+    """A restart's gap in a stream of echo replies (CLOCK_MONOTONIC): from the
+    new daemon's exec to the first reply after it, and from the last reply
+    before it to that one."""
     before = [t for t in replies if t < exec_at]
     after = [t for t in replies if t >= exec_at]
     if not before or not after:
-        raise RuntimeError(f"no replies {'before the kill' if not before else 'after the restart'}: {ping}")
-    return {"exec_to_first_reply_ms": (after[0] - exec_at) * 1e3, "outage_ms": (after[0] - before[-1]) * 1e3,
-            "lost": ping["sent"] - ping["received"], "sent": ping["sent"]}
+        raise RuntimeError(f"no replies {'before the kill' if not before else 'after the restart'}")
+    return {"exec_to_first_reply_ms": (after[0] - exec_at) * 1e3, "outage_ms": (after[0] - before[-1]) * 1e3}
 
 
 def markdown(rounds: list[dict[str, Any]], command: str) -> str:

@@ -304,6 +304,11 @@ class Daemon:
     def run_forever(self) -> int:
         """Runs until SIGINT/SIGTERM; SIGHUP (or an edit of the file) reloads
         the routes. The main thread reconciles: whatever changed wakes it."""
+        # The kernel hands a process's signal to any of its threads, most often
+        # a packet loop's; Python runs the handler in the main thread only once
+        # that thread next runs bytecode, so it must be woken: the C-level
+        # handler writes to the wake pipe, whichever thread it ran in.
+        signal.set_wakeup_fd(self.wake.fileno_write(), warn_on_full_buffer=False)
         signal.signal(signal.SIGINT, self._stop_signal)
         signal.signal(signal.SIGTERM, self._stop_signal)
         signal.signal(signal.SIGHUP, lambda *_: self._config_changed())
@@ -332,6 +337,7 @@ class Daemon:
                     gc.collect()
                     next_gc = time.monotonic() + GC_INTERVAL
         finally:
+            signal.set_wakeup_fd(-1)  # before stop() closes the pipe
             self.stop()
         return 1 if self.errors else 0
 

@@ -48,6 +48,11 @@ class WakePipe:
         """The end to poll (POLLIN), readable once set, with a thread's other descriptors."""
         return self._r
 
+    def fileno_write(self) -> int:
+        """The end to write, non-blocking: for signal.set_wakeup_fd, whose
+        C-level handler then sets this from any thread."""
+        return self._w
+
     def close(self) -> None:
         os.close(self._r)
         os.close(self._w)

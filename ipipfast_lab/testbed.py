@@ -512,6 +512,17 @@ class Testbed:
         ipr = self.ipr(f"{self.prefix}-ul")
         ipr.link("set", index=ipr.link_lookup(ifname=f"{self.prefix}bcp")[0], state="up" if up else "down")
 
+    def underlay_link(self, node: Node, up: bool) -> None:
+        """Takes a node's underlay interface down, or up again as a network
+        manager brings a link back: with its default route, which IPv4
+        flushed with the link (its address and subnet route come back by
+        themselves)."""
+        ipr = self.ipr(node)
+        idx = ipr.link_lookup(ifname=node.interface)[0]
+        ipr.link("set", index=idx, state="up" if up else "down")
+        if up:
+            ipr.route("replace", dst="0.0.0.0/0", gateway=node.gateway, oif=idx, flags=_RTNH_F_ONLINK)
+
     # -- helpers ---------------------------------------------------------------
 
     @property

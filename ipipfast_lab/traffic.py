@@ -102,11 +102,17 @@ def cmd_ping(a: argparse.Namespace) -> None:
     icmp_errors: Counter[str] = Counter()
     send_errors: Counter[str] = Counter()
     seq = 0
+    count = a.count
+
+    def stop_sending(*_: object) -> None:  # terminate(): what was sent gets its replies, then the report
+        nonlocal count
+        count = min(count, seq)
+    signal.signal(signal.SIGTERM, stop_sending)
     next_send = time.monotonic()
     deadline = float("inf")
     while True:
         now = time.monotonic()
-        if seq < a.count and now >= next_send:
+        if seq < count and now >= next_send:
             head = struct.pack("!BBHHH", _ICMP_ECHO, 0, 0, ident, seq)
             packet = head[:2] + struct.pack("!H", inet_checksum(head + payload)) + head[4:] + payload
             try:
@@ -116,11 +122,11 @@ def cmd_ping(a: argparse.Namespace) -> None:
                 send_errors[errno.errorcode.get(e.errno, str(e.errno))] += 1
             seq += 1
             next_send += a.interval
-            if seq == a.count:
-                deadline = now + a.timeout
-        if (seq == a.count and len(got) == len(sent_at)) or now >= deadline:
+        if seq >= count and deadline == float("inf"):
+            deadline = now + a.timeout
+        if (seq >= count and len(got) == len(sent_at)) or now >= deadline:
             break
-        wait = (next_send if seq < a.count else deadline) - now
+        wait = (next_send if seq < count else deadline) - now
         if not select.select([sock], [], [], max(0.0, wait))[0]:
             continue
         data = sock.recv(65535)
@@ -146,7 +152,8 @@ def cmd_ping(a: argparse.Namespace) -> None:
                 icmp_errors[f"{kind}/{code}"] += 1
     emit({"dst": a.dst, "size": a.size, "sent": len(sent_at), "received": len(got), "corrupt": corrupt,
           "duplicates": duplicates, "icmp_errors": dict(icmp_errors), "send_errors": dict(send_errors),
-          "rtt_us": summary(rtts), **({"replied_at": replied_at} if a.times else {})})
+          "rtt_us": summary(rtts),
+          **({"replied_at": replied_at, "lost_at": [t for s, t in sent_at.items() if s not in got]} if a.times else {})})
 
 
 # -- TCP ---------------------------------------------------------------------
@@ -294,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=1.0, help="wait after the last request")
     p.add_argument("--df", action="store_true", help="set Don't Fragment")
     p.add_argument("--ttl", type=int, default=0, help="IP TTL (default: the system's)")
-    p.add_argument("--times", action="store_true", help="also report when each reply came (CLOCK_MONOTONIC)")
+    p.add_argument("--times", action="store_true", help="also report when each reply came and when each echo left that got none (CLOCK_MONOTONIC)")
     p.set_defaults(fn=cmd_ping)
     p = sub.add_parser("tcp-sink", help="receive TCP streams, report bytes and sha256")
     p.add_argument("--port", type=int, required=True)
@@ -381,6 +388,14 @@ def ping(tb: Testbed, src: NsRef, dst_ip: str, count: int = 5, interval: float =
     args = ["ping", "--dst", dst_ip, "--count", count, "--interval", interval, "--size", size, "--timeout", timeout]
     return tool(tb, src, *args, *(["--df"] if df else []), *(["--ttl", ttl] if ttl else []),
                 timeout=count * interval + timeout + 30)
+
+
+def ping_stream(tb: Testbed, src: NsRef, dst_ip: str, interval: float = 0.001,
+                timeout: float = 1.0) -> subprocess.Popen:
+    """ICMP echo from `src` every `interval` until terminate(); collect() then
+    gives the ping result with replied_at and lost_at (CLOCK_MONOTONIC)."""
+    return tb.popen(src, _argv(("ping", "--dst", dst_ip, "--count", 1 << 40, "--interval", interval,
+                                "--timeout", timeout, "--times")), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def tcp_transfer(tb: Testbed, src: NsRef, dst: Pod | Node, nbytes: int, port: int = 7001,

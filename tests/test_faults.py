@@ -1,9 +1,12 @@
 """Faults a node meets unattended: a peer whose MAC changes (a VM that
-migrated, a bond that failed over) and a SIGTERM in the middle of traffic."""
+migrated, a bond that failed over), a SIGTERM in the middle of traffic, and
+signals the kernel hands to a packet loop's thread rather than the main one."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -98,3 +101,30 @@ def test_sigterm_sends_the_in_flight_batch(tmp_path: Path, underlay: str) -> Non
         assert final["tx_packets"] == len(wire), (final, len(wire))
         assert read == final["tx_packets"] + sum(drops.values()), (read, final["tx_packets"], drops)
         assert drops.get("tx_drop_send_failed", 0) == 0, drops
+
+
+SYS_TGKILL = 234  # x86_64
+
+
+def _thread(pid: int, name: str) -> int:
+    return next(int(tid) for tid in os.listdir(f"/proc/{pid}/task")
+                if Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() == name)
+
+
+def _tgkill(pid: int, tid: int, sig: int) -> None:
+    assert ctypes.CDLL(None, use_errno=True).syscall(SYS_TGKILL, pid, tid, sig) == 0, os.strerror(ctypes.get_errno())
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="tgkill's syscall number is x86_64's")
+def test_a_signal_that_lands_on_a_packet_loop_is_acted_on() -> None:
+    """The kernel hands a process's signal to whichever of its threads it
+    likes; a quiet daemon's main thread sleeps until its next timer (up to a
+    minute) unless woken. A SIGHUP and then a SIGTERM, each sent to a packet
+    loop's thread only: the reload is counted and the daemon stops, with
+    nothing else to wake it."""
+    with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb) as (t0, _):
+        pid = t0.proc.pid
+        _tgkill(pid, _thread(pid, "ipf-encap0"), signal.SIGHUP)
+        t0.wait_for(lambda s: s["reloads"]["unchanged"] == 1)
+        _tgkill(pid, _thread(pid, "ipf-decap0"), signal.SIGTERM)
+        assert t0.proc.wait(timeout=15) == 0
