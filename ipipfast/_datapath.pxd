@@ -20,7 +20,8 @@ cdef uint32_t ip4(str addr) except? 0
 cdef ipf_lpm_route *lpm_routes(object entries, uint64_t values) except NULL
 cdef int set_tunnel(ipf_tunnel *tn, str local_ip, int mtu, object ttl, object tos, bint pmtudisc,
                     bint ignore_df) except -1
-cdef ipf_table *build_table(object routes, object peers, bytes local_mac, uint64_t generation) except NULL
+cdef ipf_table *build_table(object routes, object peers, bytes local_mac, uint64_t generation,
+                            uint32_t count_rows) except NULL
 
 
 cdef class Datapath:
@@ -38,6 +39,7 @@ cdef class Datapath:
         ipf_icmp_sender relay       # the control thread's ICMP errors (relayed); owns the raw socket
         ipf_icmp_stats relayed
         uint64_t pmtu_updates
+        dict folded                 # peer IPv4 (host order) -> counts of the tables freed (add_peer_counts)
         list workers
         object lock
 

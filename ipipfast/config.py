@@ -111,9 +111,22 @@ class KernelConfig:
     resync: int = 90
 
 
+PEER_SERIES = (0, 10_000)
+
+
 @dataclass(frozen=True)
 class StatsConfig:
     listen: tuple[str, int] | None = None  # (host, port); "" is every address, port 0 any free port
+    # stats.peer_series: how many peers get their own ipipfast_peer_*_total
+    # series (0..10000). A peer is placed at the first scrape that finds it
+    # has carried traffic: while fewer than peer_series peers have a series
+    # it gets one (the largest by bytes first, when several appear in one
+    # scrape), otherwise it is summed in peer="other"; either way it stays
+    # there until the daemon restarts. So the series are at most
+    # peer_series + 1 per family, none flaps, and no counter goes down (a
+    # peer that moved out of "other" would take its count with it). Read
+    # at start; a reload does not change it.
+    peer_series: int = 100
 
 
 @dataclass(frozen=True)
@@ -501,11 +514,17 @@ class _Reader:
             raise self.error(node, f"tunnel.mode: unknown mode {text!r}; {hint}") from None
 
     def stats(self, section: yaml.Node | None) -> StatsConfig:
-        m = self.mapping(section, "stats", ("listen",))
+        m = self.mapping(section, "stats", ("listen", "peer_series"))
+        kw: dict[str, Any] = {}
+        if "peer_series" in m:
+            kw["peer_series"] = self.integer(m["peer_series"], "stats.peer_series", *PEER_SERIES)
         node = m.get("listen")
         if _is_null(node):
-            return StatsConfig()
+            return StatsConfig(**kw)
         assert node is not None
+        return StatsConfig(listen=self.listen(node), **kw)
+
+    def listen(self, node: yaml.Node) -> tuple[str, int]:
         value = self.scalar(node, "stats.listen", '"host:port"')
         host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
         if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
@@ -518,7 +537,7 @@ class _Reader:
                 raise self.error(node, f"stats.listen: {e}") from None
         elif ":" in host:
             raise self.error(node, f"stats.listen: put an IPv6 host in brackets, e.g. [{host}]:{port}")
-        return StatsConfig(listen=(host, int(port)))
+        return host, int(port)
 
     def kernel(self, section: yaml.Node | None) -> KernelConfig:
         m = self.mapping(section, "kernel", [f.name for f in fields(KernelConfig)])

@@ -58,6 +58,28 @@ class Icmp:
 
 
 @dataclass(frozen=True)
+class PeerCounts:
+    """What the tunnel carried toward one peer and from it, every worker and
+    every table since the start summed. tx: frames queued to the device
+    (the direction's packets plus those the device then refused,
+    send_failed); rx: frames decapsulated (the direction's packets plus the
+    inner ones that the TUN then refused, write_failed). Bytes are inner
+    bytes, as the directions count them."""
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    rx_packets: int = 0
+    rx_bytes: int = 0
+
+    def __add__(self, other: PeerCounts) -> PeerCounts:
+        return PeerCounts(self.tx_packets + other.tx_packets, self.tx_bytes + other.tx_bytes,
+                          self.rx_packets + other.rx_packets, self.rx_bytes + other.rx_bytes)
+
+    @property
+    def bytes(self) -> int:
+        return self.tx_bytes + self.rx_bytes
+
+
+@dataclass(frozen=True)
 class Snapshot:
     workers: tuple[Worker, ...]
     icmp: Icmp
@@ -70,6 +92,9 @@ class Snapshot:
     # pod's, masqueraded), dropped by the underlay's tc egress (tc_drops.py):
     # no direction of the tunnel, so counted beside them.
     foreign_ipip: int = 0
+    # Peer IPv4 -> its counts, for every peer that has any (also a peer no
+    # longer in the table), in address order.
+    peers: Mapping[str, PeerCounts] = field(default_factory=dict)
 
     @property
     def tx(self) -> Direction:
@@ -94,10 +119,12 @@ def _sum(directions: Iterable[Direction]) -> Direction:
 
 def to_json(snapshot: Snapshot) -> dict:
     """The snapshot as the status file and the control socket give it:
-    totals per direction (workers summed), ICMP, and each worker."""
+    totals per direction (workers summed), ICMP, each worker, and each
+    peer's counts."""
     def direction(d: Direction) -> dict:
         return {"packets": d.packets, "bytes": d.bytes, "offloaded": d.offloaded, "drops": dict(d.drops)}
     return {"tx": direction(snapshot.tx), "rx": direction(snapshot.rx), "ring": asdict(snapshot.ring),
             "icmp": asdict(snapshot.icmp), "foreign_ipip": snapshot.foreign_ipip,
             "workers": [{"tx": direction(w.tx), "rx": direction(w.rx), "ring": asdict(w.ring)}
-                        for w in snapshot.workers]}
+                        for w in snapshot.workers],
+            "peers": {ip: asdict(p) for ip, p in snapshot.peers.items()}}

@@ -226,7 +226,7 @@ class Daemon:
         for entered in started[:2 * len(workers)]:  # "ready" means the packet loops run
             entered.wait()
         if cfg.stats.listen:
-            self.metrics = metrics.serve(self.reading, *cfg.stats.listen)
+            self.metrics = metrics.serve(self.reading, *cfg.stats.listen, peer_series=cfg.stats.peer_series)
             log.info("metrics on http://%s:%d/metrics", *self.metrics.server_address[:2])
         self.ready = True
         self.control.serve()

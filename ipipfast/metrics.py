@@ -2,6 +2,7 @@
 one snapshot per scrape, beside the client's process and platform metrics."""
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
@@ -10,7 +11,8 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .counters import Snapshot
+from .config import StatsConfig
+from .counters import PeerCounts, Snapshot
 
 PREFIX = "ipipfast"
 ROUTE_KINDS = ("encapsulated", "direct")
@@ -28,6 +30,7 @@ ETCD_COUNTERS = (
      "its TTL) and it registered again."),
     ("etcd_registrations", "etcd_registrations", "This node's pod CIDRs registered (claimed, or taken over)."),
 )
+OTHER = "other"  # the peer label of the peers summed together
 
 
 @dataclass(frozen=True)
@@ -49,9 +52,34 @@ def _counter(name: str, help: str, labels: tuple[str, ...] = (),
     return family
 
 
+class PeerSeries:
+    """Which peers have a series of their own, by the rule of
+    StatsConfig.peer_series: placed once, at the first scrape that finds a
+    peer's traffic, for the daemon's life."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.own: set[str] = set()
+        self.other: set[str] = set()
+        self.lock = threading.Lock()  # scrapes may come at once
+
+    def split(self, peers: Mapping[str, PeerCounts]) -> tuple[dict[str, PeerCounts], PeerCounts | None]:
+        """The peers with their own series, and the sum of the others
+        (None while there are none)."""
+        with self.lock:
+            new = sorted((p for p in peers if p not in self.own and p not in self.other),
+                         key=lambda p: (-peers[p].bytes, p))
+            for p in new:
+                (self.own if len(self.own) < self.cap else self.other).add(p)
+            own = {p: peers[p] for p in sorted(self.own) if p in peers}
+            other = [peers[p] for p in self.other if p in peers]
+        return own, sum(other, PeerCounts()) if other else None
+
+
 class NodeCollector(Collector):
-    def __init__(self, read: Callable[[], Reading]) -> None:
+    def __init__(self, read: Callable[[], Reading], peer_series: int = StatsConfig.peer_series) -> None:
         self.read = read
+        self.peers = PeerSeries(peer_series)
 
     def collect(self) -> Iterator[Metric]:
         r = self.read()
@@ -64,6 +92,17 @@ class NodeCollector(Collector):
                        ("direction",), {(d,): c.bytes for d, c in directions})
         yield _counter("dropped_packets", "Packets dropped, by direction and reason.", ("direction", "reason"),
                        {(d, reason): n for d, c in directions for reason, n in c.drops.items()})
+        own, other = self.peers.split(s.peers)
+        by_peer = {**own, **({OTHER: other} if other else {})}
+        yield _counter("peer_packets", "Packets through the tunnel by peer (its underlay address; "
+                       f'"{OTHER}": the peers past stats.peer_series, summed) and direction (tx: encapsulated '
+                       "toward it and queued to the device, rx: decapsulated from it).", ("peer", "direction"),
+                       {k: v for p, c in by_peer.items()
+                        for k, v in (((p, "tx"), c.tx_packets), ((p, "rx"), c.rx_packets))})
+        yield _counter("peer_bytes", "Inner bytes through the tunnel by peer and direction, as "
+                       "ipipfast_peer_packets counts them.", ("peer", "direction"),
+                       {k: v for p, c in by_peer.items()
+                        for k, v in (((p, "tx"), c.tx_bytes), ((p, "rx"), c.rx_bytes))})
         yield _counter("rx_ring_frames", "Frames of the receive rings: seen by the kernel past the socket filter "
                        "(those it dropped for want of a slot, rx ring_full, included) and taken by the decap "
                        "loops. At rest seen = taken + ring_full, and taken = rx packets + the other rx drops.",
@@ -131,16 +170,17 @@ def _etcd(e: Mapping[str, int], conflicts: Sequence[tuple[str, str, str]]) -> It
         yield _counter(name, help, samples={(): e[key]})
 
 
-def registry(read: Callable[[], Reading]) -> CollectorRegistry:
+def registry(read: Callable[[], Reading], peer_series: int = StatsConfig.peer_series) -> CollectorRegistry:
     reg = CollectorRegistry()
-    reg.register(NodeCollector(read))
+    reg.register(NodeCollector(read, peer_series))
     ProcessCollector(registry=reg)   # RSS, CPU, open fds
     PlatformCollector(registry=reg)  # the Python build
     return reg
 
 
-def serve(read: Callable[[], Reading], host: str, port: int) -> WSGIServer:
+def serve(read: Callable[[], Reading], host: str, port: int,
+          peer_series: int = StatsConfig.peer_series) -> WSGIServer:
     """Serves the metrics from a daemon thread (any path; port 0 picks a
     free one, server_port tells which); stop with shutdown() and server_close()."""
-    server, _ = start_http_server(port, host or "0.0.0.0", registry(read))
+    server, _ = start_http_server(port, host or "0.0.0.0", registry(read, peer_series))
     return server

@@ -73,7 +73,8 @@ def _ask(path: Path, what: str | None) -> tuple[dict, bool]:
     if what == "routes":
         return request(path, "routes"), True
     if what == "peers":
-        return peers(request(path, "routes")), True
+        routes = request(path, "routes")
+        return peers(routes, request(path, "status")["counters"]["peers"]), True
     status = request(path, "status")
     if what == "counters":
         return {"tunnel": status["tunnel"], "generation": status["generation"], "ready": status["ready"],
@@ -81,13 +82,19 @@ def _ask(path: Path, what: str | None) -> tuple[dict, bool]:
     return {**status, "routes": request(path, "routes")["routes"]}, status["ready"]
 
 
-def peers(routes: dict) -> dict:
-    """The routes reply grouped by the node they lead to."""
+PEER_COUNTS = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes")
+
+
+def peers(routes: dict, counts: dict[str, dict[str, int]]) -> dict:
+    """The routes reply grouped by the node they lead to, with what the
+    tunnel carried to and from each (counts: the status's counters.peers;
+    a direct peer's traffic is the kernel's, not counted)."""
     out: dict[str, dict] = {}
     for r in routes["routes"]:
         peer = out.setdefault(r["node"], {"node": r["node"], "kind": r["kind"], "next_hop": r["next_hop"],
                                           "mac": r["mac"], "mac_state": r["mac_state"], "path_mtu": r["path_mtu"],
-                                          "cidrs": []})
+                                          "cidrs": [], **dict.fromkeys(PEER_COUNTS, 0),
+                                          **counts.get(r["node"], {})})
         peer["cidrs"].append(r["cidr"])
     return {"tunnel": routes["tunnel"], "generation": routes["generation"], "peers": list(out.values())}
 
@@ -125,9 +132,10 @@ def _routes_text(answer: dict) -> str:
 
 def _peers_text(answer: dict) -> str:
     head = f"peers of {answer['tunnel']} (table generation {answer['generation']}): {len(answer['peers'])}\n"
-    rows = [["node", "kind", "next hop", "next-hop mac", "path mtu", "cidrs"]]
-    rows += [[p["node"], p["kind"], hop_text(p), mac_text(p), mtu_text(p), " ".join(p["cidrs"])]
-             for p in answer["peers"]]
+    rows = [["node", "kind", "next hop", "next-hop mac", "path mtu", "tx packets", "tx bytes", "rx packets",
+             "rx bytes", "cidrs"]]
+    rows += [[p["node"], p["kind"], hop_text(p), mac_text(p), mtu_text(p), *(str(p[k]) for k in PEER_COUNTS),
+              " ".join(p["cidrs"])] for p in answer["peers"]]
     return head + (_table(rows) if answer["peers"] else "")
 
 

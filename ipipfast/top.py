@@ -1,6 +1,6 @@
 """`ipipfast top [--once]`: a running daemon at a glance, refreshed each
-second: packet, byte and drop rates per direction and per worker, the table,
-the next hops. Drawn with rich, which renders the same tables live on a
+second: packet, byte and drop rates per direction, per worker and for the
+busiest peers, the table, the next hops. Drawn with rich, which renders the same tables live on a
 terminal (in place, on the alternate screen) and as plain text into a pipe,
 and sizes its columns to the content: curses would leave both to us.
 Rates are the difference of two status answers over the time between them.
@@ -20,10 +20,11 @@ from rich.table import Table
 from rich.text import Text
 
 from .control import ControlError, NoDaemon, request
-from .show import hop_text, mac_text, mtu_text, peers, pick
+from .show import PEER_COUNTS, hop_text, mac_text, mtu_text, peers, pick
 
 INTERVAL = 1.0   # seconds between samples
 PIPE_WIDTH = 120  # columns of a frame into a pipe or file (a terminal gives its own)
+TOP_PEERS = 10   # the peers shown, the busiest by byte rate
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Sample:
 def sample(path: Path) -> Sample:
     status = request(path, "status")
     routes = request(path, "routes")
-    return Sample(time.monotonic(), status, peers(routes)["peers"])
+    return Sample(time.monotonic(), status, peers(routes, status["counters"]["peers"])["peers"])
 
 
 def si(x: float) -> str:
@@ -47,7 +48,7 @@ def si(x: float) -> str:
     return f"{x:.3g}" if x and abs(x) < 10 and x != int(x) else f"{x:.0f}"
 
 
-_LEFT = ("reason", "node", "kind", "next hop", "next-hop mac", "state", "cidrs")  # the words; numbers right
+_LEFT = ("reason", "node", "peer", "kind", "next hop", "next-hop mac", "state", "cidrs")  # the words; numbers right
 
 
 def _table(title: str, *columns: str) -> Table:
@@ -92,11 +93,39 @@ def frame(prev: Sample, cur: Sample) -> Group:
                         rate(sum(w["tx"]["drops"].values()), sum(v["tx"]["drops"].values())),
                         rate(sum(w["rx"]["drops"].values()), sum(v["rx"]["drops"].values())))
 
+    busiest = _peer_rates(c["peers"], p["peers"], dt if not restarted else 0)
+    title = "peers" if len(busiest) <= TOP_PEERS else f"peers: the {TOP_PEERS} busiest of {len(busiest)}"
+    by_peer = _table(title, "peer", "tx packets/s", "tx Mbit/s", "rx packets/s", "rx Mbit/s", "packets", "bytes")
+    for ip, r in busiest[:TOP_PEERS]:
+        now = c["peers"][ip]
+        by_peer.add_row(ip, *(("-",) * 4 if r is None else (si(r[0]), f"{r[1] * 8 / 1e6:.2f}", si(r[2]),
+                                                              f"{r[3] * 8 / 1e6:.2f}")),
+                        si(now["tx_packets"] + now["rx_packets"]), si(now["tx_bytes"] + now["rx_bytes"]))
+
     hops = _table("next hops", "node", "kind", "next hop", "next-hop mac", "state", "path mtu", "cidrs")
     for peer in cur.peers:
         hops.add_row(peer["node"], peer["kind"], hop_text(peer), mac_text(peer), peer["mac_state"], mtu_text(peer),
                      " ".join(peer["cidrs"]))
-    return Group(head, *(x for t in (traffic, drops, workers, hops) for x in (Text(), t)))
+    return Group(head, *(x for t in (traffic, drops, workers, by_peer, hops) for x in (Text(), t)))
+
+
+def _peer_rates(now: dict[str, dict[str, int]], then: dict[str, dict[str, int]],
+                dt: float) -> list[tuple[str, tuple[float, ...] | None]]:
+    """Each peer with its rates (tx packets, tx bytes, rx packets, rx bytes
+    per second; None without a time between the samples), the busiest by
+    bytes first (by their totals without rates)."""
+    out: list[tuple[str, tuple[float, ...] | None]] = []
+    for ip, c in now.items():
+        before = then.get(ip, {})
+        out.append((ip, tuple(max(0, c[k] - before.get(k, 0)) / dt for k in PEER_COUNTS) if dt > 0 else None))
+
+    def busy(item: tuple[str, tuple[float, ...] | None]) -> tuple[float, float, str]:
+        ip, r = item
+        if r is None:
+            c = now[ip]
+            return -(c["tx_bytes"] + c["rx_bytes"]), -(c["tx_packets"] + c["rx_packets"]), ip
+        return -(r[1] + r[3]), -(r[0] + r[2]), ip
+    return sorted(out, key=busy)
 
 
 def main(args: argparse.Namespace) -> int:

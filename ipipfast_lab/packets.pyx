@@ -15,7 +15,8 @@ from ipipfast.includes.ip cimport IPF_ETH_HLEN, IPF_ENCAP_HLEN
 from ipipfast.includes.csum cimport ipf_csum
 from ipipfast.includes.lpm cimport *
 from ipipfast.includes.counters cimport IPF_TX_OK, IPF_RX_OK, IPF_TX_SEND_FAILED
-from ipipfast.includes.table cimport ipf_peer, ipf_table, ipf_table_free, ipf_load_status, ipf_store_status
+from ipipfast.includes.table cimport ipf_peer, ipf_peer_count, ipf_table, ipf_table_free, ipf_table_counts, \
+    ipf_peer_count_add, ipf_load_status, ipf_store_status
 from ipipfast.includes.encap cimport *
 from ipipfast.includes.decap cimport ipf_decap
 from ipipfast.includes.icmp cimport ipf_icmp_error, IPF_ICMP_MAX
@@ -83,7 +84,7 @@ cdef class Tunnel:
                  bint check_source_mac=True):
         """routes and peers as for Datapath.set_table; check_source_mac as for Datapath."""
         set_tunnel(&self.tn, local_ip, mtu, ttl, tos, pmtudisc, ignore_df)
-        self.table = build_table(routes, peers, local_mac, 1)
+        self.table = build_table(routes, peers, local_mac, 1, 2)  # the rows of counts of one worker's loops
         self.check_mac = check_source_mac
 
     def __dealloc__(self):
@@ -110,7 +111,7 @@ cdef class Tunnel:
 
     def decapsulate(self, bytes frame not None):
         """The inner packet that frame carries, or Dropped(reason)."""
-        cdef uint32_t n = len(frame), inner_len
+        cdef uint32_t n = len(frame), inner_len, peer
         cdef uint8_t *inner
         cdef int reason
         cdef uint8_t *buf = <uint8_t *>malloc(n + 1)
@@ -118,7 +119,7 @@ cdef class Tunnel:
             raise MemoryError()
         try:
             memcpy(buf, <const char *>frame, n)
-            reason = ipf_decap(self.table, self.tn.src, self.check_mac, buf, n, &inner, &inner_len)
+            reason = ipf_decap(self.table, self.tn.src, self.check_mac, buf, n, &inner, &inner_len, &peer)
             if reason != IPF_RX_OK:
                 raise Dropped(RX_REASONS[reason - 1])
             return PyBytes_FromStringAndSize(<char *>inner, inner_len)
@@ -188,8 +189,9 @@ cdef class Tunnel:
     def encap_batch(self, list packets not None, int rounds=1, list frames=None):
         """Encapsulates packets in place `rounds` times over, as the encap
         loop does for one batch, each with its place as the outer IP ID
-        (for benchmarks); returns how many passed. frames, when given, gets
-        what the last round made of each packet: its frame, or Dropped."""
+        (for benchmarks), counted per peer as the loop counts them; returns
+        how many passed. frames, when given, gets what the last round made
+        of each packet: its frame, or Dropped."""
         cdef Py_ssize_t count = len(packets), i
         cdef uint32_t *lens = <uint32_t *>malloc((count or 1) * sizeof(uint32_t))
         cdef int *reasons = <int *>calloc(count or 1, sizeof(int))
@@ -197,6 +199,7 @@ cdef class Tunnel:
         cdef uint64_t ok = 0
         cdef uint32_t length, stride = HEADROOM + self.tn.mtu
         cdef const ipf_peer *peer
+        cdef ipf_peer_count *counts = ipf_table_counts(self.table, 0)
         cdef int r, reason
         cdef uint8_t *pkt
         try:
@@ -210,6 +213,7 @@ cdef class Tunnel:
                         reason = ipf_encap_classify(self.table, &self.tn, pkt, lens[i], 0, &length, &peer)
                         if reason == IPF_TX_OK:
                             ipf_encap_write(&self.tn, self.table.src_mac, peer, pkt, length, <uint16_t>i)
+                            ipf_peer_count_add(&counts[peer - self.table.peers], length)
                             ok += 1
                         else:
                             reasons[i] = reason
@@ -227,7 +231,8 @@ cdef class Tunnel:
 
     def decap_batch(self, list frames not None, int rounds=1, list inners=None):
         """Decapsulates frames in place `rounds` times over, as the decap
-        loop does for one batch (for benchmarks); returns how many passed.
+        loop does for one batch (for benchmarks), counted per peer as the
+        loop counts them; returns how many passed.
         inners, when given, gets what the last round made of each frame:
         its inner packet, or Dropped."""
         cdef Py_ssize_t count = len(frames), i
@@ -237,7 +242,13 @@ cdef class Tunnel:
         cdef uint8_t *bufs = NULL
         cdef uint64_t ok = 0
         cdef uint8_t *inner
-        cdef uint32_t inner_len
+        cdef uint32_t inner_len, peer
+        # In locals, as the loop holds them: a store through a pointer
+        # would have them read again from self for every frame.
+        cdef const ipf_table *t = self.table
+        cdef ipf_peer_count *counts = ipf_table_counts(t, 1)
+        cdef uint32_t local = self.tn.src
+        cdef bint check_mac = self.check_mac
         cdef int r, reason
         try:
             if lens == NULL or reasons == NULL:
@@ -246,9 +257,10 @@ cdef class Tunnel:
             with nogil:
                 for r in range(rounds):
                     for i in range(count):
-                        reason = ipf_decap(self.table, self.tn.src, self.check_mac, bufs + i * stride, lens[i],
-                                           &inner, &inner_len)
+                        reason = ipf_decap(t, local, check_mac, bufs + i * stride, lens[i], &inner, &inner_len,
+                                           &peer)
                         if reason == IPF_RX_OK:
+                            ipf_peer_count_add(&counts[peer], inner_len)
                             ok += 1
                         else:
                             reasons[i] = reason

@@ -143,11 +143,14 @@ def test_show_asks_for_a_tunnel_when_several_run(tmp_path: Path) -> None:
             s.close()
 
 
+PINGS, PING_BYTES = 3, 20 + 8 + 56  # traffic.ping's default size, as the TUN carries it
+
+
 @pytest.fixture(scope="module")
 def bed() -> Iterator[tuple[Testbed, list[TunnelProcess]]]:
     with Testbed(nodes=2, pods_per_node=1) as tb, running_tunnels(tb) as tunnels:
         a, b = tb.nodes[0].pods[0], tb.nodes[1].pods[0]
-        assert traffic.ping(tb, a, b.ip, count=3, interval=0.01)["received"] == 3
+        assert traffic.ping(tb, a, b.ip, count=PINGS, interval=0.01)["received"] == PINGS
         yield tb, tunnels
 
 
@@ -200,8 +203,11 @@ class TestLive:
         route = next(ln.split() for ln in r.stdout.splitlines() if ln.strip().startswith(n1.pod_cidr))
         assert route[1:3] == [n1.ip, "encapsulated"] and route[-2:] == ["file", "node.yaml:5"]
         assert any(ln.strip().startswith("tx: ") for ln in r.stdout.splitlines())
+        ta.wait_for(lambda st: st["counters"]["peers"].get(n1.ip, {}).get("rx_packets") == PINGS)
         peers = show(tb, 0, "peers").stdout.splitlines()
+        assert peers[-2].split()[8:16] == ["tx", "packets", "tx", "bytes", "rx", "packets", "rx", "bytes"]
         assert peers[-1].split()[:2] == [n1.ip, "encapsulated"] and peers[-1].split()[-1] == n1.pod_cidr
+        assert peers[-1].split()[-5:-1] == [str(PINGS), str(PINGS * PING_BYTES)] * 2
 
     def test_show_json(self, bed) -> None:
         tb, (ta, _) = bed
@@ -209,8 +215,12 @@ class TestLive:
         routes = json.loads(show(tb, 0, "routes", "--json").stdout)
         assert [(r["cidr"], r["kind"], r["source"]) for r in routes["routes"]] == \
             [(n1.pod_cidr, "encapsulated", "file")]
+        ta.wait_for(lambda st: st["counters"]["peers"].get(n1.ip, {}).get("rx_packets") == PINGS)
         peers = json.loads(show(tb, 0, "peers", "--json").stdout)["peers"]
         assert [(p["node"], p["cidrs"]) for p in peers] == [(n1.ip, [n1.pod_cidr])]
+        # the fixture's pings, as the ping tool counted them: each echo out toward n1, each reply in from it
+        assert [(p["tx_packets"], p["tx_bytes"], p["rx_packets"], p["rx_bytes"]) for p in peers] == \
+            [(PINGS, PINGS * PING_BYTES, PINGS, PINGS * PING_BYTES)]
         counters = json.loads(show(tb, 0, "counters", "--json").stdout)
         assert counters["counters"]["tx"]["packets"] >= 3 and counters["tunnel"] == f"{tb.prefix}t0"
         everything = json.loads(show(tb, 0, "--json").stdout)

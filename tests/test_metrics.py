@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ipipfast.counters import Direction, Icmp, Ring, Snapshot, Worker
+from ipipfast.counters import Direction, Icmp, PeerCounts, Ring, Snapshot, Worker
 from ipipfast.metrics import Reading, registry
 from ipipfast_lab import traffic
 from ipipfast_lab.daemons import TunnelProcess, wait_until
@@ -44,6 +44,12 @@ def ours(samples: dict[Series, float]) -> dict[Series, float]:
 
 def scrape(reading: Reading) -> str:
     return generate_latest(registry(lambda: reading)).decode()
+
+
+def peer_samples(samples: dict[Series, float]) -> dict[tuple[str, str, str], float]:
+    """(family, peer, direction) -> value of the per-peer families."""
+    return {(name, dict(labels)["peer"], dict(labels)["direction"]): v for (name, labels), v in samples.items()
+            if name in ("ipipfast_peer_packets_total", "ipipfast_peer_bytes_total")}
 
 
 def direction(packets: int, nbytes: int, offloaded: int, reasons: tuple[str, ...], *drops: int) -> Direction:
@@ -136,6 +142,40 @@ def test_etcd_families() -> None:
         if name.startswith("ipipfast_etcd_"):
             assert kind == ("gauge" if name in gauges else "counter"), name
             assert len(help) > 20, name
+def test_peers_are_series_up_to_the_cap_and_the_rest_one_sum_that_never_goes_down() -> None:
+    def peers(**counts: tuple[int, int, int, int]) -> Reading:
+        return Reading(Snapshot((), Icmp(), 1, peers={p.replace("_", "."): PeerCounts(*c) for p, c in counts.items()}),
+                       ROUTES, RELOADS, KERNEL)
+    a, b, c = "198_18_0_11", "198_18_0_12", "198_18_0_13"
+    readings = iter([
+        peers(),
+        # a and b first carry traffic in one scrape: the cap of 1 goes to the larger, b
+        peers(**{a: (1, 100, 0, 0), b: (2, 200, 2, 200)}),
+        # c, larger than both, comes after: "other" it is, beside a
+        peers(**{a: (3, 300, 1, 50), b: (2, 200, 3, 300), c: (10, 10**6, 10, 10**6)}),
+        peers(**{a: (4, 400, 1, 50), b: (2, 200, 3, 300), c: (11, 10**6 + 9, 10, 10**6)}),
+    ])
+    reg = registry(lambda: next(readings), peer_series=1)
+    scrapes = [peer_samples(parse(generate_latest(reg).decode())[0]) for _ in range(4)]
+    assert scrapes[0] == {}
+    p, by = "ipipfast_peer_packets_total", "ipipfast_peer_bytes_total"
+    assert scrapes[1] == {(p, "198.18.0.12", "tx"): 2, (p, "198.18.0.12", "rx"): 2, (by, "198.18.0.12", "tx"): 200,
+                          (by, "198.18.0.12", "rx"): 200, (p, "other", "tx"): 1, (p, "other", "rx"): 0,
+                          (by, "other", "tx"): 100, (by, "other", "rx"): 0}
+    assert scrapes[2][(p, "other", "tx")] == 13 and scrapes[2][(by, "other", "rx")] == 50 + 10**6
+    assert scrapes[3][(p, "other", "tx")] == 15 and scrapes[3][(by, "other", "tx")] == 400 + 10**6 + 9
+    for s in scrapes[1:]:
+        assert {peer for _, peer, _ in s} == {"198.18.0.12", "other"}
+    for earlier, later in zip(scrapes[1:], scrapes[2:]):
+        assert all(later[k] >= v for k, v in earlier.items())
+
+
+def test_no_peer_series_puts_every_peer_in_other() -> None:
+    reading = Reading(Snapshot((), Icmp(), 1, peers={"198.18.0.11": PeerCounts(1, 2, 3, 4)}), ROUTES, RELOADS, KERNEL)
+    samples = peer_samples(parse(generate_latest(registry(lambda: reading, peer_series=0)).decode())[0])
+    assert samples == {("ipipfast_peer_packets_total", "other", "tx"): 1,
+                       ("ipipfast_peer_packets_total", "other", "rx"): 3,
+                       ("ipipfast_peer_bytes_total", "other", "tx"): 2, ("ipipfast_peer_bytes_total", "other", "rx"): 4}
 
 
 def test_types_and_help() -> None:
@@ -214,3 +254,62 @@ def test_a_live_scrape_parses_and_passes_promtool() -> None:
     assert samples[S("ipipfast_reloads_total", result="applied")] == 0
     assert samples[S("process_resident_memory_bytes")] > 0
     assert families["ipipfast_packets"][0] == "counter"
+
+
+PING_BYTES = 20 + 8 + 56  # an echo of traffic.ping's default size, as the TUN carries it
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces, TUN and AF_PACKET")
+def test_per_peer_counts_of_pings_with_the_cap_and_across_a_table_swap() -> None:
+    """Three nodes, peer_series 1 on the first: the first peer pinged gets the
+    series, the second is "other"; the pings' counts (the ping tool's, sent and
+    answered) are what the scrape says, also for pings after a reload has
+    swapped the table and moved the peers' indexes."""
+    with Testbed(nodes=3, pods_per_node=1) as tb:
+        n0, n1, n2 = tb.nodes
+        cfg0 = {**tb.node_config(n0), "stats": {"listen": METRICS_LISTEN, "peer_series": 1}}
+        tunnels = [TunnelProcess(tb, n0, cfg0)] + [TunnelProcess(tb, n, tb.node_config(n)) for n in (n1, n2)]
+        try:
+            for t in tunnels:
+                t.wait_ready()
+            t0 = tunnels[0]
+            a = n0.pods[0]
+
+            def pinged(dst: str, count: int) -> None:
+                assert traffic.ping(tb, a, dst, count=count, interval=0.01)["received"] == count
+
+            def scraped(until: dict[tuple[str, str, str], float]) -> dict[tuple[str, str, str], float]:
+                def now() -> dict[tuple[str, str, str], float] | None:
+                    got = peer_samples(parse(scrape_metrics(tb, n0))[0])
+                    return got if all(got.get(k) == v for k, v in until.items()) else None
+                try:
+                    return wait_until(now, what="the scrape to show the pings")
+                except TimeoutError:
+                    return peer_samples(parse(scrape_metrics(tb, n0))[0])
+
+            def expect(peer: str, n: int) -> dict[tuple[str, str, str], float]:
+                return {("ipipfast_peer_packets_total", peer, d): n for d in ("tx", "rx")} | \
+                       {("ipipfast_peer_bytes_total", peer, d): n * PING_BYTES for d in ("tx", "rx")}
+
+            pinged(n1.pods[0].ip, 5)
+            assert scraped(expect(n1.ip, 5)) == expect(n1.ip, 5)  # n1's own series, and no "other" yet
+
+            # A route to one more peer, before the others in the table: every index moves.
+            gen = t0.status()["generation"]
+            extra = {"cidr": "198.19.99.0/24", "via": "198.18.0.9"}  # no host there
+            st = t0.reload({**cfg0, "routes": [extra] + cfg0["routes"]})
+            assert st["reloads"]["applied"] == 1 and st["generation"] > gen
+
+            pinged(n2.pods[0].ip, 3)  # a peer past the cap: "other"
+            pinged(n1.pods[0].ip, 2)
+            want = expect(n1.ip, 7) | expect("other", 3)
+            assert scraped(want) == want
+            peers = t0.status()["counters"]["peers"]
+            assert peers == {n1.ip: {"tx_packets": 7, "tx_bytes": 7 * PING_BYTES, "rx_packets": 7,
+                                     "rx_bytes": 7 * PING_BYTES},
+                             n2.ip: {"tx_packets": 3, "tx_bytes": 3 * PING_BYTES, "rx_packets": 3,
+                                     "rx_bytes": 3 * PING_BYTES}}
+        finally:
+            for t in tunnels:
+                t.stop()

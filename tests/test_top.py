@@ -15,7 +15,8 @@ from ipipfast_lab.daemons import running_tunnels, wait_until
 from ipipfast_lab.testbed import Testbed
 
 
-def status(pid: int, tx: int, rx: int, no_route: int, foreign: int, workers: list[tuple[int, int]]) -> dict:
+def status(pid: int, tx: int, rx: int, no_route: int, foreign: int, workers: list[tuple[int, int]],
+           peers: dict[str, tuple[int, int, int, int]] | None = None) -> dict:
     def direction(packets: int, drops: dict) -> dict:
         return {"packets": packets, "bytes": packets * 100, "offloaded": 0, "drops": drops}
     return {
@@ -23,7 +24,9 @@ def status(pid: int, tx: int, rx: int, no_route: int, foreign: int, workers: lis
         "routes_encapsulated": 2, "routes_direct": 1, "reloads": {"applied": 1, "refused": 0},
         "counters": {"tx": direction(tx, {"no_route": no_route, "queue_full": 0}),
                      "rx": direction(rx, {"unknown_peer": 0}), "foreign_ipip": foreign,
-                     "workers": [{"tx": direction(t, {"no_route": 0}), "rx": direction(r, {})} for t, r in workers]},
+                     "workers": [{"tx": direction(t, {"no_route": 0}), "rx": direction(r, {})} for t, r in workers],
+                     "peers": {ip: dict(zip(("tx_packets", "tx_bytes", "rx_packets", "rx_bytes"), c))
+                               for ip, c in (peers or {}).items()}},
     }
 
 
@@ -49,8 +52,11 @@ def row(out: str, *start: str) -> list[str]:
 
 
 def test_rates_are_the_difference_over_the_time_between_samples() -> None:
-    prev = Sample(100.0, status(7, 1000, 500, 3, 0, [(600, 200), (400, 300)]), PEERS)
-    cur = Sample(102.0, status(7, 25000, 4500, 13, 4, [(12600, 2200), (12400, 2300)]), PEERS)
+    prev = Sample(100.0, status(7, 1000, 500, 3, 0, [(600, 200), (400, 300)],
+                                {"198.18.0.11": (1000, 100_000, 500, 50_000)}), PEERS)
+    cur = Sample(102.0, status(7, 25000, 4500, 13, 4, [(12600, 2200), (12400, 2300)],
+                               {"198.18.0.11": (25000, 2_500_000, 4500, 450_000), "198.18.9.12": (0, 0, 4, 400)}),
+                 PEERS)
     out = text(prev, cur)
     assert "ipipfast t0: pid 7, ready, mode Always; rates over 2.0 s" in out
     assert "table generation 4: 2 routes encapsulated, 1 direct; reloads: 1 applied, 0 refused" in out
@@ -59,10 +65,24 @@ def test_rates_are_the_difference_over_the_time_between_samples() -> None:
     assert row(out, "tx", "no_route") == ["5", "13"]
     assert row(out, "egress", "foreign_ipip") == ["2", "4"]
     assert row(out, "0") == ["6k", "1k", "0", "0"] and row(out, "1") == ["6k", "1k", "0", "0"]
-    assert row(out, "198.18.0.11") == ["encapsulated", "198.18.0.11", "02:00:5e:00:00:01", "resolved", "1400",
-                                       "198.19.1.0/24"]
-    assert row(out, "198.18.9.12") == ["encapsulated", "198.18.0.1", "unresolved", "unresolved", "-",
-                                       "198.19.2.0/24", "198.19.3.0/24"]
+    peers = out[out.index("peers"):out.index("next hops")]
+    # the busiest first: 2.4 MB out and 400 kB in over 2 s; the other only 400 bytes in, new since prev
+    assert row(peers, "198.18.0.11") == ["12k", "9.60", "2k", "1.60", "29.5k", "2.95M"]
+    assert row(peers, "198.18.9.12") == ["0", "0.00", "2", "0.00", "4", "400"]
+    assert peers.index("198.18.0.11") < peers.index("198.18.9.12")
+    hops = out[out.index("next hops"):]
+    assert row(hops, "198.18.0.11") == ["encapsulated", "198.18.0.11", "02:00:5e:00:00:01", "resolved", "1400",
+                                        "198.19.1.0/24"]
+    assert row(hops, "198.18.9.12") == ["encapsulated", "198.18.0.1", "unresolved", "unresolved", "-",
+                                        "198.19.2.0/24", "198.19.3.0/24"]
+
+
+def test_only_the_busiest_peers() -> None:
+    many = {f"198.18.1.{i}": (i, 100 * i, 0, 0) for i in range(1, 13)}
+    out = text(Sample(0.0, status(7, 0, 0, 0, 0, [], {}), PEERS), Sample(1.0, status(7, 0, 0, 0, 0, [], many), PEERS))
+    assert "peers: the 10 busiest of 12" in out
+    assert [ln.split()[0] for ln in out.splitlines() if ln.strip().startswith("198.18.1.")] == \
+        [f"198.18.1.{i}" for i in range(12, 2, -1)]
 
 
 def test_a_restarted_daemon_shows_no_rates() -> None:
@@ -101,4 +121,7 @@ def test_once_on_a_live_daemon_under_a_flood() -> None:
         assert row(out, "tx", "no_route")[0] == "0" and row(out, "egress", "foreign_ipip") == ["0", "0"]
         assert float(row(out, "0")[0]) > 0  # the one worker
         mac = tb.ipr(n1).get_links(ifname=n1.interface)[0].get_attr("IFLA_ADDRESS")  # the oracle: the peer's link
-        assert row(out, n1.ip) == ["encapsulated", n1.ip, mac, "resolved", "-", n1.pod_cidr]
+        hops = out[out.index("next hops"):]
+        assert row(hops, n1.ip) == ["encapsulated", n1.ip, mac, "resolved", "-", n1.pod_cidr]
+        by_peer = row(out[out.index("peers"):out.index("next hops")], n1.ip)
+        assert float(by_peer[0]) > 0 and float(by_peer[2]) > 0, out  # the flood's echoes out, replies in

@@ -66,9 +66,10 @@ cdef class Datapath:
         self.fanout_id = hash((os.getpid(), id(self))) & 0xffff
         self.lock = threading.Lock()
         self.workers = []
+        self.folded = {}
         self.shared = <ipf_shared *>aligned_zeroed(sizeof(ipf_shared))
         self.shared.stop_fd = -1
-        self.shared.table = build_table((), (), local_mac, 0)
+        self.shared.table = build_table((), (), local_mac, 0, 0)
         self.shared.stop_fd = check(c.eventfd(0, c.EFD_NONBLOCK | c.EFD_CLOEXEC), "eventfd")
         self.sink_fd = open_sink()
         self.relay.fd = check(c.socket(c.AF_INET, c.SOCK_RAW | c.SOCK_CLOEXEC, c.IPPROTO_RAW), "raw socket")
@@ -86,7 +87,11 @@ cdef class Datapath:
         # One ring needs no flow hash (a flow dissection per frame): any
         # spread keeps a single member's frames in order.
         cdef int mode = c.PACKET_FANOUT_HASH if len(tun_fds) > 1 else c.PACKET_FANOUT_CPU
-        self.workers = [Worker(self, fd, mode) for fd in tun_fds]
+        with self.lock:
+            self.workers = [Worker(self, fd, mode, i) for i, fd in enumerate(tun_fds)]
+            # No loop runs yet: the table takes their rows of counts in place.
+            if ipf_table_alloc_counts(self.shared.table, 2 * len(self.workers)) < 0:
+                raise MemoryError()
         return list(self.workers)
 
     def __dealloc__(self):
@@ -106,16 +111,18 @@ cdef class Datapath:
         as host-order int, next-hop MAC or None until resolved[, path MTU]);
         local_mac: the underlay interface's now, the source of every frame.
         Returns the new table's generation once no loop can still see the
-        old table, which is then freed."""
+        old table, whose per-peer counts are then folded into the totals by
+        peer address (so a peer's index may change) and which is freed."""
         cdef ipf_table *t
         cdef ipf_table *old
         cdef Worker w
         with self.lock:
-            t = build_table(routes, peers, local_mac, self.generation + 1)
+            t = build_table(routes, peers, local_mac, self.generation + 1, 2 * len(self.workers))
             old = ipf_table_publish(&self.shared.table, t)
             self.generation = t.generation
             for w in self.workers:
                 w.wait_quiescent()
+            add_peer_counts(old, self.folded)
             ipf_table_free(old)
             return self.generation
 
@@ -174,6 +181,11 @@ cdef class Datapath:
         cdef ipf_tx_stats tx
         cdef ipf_rx_stats rx
         cdef uint64_t sent = self.relayed.sent, ratelimited = self.relayed.ratelimited
+        with self.lock:  # the table is not swapped (its counts folded) meanwhile
+            totals = {ip: list(v) for ip, v in self.folded.items()}
+            add_peer_counts(self.shared.table, totals)
+        peers = MappingProxyType({str(ipaddress.IPv4Address(ip)): counters.PeerCounts(*v)
+                                  for ip, v in sorted(totals.items())})
         workers = []
         for w in self.workers:
             w.read(&tx, &rx)
@@ -183,7 +195,30 @@ cdef class Datapath:
                                            direction(rx.packets, rx.bytes, rx.gro, rx.drops, RX_REASONS),
                                            counters.Ring(rx.seen, rx.taken)))
         return counters.Snapshot(tuple(workers), counters.Icmp(sent, ratelimited, self.relayed.sent,
-                                                               self.pmtu_updates), self.generation)
+                                                               self.pmtu_updates), self.generation, peers=peers)
+
+
+cdef void add_peer_counts(const ipf_table *t, dict totals) except *:
+    """Adds t's per-peer counts, summed over its rows (a worker's encap
+    loop's, then its decap loop's), to totals: peer IPv4 (host order) ->
+    [tx packets, tx bytes, rx packets, rx bytes]. Peers without any are
+    left out."""
+    cdef uint32_t i, row
+    cdef uint64_t v[4]
+    cdef const ipf_peer_count *n
+    for i in range(t.n_peers):
+        memset(v, 0, sizeof(v))
+        for row in range(t.count_rows):
+            n = ipf_table_counts(t, row) + i
+            v[(row & 1) * 2] += n.packets
+            v[(row & 1) * 2 + 1] += n.bytes
+        if v[0] == 0 and v[2] == 0:
+            continue
+        total = totals.setdefault(ntohl(t.peers[i].ip), [0, 0, 0, 0])
+        total[0] += v[0]
+        total[1] += v[1]
+        total[2] += v[2]
+        total[3] += v[3]
 
 
 cdef object direction(uint64_t packets, uint64_t bytes, uint64_t offloaded, const uint64_t *drops,
@@ -200,7 +235,7 @@ cdef class Worker:
     """One TUN queue, one send socket and one receive ring, and the two
     loops that move packets between them, each with its own state."""
 
-    def __init__(self, Datapath dp not None, int tun_fd, int fanout_mode):
+    def __init__(self, Datapath dp not None, int tun_fd, int fanout_mode, int index):
         self.dp = dp
         check(c.fcntl(tun_fd, c.F_SETFL, c.fcntl(tun_fd, c.F_GETFL) | c.O_NONBLOCK), "tun O_NONBLOCK")
         self.tx = <ipf_tx *>aligned_zeroed(sizeof(ipf_tx))
@@ -208,6 +243,7 @@ cdef class Worker:
         self.rx = <ipf_rx *>aligned_zeroed(sizeof(ipf_rx))
         self.rx.fd = -1
         self.tx.shared = self.rx.shared = dp.shared
+        self.tx.count_row, self.rx.count_row = 2 * index, 2 * index + 1  # as add_peer_counts reads them
         self.tx.tun_fd = self.rx.tun_fd = tun_fd
         self.tx.ifindex = self.rx.ifindex = dp.ifindex
         self.tx.spin.max_ns = self.rx.spin.max_ns = dp.busy_poll_ns

@@ -5,11 +5,12 @@
 cdef void decap_loop(ipf_rx *rx) noexcept nogil:
     cdef ipf_qsbr *q = &rx.qsbr
     cdef const ipf_table *t
+    cdef ipf_peer_count *counts
     cdef c.tpacket2_hdr *h
     cdef const virtio_net_hdr *rvh
     cdef uint8_t *frame
     cdef uint8_t *inner
-    cdef uint32_t inner_len, got, slot, i, n
+    cdef uint32_t inner_len, got, slot, i, n, peer
     cdef uint16_t cstart, coff
     cdef uint8_t proto
     cdef bint partial, trusted
@@ -17,6 +18,7 @@ cdef void decap_loop(ipf_rx *rx) noexcept nogil:
     cdef int due[IPF_GRO_FLOWS]
     while not stopping(rx.shared):
         t = ipf_qsbr_enter(q, &rx.shared.table)
+        counts = ipf_table_counts(t, rx.count_row)
         got = 0
         while got < rx.batch:
             slot = rx.ring.head
@@ -34,7 +36,7 @@ cdef void decap_loop(ipf_rx *rx) noexcept nogil:
             elif not ipf_rx_for_host(h):
                 reason = IPF_RX_OTHER_HOST
             else:
-                reason = ipf_decap(t, rx.local, rx.check_mac, frame, h.tp_snaplen, &inner, &inner_len)
+                reason = ipf_decap(t, rx.local, rx.check_mac, frame, h.tp_snaplen, &inner, &inner_len, &peer)
             if reason == IPF_RX_OK and rx.ring_vnet:
                 rvh = <const virtio_net_hdr *>(frame - IPF_VNET_HLEN)
                 if rvh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
@@ -45,6 +47,10 @@ cdef void decap_loop(ipf_rx *rx) noexcept nogil:
                     trusted = cstart == 20 and coff == ipf_l4_csum_offset(inner[9])  # the one GRO checks
                 else:
                     trusted = rvh.flags & VIRTIO_NET_HDR_F_DATA_VALID
+            if reason == IPF_RX_OK:
+                # Counted now, while t is this batch's: a GRO train may be
+                # written after a later batch, under another table.
+                ipf_peer_count_add(&counts[peer], inner_len)
             proto = 0
             if reason == IPF_RX_OK and rx.vnet:
                 proto = ipf_gro_eligible(inner, inner_len, trusted, rx.udp_gro)

@@ -10,6 +10,7 @@ cdef enum:
 cdef void encap_loop(ipf_tx *tx) noexcept nogil:
     cdef ipf_qsbr *q = &tx.qsbr
     cdef const ipf_table *t
+    cdef ipf_peer_count *counts
     # Every packet is in the TX ring (or dropped) before the next read,
     # so one buffer takes them all, and it stays in this core's cache
     # for the kernel's copy into it and ours out of it. A batch is the
@@ -23,6 +24,7 @@ cdef void encap_loop(ipf_tx *tx) noexcept nogil:
     memset(&vh, 0, sizeof(vh))
     while not stopping(tx.shared):
         t = ipf_qsbr_enter(q, &tx.shared.table)
+        counts = ipf_table_counts(t, tx.count_row)
         drained = False
         for i in range(tx.batch):
             # The virtio_net_hdr lands in the headroom, read before the
@@ -37,7 +39,7 @@ cdef void encap_loop(ipf_tx *tx) noexcept nogil:
             if hdr:
                 memcpy(&vh, pkt - hdr, hdr)
             n = <uint32_t>r - hdr
-            encap_one(tx, t, pkt, n, &vh)
+            encap_one(tx, t, counts, pkt, n, &vh)
         if drained and c.errno != c.EAGAIN and c.errno != c.EINTR:
             tx.err = c.errno
             ipf_qsbr_leave(q)
@@ -51,9 +53,10 @@ cdef void encap_loop(ipf_tx *tx) noexcept nogil:
     ipf_qsbr_leave(q)
 
 
-cdef void encap_one(ipf_tx *tx, const ipf_table *t, uint8_t *pkt, uint32_t n,
+cdef void encap_one(ipf_tx *tx, const ipf_table *t, ipf_peer_count *counts, uint8_t *pkt, uint32_t n,
                     const virtio_net_hdr *vh) noexcept nogil:
-    """Queues pkt's frames (one, or one per segment) in the TX ring."""
+    """Queues pkt's frames (one, or one per segment) in the TX ring,
+    counted toward their peer in counts (the loop's row of t's)."""
     cdef const ipf_peer *peer
     cdef ipf_gso_plan plan
     cdef uint32_t length, s
@@ -82,13 +85,14 @@ cdef void encap_one(ipf_tx *tx, const ipf_table *t, uint8_t *pkt, uint32_t n,
         ipf_encap_write(&tx.tn, t.src_mac, peer, pkt, length, next_id(tx))
         iov[0].iov_base = pkt - IPF_ENCAP_HLEN
         iov[0].iov_len = length + IPF_ENCAP_HLEN
-        tx_queue(tx, iov, 1, partial, vh.csum_start + IPF_ENCAP_HLEN, vh.csum_offset)
+        tx_queue(tx, &counts[peer - t.peers], iov, 1, partial, vh.csum_start + IPF_ENCAP_HLEN, vh.csum_offset)
         return
     tx.stats.gso += 1
     for s in range(plan.nseg):
         ipf_gso_segment(&tx.tn, t.src_mac, peer, pkt, length, &plan, s, next_id(tx), tx.partial, tx.seg_hdrs,
                         iov)
-        tx_queue(tx, iov, 2, True, IPF_ENCAP_HLEN + (pkt[0] & 0x0f) * 4, ipf_l4_csum_offset(plan.proto))
+        tx_queue(tx, &counts[peer - t.peers], iov, 2, True, IPF_ENCAP_HLEN + (pkt[0] & 0x0f) * 4,
+                 ipf_l4_csum_offset(plan.proto))
 
 
 cdef inline uint16_t next_id(ipf_tx *tx) noexcept nogil:

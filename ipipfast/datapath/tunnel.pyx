@@ -50,10 +50,12 @@ cdef ipf_lpm_route *lpm_routes(object entries, uint64_t values) except NULL:
     return r
 
 
-cdef ipf_table *build_table(object routes, object peers, bytes local_mac, uint64_t generation) except NULL:
+cdef ipf_table *build_table(object routes, object peers, bytes local_mac, uint64_t generation,
+                            uint32_t count_rows) except NULL:
     """routes: (prefix host-order int, length, peer index); peers: (ip
     host-order int, next-hop MAC bytes or None[, path MTU]); local_mac:
-    this node's on the underlay."""
+    this node's on the underlay; count_rows: the loops that count per peer
+    in it (two a worker)."""
     cdef Py_ssize_t n_routes = len(routes), n_peers = len(peers), i
     cdef const uint8_t *src_mac
     if local_mac is None or len(local_mac) != 6:
@@ -75,7 +77,7 @@ cdef ipf_table *build_table(object routes, object peers, bytes local_mac, uint64
                 memcpy(p[i].mac, <const char *>mac, 6)
                 p[i].has_mac = 1
         with nogil:
-            t = ipf_table_build(r, n_routes, p, n_peers, src_mac, generation)
+            t = ipf_table_build(r, n_routes, p, n_peers, src_mac, generation, count_rows)
         if t == NULL:
             raise MemoryError("cannot build the forwarding table")
         return t

@@ -9,14 +9,14 @@ cdef enum:
     TX_WAIT_STEP_US = 50
 
 
-cdef void tx_queue(ipf_tx *tx, const c.iovec *iov, uint32_t niov, bint partial, uint16_t cstart,
-                   uint16_t coff) noexcept nogil:
-    """Puts a frame in the next slot (ipf_tx_put); one the device does not
-    free in time is dropped."""
+cdef void tx_queue(ipf_tx *tx, ipf_peer_count *peer, const c.iovec *iov, uint32_t niov, bint partial,
+                   uint16_t cstart, uint16_t coff) noexcept nogil:
+    """Puts a frame in the next slot (ipf_tx_put), counted toward its
+    peer; one the device does not free in time is dropped."""
     if not ipf_tx_free(tx) and not tx_room(tx):
         tx.stats.drops[IPF_TX_SEND_FAILED] += 1
         return
-    ipf_tx_put(tx, iov, niov, partial, cstart, coff)
+    ipf_peer_count_add(peer, ipf_tx_put(tx, iov, niov, partial, cstart, coff))
 
 
 cdef bint tx_room(ipf_tx *tx) noexcept nogil:

@@ -36,7 +36,7 @@ static inline int ipf_ecn_decap(uint8_t outer_tos, uint8_t *inner)
 }
 
 /* Validates an Ethernet frame carrying IPIP to local (network order) and
- * finds the inner packet in it. Checks what ip_rcv and ipip_rcv check, plus
+ * finds the inner packet in it and the sender's peer index. Checks what ip_rcv and ipip_rcv check, plus
  * what tunl0 does not (it takes IPIP from anyone and delivers any inner
  * packet):
  * - the sender is a known peer;
@@ -52,7 +52,7 @@ static inline int ipf_ecn_decap(uint8_t outer_tos, uint8_t *inner)
  * a loop with other work (ipa-split), 2 ns a frame. */
 static inline __attribute__((always_inline)) int ipf_decap(const ipf_table *t, uint32_t local, int check_mac,
                                                            uint8_t *frame, uint32_t caplen, uint8_t **inner_out,
-                                                           uint32_t *inner_len)
+                                                           uint32_t *inner_len, uint32_t *peer_out)
 {
     if (caplen < IPF_ETH_HLEN + IPF_IP_HLEN)
         return IPF_RX_TRUNCATED;
@@ -107,6 +107,7 @@ static inline __attribute__((always_inline)) int ipf_decap(const ipf_table *t, u
         return r;
     *inner_out = in;
     *inner_len = in_tot;  /* trailing bytes past the inner total length are padding */
+    *peer_out = (uint32_t)p;
     return IPF_RX_OK;
 }
 

@@ -18,6 +18,12 @@ typedef struct {
     uint32_t pmtu;         /* path MTU learned from ICMP (outer bytes); 0: the link's */
 } ipf_peer;
 
+/* One loop's packets and inner bytes toward a peer (tx: queued to the
+ * device) or from it (rx: decapsulated). */
+typedef struct {
+    uint64_t packets, bytes;
+} ipf_peer_count;
+
 /* Everything the packet loops read, swapped whole (see qsbr below). */
 typedef struct {
     ipf_lpm lpm;           /* inner destination -> peer index */
@@ -27,7 +33,27 @@ typedef struct {
     uint32_t *peer_slots;
     uint8_t src_mac[6];    /* this node's on the underlay, the source of every frame: it may change too */
     uint64_t generation;
+    /* Per-peer counts, a row per loop (ipf_table_counts): each row is
+     * written by its loop only, and starts on its own cache line, so no
+     * two loops share one. They live and go with the table, as the peer
+     * indexes do: the control thread folds them into its totals once no
+     * loop can write them any more, before it frees the table. */
+    ipf_peer_count *counts;
+    uint32_t count_rows;
+    uint32_t count_stride; /* entries per row: n_peers rounded up to whole cache lines */
 } ipf_table;
+
+/* The row of counts of loop `row`, indexed by peer. */
+static inline ipf_peer_count *ipf_table_counts(const ipf_table *t, uint32_t row)
+{
+    return t->counts + (size_t)row * t->count_stride;
+}
+
+static inline void ipf_peer_count_add(ipf_peer_count *c, uint32_t bytes)
+{
+    c->packets++;
+    c->bytes += bytes;
+}
 
 /* Index of the peer with this address (network order), or -1. */
 static inline int32_t ipf_peer_find(const ipf_table *t, uint32_t ip)
@@ -47,15 +73,35 @@ static inline void ipf_table_free(ipf_table *t)
     if (!t)
         return;
     ipf_lpm_free(&t->lpm);
+    free(t->counts);
     free(t->peers);
     free(t->peer_slots);
     free(t);
 }
 
-/* Builds a table; routes' values are peer indexes. NULL when out of memory
- * or a route names a peer that does not exist. */
+/* (Re)allocates t's counts, zeroed, for `rows` loops; only while no loop
+ * reads t. -1 when out of memory. */
+static int ipf_table_alloc_counts(ipf_table *t, uint32_t rows)
+{
+    const uint32_t line = 64 / sizeof(ipf_peer_count);
+    size_t size;
+    free(t->counts);
+    t->count_rows = rows;
+    t->count_stride = (t->n_peers + line - 1) / line * line;
+    size = (size_t)rows * t->count_stride * sizeof(ipf_peer_count);
+    t->counts = (ipf_peer_count *)aligned_alloc(64, size ? size : 64);
+    if (!t->counts)
+        return -1;
+    memset(t->counts, 0, size);
+    return 0;
+}
+
+/* Builds a table, with counts for count_rows loops; routes' values are peer
+ * indexes. NULL when out of memory or a route names a peer that does not
+ * exist. */
 static ipf_table *ipf_table_build(const ipf_lpm_route *routes, size_t n_routes, const ipf_peer *peers,
-                                  uint32_t n_peers, const uint8_t *src_mac, uint64_t generation)
+                                  uint32_t n_peers, const uint8_t *src_mac, uint64_t generation,
+                                  uint32_t count_rows)
 {
     ipf_table *t = (ipf_table *)calloc(1, sizeof(*t));
     if (!t)
@@ -68,7 +114,7 @@ static ipf_table *ipf_table_build(const ipf_lpm_route *routes, size_t n_routes, 
         t->slot_bits++;
     t->peers = (ipf_peer *)malloc((n_peers ? n_peers : 1) * sizeof(ipf_peer));
     t->peer_slots = (uint32_t *)calloc((size_t)1 << t->slot_bits, sizeof(uint32_t));
-    if (!t->peers || !t->peer_slots)
+    if (!t->peers || !t->peer_slots || ipf_table_alloc_counts(t, count_rows) < 0)
         goto fail;
     memcpy(t->peers, peers, n_peers * sizeof(ipf_peer));
     for (uint32_t i = 0; i < n_peers; i++) {

@@ -7,14 +7,21 @@ cdef extern from "table.h" nogil:
         uint8_t mac[6]
         uint8_t has_mac
         uint32_t pmtu
+    ctypedef struct ipf_peer_count:
+        uint64_t packets, bytes
     ctypedef struct ipf_table:
         ipf_lpm lpm
         ipf_peer *peers
         uint32_t n_peers
         uint8_t src_mac[6]
         uint64_t generation
+        uint32_t count_rows
+    ipf_peer_count *ipf_table_counts(const ipf_table *t, uint32_t row)
+    void ipf_peer_count_add(ipf_peer_count *c, uint32_t bytes)
+    int ipf_table_alloc_counts(ipf_table *t, uint32_t rows)
     ipf_table *ipf_table_build(const ipf_lpm_route *routes, size_t n_routes, const ipf_peer *peers,
-                               uint32_t n_peers, const uint8_t *src_mac, uint64_t generation)
+                               uint32_t n_peers, const uint8_t *src_mac, uint64_t generation,
+                               uint32_t count_rows)
     void ipf_table_free(ipf_table *t)
     int32_t ipf_peer_find(const ipf_table *t, uint32_t ip)
 

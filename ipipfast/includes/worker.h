@@ -82,6 +82,7 @@ typedef struct {
 typedef struct {
     ipf_qsbr qsbr;
     ipf_tx_stats stats;
+    uint32_t count_row;    /* its row of the table's per-peer counts */
     ipf_shared *shared;
     int fd;                /* the ring's AF_PACKET socket */
     int tun_fd;            /* read */
@@ -106,6 +107,7 @@ typedef struct {
 typedef struct {
     ipf_qsbr qsbr;
     ipf_rx_stats stats;
+    uint32_t count_row;    /* its row of the table's per-peer counts */
     ipf_shared *shared;
     int fd;                /* the ring's AF_PACKET socket */
     int tun_fd;            /* written */
@@ -156,8 +158,9 @@ static inline int ipf_tx_free(const ipf_tx *tx)
  * ipf_tx_free) behind a virtio_net_hdr and queues it. Its hdr_len is the
  * whole frame, so the kernel copies the frame into the skb's linear part.
  * With tx->partial it also says that the device completes the inner
- * checksum at cstart + coff (partial), or that nothing is left to do. */
-static inline void ipf_tx_put(ipf_tx *tx, const struct iovec *iov, uint32_t niov, int partial,
+ * checksum at cstart + coff (partial), or that nothing is left to do.
+ * Returns the frame's inner bytes. */
+static inline uint32_t ipf_tx_put(ipf_tx *tx, const struct iovec *iov, uint32_t niov, int partial,
                               uint16_t cstart, uint16_t coff)
 {
     struct tpacket2_hdr *h = ipf_ring_slot(&tx->ring, tx->ring.head);
@@ -177,6 +180,7 @@ static inline void ipf_tx_put(ipf_tx *tx, const struct iovec *iov, uint32_t niov
     tx->ring.head = (tx->ring.head + 1) & (tx->ring.frames - 1);
     tx->queued++;
     tx->queued_bytes += total - IPF_ENCAP_HLEN;
+    return total - IPF_ENCAP_HLEN;
 }
 
 /* After a send(): the kernel took the queued frames in ring order, as many

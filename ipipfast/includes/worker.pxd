@@ -34,6 +34,7 @@ cdef extern from "worker.h" nogil:
     ctypedef struct ipf_tx:
         ipf_qsbr qsbr
         ipf_tx_stats stats
+        uint32_t count_row
         ipf_shared *shared
         int fd
         int tun_fd
@@ -57,6 +58,7 @@ cdef extern from "worker.h" nogil:
     ctypedef struct ipf_rx:
         ipf_qsbr qsbr
         ipf_rx_stats stats
+        uint32_t count_row
         ipf_shared *shared
         int fd
         int tun_fd
@@ -80,5 +82,5 @@ cdef extern from "worker.h" nogil:
     int ipf_rx_for_host(const tpacket2_hdr *h)
     void ipf_rx_release(ipf_rx *rx, uint32_t i)
     int ipf_tx_free(const ipf_tx *tx)
-    void ipf_tx_put(ipf_tx *tx, const iovec *iov, uint32_t niov, int partial, uint16_t cstart, uint16_t coff)
+    uint32_t ipf_tx_put(ipf_tx *tx, const iovec *iov, uint32_t niov, int partial, uint16_t cstart, uint16_t coff)
     void ipf_tx_sent(ipf_tx *tx, int refused)
