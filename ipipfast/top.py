@@ -86,12 +86,14 @@ def frame(prev: Sample, cur: Sample) -> Group:
             drops.add_row(d, reason, rate(n, p[d]["drops"].get(reason, 0)), si(n))
     drops.add_row("egress", "foreign_ipip", rate(c["foreign_ipip"], p["foreign_ipip"]), si(c["foreign_ipip"]))
 
-    workers = _table("workers", "worker", "tx packets/s", "rx packets/s", "tx dropped/s", "rx dropped/s")
+    workers = _table("workers", "worker", "tx packets/s", "rx packets/s", "tx dropped/s", "rx dropped/s",
+                     f"rx ring waiting (of {s['ring_frames']})")
     for i, (w, v) in enumerate(zip(c["workers"], p["workers"])):
         workers.add_row(str(i), rate(w["tx"]["packets"], v["tx"]["packets"]),
                         rate(w["rx"]["packets"], v["rx"]["packets"]),
                         rate(sum(w["tx"]["drops"].values()), sum(v["tx"]["drops"].values())),
-                        rate(sum(w["rx"]["drops"].values()), sum(v["rx"]["drops"].values())))
+                        rate(sum(w["rx"]["drops"].values()), sum(v["rx"]["drops"].values())),
+                        si(ring_waiting(w)))
 
     busiest = _peer_rates(c["peers"], p["peers"], dt if not restarted else 0)
     title = "peers" if len(busiest) <= TOP_PEERS else f"peers: the {TOP_PEERS} busiest of {len(busiest)}"
@@ -107,6 +109,15 @@ def frame(prev: Sample, cur: Sample) -> Group:
         hops.add_row(peer["node"], peer["kind"], hop_text(peer), mac_text(peer), peer["mac_state"], mtu_text(peer),
                      " ".join(peer["cidrs"]))
     return Group(head, *(x for t in (traffic, drops, workers, by_peer, hops) for x in (Text(), t)))
+
+
+def ring_waiting(worker: dict) -> int:
+    """Frames in a worker's receive ring that its decap loop has not taken
+    yet: what the kernel put there (seen, less what it dropped for want of a
+    slot) less what the loop took. The TUN's queue (a ring inside the
+    kernel) tells nobody its length, only what overflows it: the drops'
+    queue_full."""
+    return max(0, worker["ring"]["seen"] - worker["rx"]["drops"].get("ring_full", 0) - worker["ring"]["taken"])
 
 
 def _peer_rates(now: dict[str, dict[str, int]], then: dict[str, dict[str, int]],

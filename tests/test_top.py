@@ -16,15 +16,18 @@ from ipipfast_lab.testbed import Testbed
 
 
 def status(pid: int, tx: int, rx: int, no_route: int, foreign: int, workers: list[tuple[int, int]],
-           peers: dict[str, tuple[int, int, int, int]] | None = None) -> dict:
+           peers: dict[str, tuple[int, int, int, int]] | None = None, waiting: int = 0) -> dict:
+    """waiting: frames in each worker's receive ring, seen by the kernel
+    (past 3 it dropped as ring_full) and not yet taken."""
     def direction(packets: int, drops: dict) -> dict:
         return {"packets": packets, "bytes": packets * 100, "offloaded": 0, "drops": drops}
     return {
-        "pid": pid, "tunnel": "t0", "ready": True, "mode": "Always", "generation": 4,
+        "pid": pid, "tunnel": "t0", "ready": True, "mode": "Always", "generation": 4, "ring_frames": 4096,
         "routes_encapsulated": 2, "routes_direct": 1, "reloads": {"applied": 1, "refused": 0},
         "counters": {"tx": direction(tx, {"no_route": no_route, "queue_full": 0}),
                      "rx": direction(rx, {"unknown_peer": 0}), "foreign_ipip": foreign,
-                     "workers": [{"tx": direction(t, {"no_route": 0}), "rx": direction(r, {})} for t, r in workers],
+                     "workers": [{"tx": direction(t, {"no_route": 0}), "rx": direction(r, {"ring_full": 3}),
+                                  "ring": {"seen": r + 3 + waiting, "taken": r}} for t, r in workers],
                      "peers": {ip: dict(zip(("tx_packets", "tx_bytes", "rx_packets", "rx_bytes"), c))
                                for ip, c in (peers or {}).items()}},
     }
@@ -55,8 +58,8 @@ def test_rates_are_the_difference_over_the_time_between_samples() -> None:
     prev = Sample(100.0, status(7, 1000, 500, 3, 0, [(600, 200), (400, 300)],
                                 {"198.18.0.11": (1000, 100_000, 500, 50_000)}), PEERS)
     cur = Sample(102.0, status(7, 25000, 4500, 13, 4, [(12600, 2200), (12400, 2300)],
-                               {"198.18.0.11": (25000, 2_500_000, 4500, 450_000), "198.18.9.12": (0, 0, 4, 400)}),
-                 PEERS)
+                               {"198.18.0.11": (25000, 2_500_000, 4500, 450_000), "198.18.9.12": (0, 0, 4, 400)},
+                               waiting=17), PEERS)
     out = text(prev, cur)
     assert "ipipfast t0: pid 7, ready, mode Always; rates over 2.0 s" in out
     assert "table generation 4: 2 routes encapsulated, 1 direct; reloads: 1 applied, 0 refused" in out
@@ -64,7 +67,8 @@ def test_rates_are_the_difference_over_the_time_between_samples() -> None:
     assert row(out, "rx", "(decap)") == ["2k", "1.60", "0", "4.5k", "450k"]
     assert row(out, "tx", "no_route") == ["5", "13"]
     assert row(out, "egress", "foreign_ipip") == ["2", "4"]
-    assert row(out, "0") == ["6k", "1k", "0", "0"] and row(out, "1") == ["6k", "1k", "0", "0"]
+    assert row(out, "0") == ["6k", "1k", "0", "0", "17"] and row(out, "1") == ["6k", "1k", "0", "0", "17"]
+    assert "rx ring waiting (of 4096)" in out
     peers = out[out.index("peers"):out.index("next hops")]
     # the busiest first: 2.4 MB out and 400 kB in over 2 s; the other only 400 bytes in, new since prev
     assert row(peers, "198.18.0.11") == ["12k", "9.60", "2k", "1.60", "29.5k", "2.95M"]
@@ -119,7 +123,8 @@ def test_once_on_a_live_daemon_under_a_flood() -> None:
         tx, rx = row(out, "tx", "(encap)"), row(out, "rx", "(decap)")
         assert float(tx[0]) > 0 and float(rx[0]) > 0, out  # echoes out, replies in: a few hundred a second
         assert row(out, "tx", "no_route")[0] == "0" and row(out, "egress", "foreign_ipip") == ["0", "0"]
-        assert float(row(out, "0")[0]) > 0  # the one worker
+        worker = row(out, "0")
+        assert float(worker[0]) > 0 and len(worker) == 5, out  # the one worker, its ring's waiting frames last
         mac = tb.ipr(n1).get_links(ifname=n1.interface)[0].get_attr("IFLA_ADDRESS")  # the oracle: the peer's link
         hops = out[out.index("next hops"):]
         assert row(hops, n1.ip) == ["encapsulated", n1.ip, mac, "resolved", "-", n1.pod_cidr]
