@@ -93,13 +93,12 @@ class Kernel:
         for ipr in rest:  # of threads that ended without closing theirs
             ipr.close()
 
-    def link(self, name: str) -> Link:
-        found = self.ipr.link_lookup(ifname=name)
-        if not found:
+    @staticmethod
+    def link(name: str) -> Link:
+        msg = rtnl.link(name)
+        if msg is None:
             raise LookupError(f"no interface named {name!r}")
-        msg = self.ipr.link(_GET_LINK, index=found[0])[0]
-        mac = msg.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00"
-        return Link(msg["index"], name, bytes.fromhex(mac.replace(":", "")), msg.get_attr("IFLA_MTU"))
+        return Link(msg.index, name, msg.mac if len(msg.mac) == 6 else bytes(6), msg.mtu)
 
     def holders(self, ip: IPv4Address) -> list[tuple[str, int]]:
         """(interface, prefix length) of each IPv4 address ip on this node."""
