@@ -46,6 +46,8 @@ from ipipfast_lab.daemons import TunnelProcess, wait_until
 from ipipfast_lab.etcd import EtcdServer, node_config
 from ipipfast_lab.testbed import Testbed
 
+from . import results
+
 HERE = Path(__file__).resolve().parent
 TICKS = os.sysconf("SC_CLK_TCK")
 POLL = 0.25  # seconds between the harness's looks at the daemon's publications (it keeps the last 64)
@@ -291,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         r["cluster"] = case_cluster(args)
     if args.full:
         r["full_table"] = case_full(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"etcd-scale-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(r, indent=1))
+    path = results.save(args.out, "etcd-scale", r)
     print(markdown(r))
     print(f"\n{path}")
     return 0

@@ -45,7 +45,7 @@ from ipipfast_lab import traffic
 from ipipfast_lab.daemons import Counters, TunnelProcess, delta, start_tunnels, wait_until
 from ipipfast_lab.testbed import Node, Pod, Testbed
 
-from . import stopping
+from . import results, stopping
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -200,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "bench.fuzz", *(sys.argv[1:] if argv is None else argv)])
     result = campaign(args.frames, args.seed, args.workers)
     result["command"] = command
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"fuzz-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = results.save(args.out, "fuzz", result)
     sys.stdout.write(markdown(result, command))
     print(f"wrote {path}", file=sys.stderr)
     return 0 if all(result["checks"].values()) else 1

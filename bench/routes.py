@@ -41,6 +41,8 @@ from ipipfast.config import digest
 from ipipfast_lab.daemons import TunnelProcess
 from ipipfast_lab.testbed import Node, Testbed
 
+from . import results
+
 HERE = Path(__file__).resolve().parent
 FIRST, END = 198 << 24 | 18 << 16 | 16 << 8, 198 << 24 | 20 << 16  # 198.18.16.0 .. 198.19.255.255
 PODS = range(198 << 24 | 19 << 16, 198 << 24 | 19 << 16 | 2 << 8)  # the testbed's pod CIDRs: left out
@@ -322,9 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PYTHONDONTWRITEBYTECODE"] = "1"  # leave the other checkout as it is
         r["base_dir"] = str(args.base)
         r["base"] = case_file(args, tmp, cwd=args.base)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"routes-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(r, indent=1))
+    path = results.save(args.out, "routes", r)
     print(markdown(r))
     print(f"\n{path}")
     return 0

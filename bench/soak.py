@@ -34,7 +34,6 @@ Markdown summary on stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -48,7 +47,7 @@ from ipipfast_lab import traffic
 from ipipfast_lab.daemons import TunnelProcess, start_tunnels, tx_accounted, wait_until
 from ipipfast_lab.testbed import Testbed
 
-from . import e2e, stopping
+from . import e2e, results, stopping
 from .fuzz import TRANSFER as ALONGSIDE_TRANSFER, Alongside, closes
 from .restart import gap
 from .soak_faults import Event, Faults, Life, drops_of
@@ -327,9 +326,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         "cycles": cycles,
     }
     result["verdict"]["checks"]["daemons exit 0 on SIGTERM"] = codes == [0] * len(codes)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = results.save(args.out, "soak", result)
     sys.stdout.write(markdown(result))
     print(f"wrote {path}")
     return 0 if all(result["verdict"]["checks"].values()) else 1
