@@ -421,9 +421,11 @@ class Daemon:
         moved = self.routing.resolve()
         if table is not None or any(int(p) in moved for p in self.plan.peers):
             with self.lock:
+                peers = self.plan.peers
                 if table is not None:
-                    self.plan = Plan.of(table, self.plan)
-                self._resolve_nexthops(self.plan)
+                    self.plan = Plan.of(table, self.plan)  # keeps the peers' tuple when they are the same
+                if self.plan.peers is not peers or any(int(p) in moved for p in peers):
+                    self._resolve_nexthops(self.plan)
                 self._push_table()
         self.routing.program()
 
