@@ -172,7 +172,8 @@ def case_file(args: argparse.Namespace, tmp: Path, cwd: Path | None = None) -> d
                 rss.append(rss_mb(t))
             out["rss_reloads_mb"] = {"before": rss[0], "after_first": rss[1] if len(rss) > 1 else None,
                                      "max": max(rss), "last": rss[-1], "n": len(rss) - 1,
-                                     "growth_after_first": (rss[-1] - rss[1]) if len(rss) > 1 else None}
+                                     "growth_after_first": (rss[-1] - rss[1]) if len(rss) > 1 else None,
+                                     "series": rss}
         finally:
             t.stop()
     return out

@@ -7,14 +7,16 @@ _libc = ctypes.CDLL(None)
 _trim = getattr(_libc, "malloc_trim", None)  # glibc; absent from musl
 _mallopt = getattr(_libc, "mallopt", None)
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 1 << 20
+MMAP_THRESHOLD = 1 << 18
 
 
 def keep_big_blocks_mapped() -> None:
-    """Blocks from 1 MB up (a config's text, libyaml's copy of it) get their
-    own mapping, returned when freed. glibc raises its threshold to the size
-    of each mapped block freed, so that the next such blocks come from the
-    heap, where they stay resident after a reload; a set threshold does not move."""
+    """Blocks from 256 kB up (a config's text, libyaml's copy of it, a route
+    set's arrays: 400-800 kB at 100k routes) get their own mapping, returned
+    when freed (on the heap, each reload's new arrays left holes that kept
+    ~1 MB more resident). glibc raises its threshold to the size of each
+    mapped block freed, so that the next such blocks come from the heap,
+    where they stay resident after a reload; a set threshold does not move."""
     if _mallopt is not None:
         _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 

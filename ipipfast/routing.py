@@ -82,7 +82,7 @@ class Routing:
     def set_file(self, routes: RouteSet) -> None:
         """The file's routes (after a reload: every peer's next hop is asked again)."""
         self.hops.all_stale()
-        if routes != self.file or list(routes.details) != list(self.file.details):
+        if routes != self.file or routes.details != self.file.details:  # arrays: no 100k ints at once
             self.file = routes
             self._dirty = self._full = True
 
