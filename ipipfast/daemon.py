@@ -420,12 +420,13 @@ class Daemon:
             self.routing.set_etcd(routes, changed)
         table = self.routing.build()
         moved = self.routing.resolve()
-        if table is not None or any(int(p) in moved for p in self.plan.peers):
+        peers = self.plan.peers  # only this thread replaces the plan: read without the lock
+        peer_moved = any(int(p) in moved for p in peers)
+        if table is not None or peer_moved:
             with self.lock:
-                peers = self.plan.peers
                 if table is not None:
                     self.plan = Plan.of(table, self.plan)  # keeps the peers' tuple when they are the same
-                if self.plan.peers is not peers or any(int(p) in moved for p in peers):
+                if self.plan.peers is not peers or peer_moved:
                     self._resolve_nexthops(self.plan)
                 self._push_table()
         self.routing.program()
